@@ -69,6 +69,7 @@ class EarlyBertConfig(PretrainedConfig):
         use_nsp: bool = False,
         gradient_checkpointing_layers: bool = False,
         classifier_dropout: float | None = None,
+        tie_word_embeddings: bool = True,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -92,6 +93,7 @@ class EarlyBertConfig(PretrainedConfig):
         self.use_nsp = use_nsp
         self.gradient_checkpointing_layers = gradient_checkpointing_layers
         self.classifier_dropout = classifier_dropout
+        self.tie_word_embeddings = tie_word_embeddings
         for name, values, limit in (
             ("heads_per_layer", self.heads_per_layer, num_attention_heads),
             ("intermediate_sizes", self.intermediate_sizes, intermediate_size),
@@ -318,7 +320,7 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
     large share of the step's FLOPs. ``logits`` are then (num_masked, vocab); without labels, (batch, seq, vocab).
     """
 
-    _tied_weights_keys = ["cls.decoder.weight"]
+    _tied_weights_keys = {"cls.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: EarlyBertConfig):
         super().__init__(config)
