@@ -1,7 +1,9 @@
 """Slimming gates: the search stage's learnable per-head and per-neuron scalars, their L1 cost, and reading them.
 
 The gates themselves live in the model (``SelfAttention.head_gates``, ``FeedForward.ffn_gates``, created when
-``config.use_gates``); this module is everything the training loop and the ticket need to know about them.
+``config.use_gates``), and so does their L1 term (``config.gate_l1_heads`` / ``gate_l1_ffn``, added to the loss in
+the forward pass, where ZeRO-3 has the gates gathered); this module is what the training loop and the ticket need
+to know about them.
 """
 
 from __future__ import annotations
@@ -29,18 +31,6 @@ def ffn_gate_params(model: nn.Module) -> list[nn.Parameter]:
 def is_gate(name: str) -> bool:
     """Whether a parameter name is a slimming gate (excluded from weight decay: the L1 term regularises it)."""
     return name.endswith(("head_gates", "ffn_gates"))
-
-
-def l1_penalty(model: nn.Module, lambda_heads: float, lambda_ffn: float) -> torch.Tensor:
-    """``lambda_heads * sum|head gates| + lambda_ffn * sum|ffn gates|``, as in the official EarlyBERT code.
-
-    A raw sum (not a mean), so the coefficients are those of the paper. Zero (and no graph) without gates.
-    """
-    heads, ffn = head_gate_params(model), ffn_gate_params(model)
-    if not heads and not ffn:
-        return torch.zeros(())
-    total = sum(lambda_heads * g.float().abs().sum() for g in heads)
-    return total + sum(lambda_ffn * g.float().abs().sum() for g in ffn)
 
 
 @dataclass

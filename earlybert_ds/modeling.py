@@ -66,6 +66,8 @@ class EarlyBertConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-12,
         pad_token_id: int = 0,
         use_gates: bool = False,
+        gate_l1_heads: float = 0.0,
+        gate_l1_ffn: float = 0.0,
         use_nsp: bool = False,
         gradient_checkpointing_layers: bool = False,
         classifier_dropout: float | None = None,
@@ -90,6 +92,8 @@ class EarlyBertConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
         self.use_gates = use_gates
+        self.gate_l1_heads = gate_l1_heads
+        self.gate_l1_ffn = gate_l1_ffn
         self.use_nsp = use_nsp
         self.gradient_checkpointing_layers = gradient_checkpointing_layers
         self.classifier_dropout = classifier_dropout
@@ -118,6 +122,12 @@ class EarlyBertConfig(PretrainedConfig):
     @property
     def is_pruned(self) -> bool:
         return self.heads_per_layer is not None or self.intermediate_sizes is not None
+
+
+def _l1(gate: torch.Tensor, coef: float) -> torch.Tensor:
+    """``coef * sum|gate|``, written so that its backward needs only ``sign(gate)``, never the gate itself: under
+    ZeRO-3 the gate is gathered only while its module runs, and this term's backward may run outside that window."""
+    return coef * (gate.float() * gate.detach().float().sign()).sum()
 
 
 class Embeddings(nn.Module):
@@ -152,6 +162,7 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attn_dropout = config.attention_probs_dropout_prob
         self.head_gates = nn.Parameter(torch.ones(num_heads)) if config.use_gates else None
+        self.l1, self.penalty = config.gate_l1_heads, None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -161,6 +172,8 @@ class SelfAttention(nn.Module):
         )  # (b, heads, t, head_size)
         if self.head_gates is not None:
             ctx = ctx * self.head_gates.to(ctx.dtype)[None, :, None, None]
+            if self.training and self.l1:
+                self.penalty = _l1(self.head_gates, self.l1)
         ctx = ctx.transpose(1, 2).reshape(b, t, self.num_heads * self.head_size)
         return self.LayerNorm(x + self.dropout(self.dense(ctx)))
 
@@ -176,11 +189,14 @@ class FeedForward(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.ffn_gates = nn.Parameter(torch.ones(width)) if config.use_gates else None
+        self.l1, self.penalty = config.gate_l1_ffn, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.intermediate(x))
         if self.ffn_gates is not None:
             h = h * self.ffn_gates.to(h.dtype)
+            if self.training and self.l1:
+                self.penalty = _l1(self.ffn_gates, self.l1)
         return self.LayerNorm(x + self.dropout(self.output(h)))
 
 
@@ -200,13 +216,20 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = config.gradient_checkpointing_layers
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states, and the gates' L1 penalty of this forward pass (``None`` unless training with it)."""
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, attn_mask, use_reentrant=False)
             else:
                 x = layer(x, attn_mask)
-        return x
+        penalties = []
+        for layer in self.layer:
+            for block in (layer.attention, layer.ffn):
+                if block.penalty is not None:
+                    penalties.append(block.penalty)
+                    block.penalty = None
+        return x, (torch.stack(penalties).sum() if penalties else None)
 
 
 class EarlyBertPreTrainedModel(PreTrainedModel):
@@ -256,6 +279,7 @@ def _sdpa_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch
 class EncoderOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
+    gate_penalty: torch.Tensor | None = None
 
 
 class EarlyBertModel(EarlyBertPreTrainedModel):
@@ -282,9 +306,9 @@ class EarlyBertModel(EarlyBertPreTrainedModel):
         **_: object,
     ) -> EncoderOutput:
         x = self.embeddings(input_ids, token_type_ids)
-        x = self.encoder(x, _sdpa_mask(attention_mask, x.dtype))
+        x, penalty = self.encoder(x, _sdpa_mask(attention_mask, x.dtype))
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        return EncoderOutput(last_hidden_state=x, pooler_output=pooled)
+        return EncoderOutput(last_hidden_state=x, pooler_output=pooled, gate_penalty=penalty)
 
 
 class MLMHead(nn.Module):
@@ -311,6 +335,12 @@ class PreTrainingOutput(ModelOutput):
     mlm_correct: torch.Tensor | None = None
     mlm_count: torch.Tensor | None = None
     nsp_logits: torch.Tensor | None = None
+    gate_penalty: torch.Tensor | None = None
+
+
+def _add_penalty(loss: torch.Tensor | None, penalty: torch.Tensor | None) -> torch.Tensor | None:
+    """The training objective: the task loss plus the gates' L1 term (search stage only)."""
+    return loss if loss is None or penalty is None else loss + penalty
 
 
 class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
@@ -358,7 +388,8 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
             loss = loss + nsp_loss
         return PreTrainingOutput(
-            loss=loss,
+            loss=_add_penalty(loss, out.gate_penalty),
+            gate_penalty=None if out.gate_penalty is None else out.gate_penalty.detach(),
             mlm_loss=mlm_loss.detach(),
             nsp_loss=None if nsp_loss is None else nsp_loss.detach(),
             logits=logits,
@@ -374,6 +405,8 @@ class TaskOutput(ModelOutput):
     logits: torch.Tensor | None = None
     start_logits: torch.Tensor | None = None
     end_logits: torch.Tensor | None = None
+    task_loss: torch.Tensor | None = None
+    gate_penalty: torch.Tensor | None = None
 
 
 class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
@@ -396,15 +429,16 @@ class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
         labels: torch.Tensor | None = None,
         **_: object,
     ) -> TaskOutput:
-        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output
-        logits = self.classifier(self.dropout(pooled))
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.dropout(out.pooler_output))
         loss = None
         if labels is not None:
             if self.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels)
-        return TaskOutput(loss=loss, logits=logits)
+        return TaskOutput(loss=_add_penalty(loss, out.gate_penalty), logits=logits, task_loss=loss,
+                          gate_penalty=out.gate_penalty)
 
 
 class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
@@ -425,8 +459,8 @@ class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
         end_positions: torch.Tensor | None = None,
         **_: object,
     ) -> TaskOutput:
-        h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state
-        start, end = self.qa_outputs(h).float().unbind(-1)
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        start, end = self.qa_outputs(out.last_hidden_state).float().unbind(-1)
         loss = None
         if start_positions is not None and end_positions is not None:
             n = start.shape[1]
@@ -434,7 +468,8 @@ class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
                 F.cross_entropy(start, start_positions.clamp(0, n - 1))
                 + F.cross_entropy(end, end_positions.clamp(0, n - 1))
             ) / 2
-        return TaskOutput(loss=loss, start_logits=start, end_logits=end)
+        return TaskOutput(loss=_add_penalty(loss, out.gate_penalty), start_logits=start, end_logits=end,
+                          task_loss=loss, gate_penalty=out.gate_penalty)
 
 
 AutoConfig.register(EarlyBertConfig.model_type, EarlyBertConfig)

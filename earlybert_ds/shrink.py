@@ -18,7 +18,8 @@ def shrunk_config(config: EarlyBertConfig, ticket: Ticket) -> EarlyBertConfig:
     """The ticket-shaped configuration (per-layer heads and FFN widths), without gates."""
     ticket.validate_for(config)
     d = config.to_dict()
-    d.update(heads_per_layer=ticket.heads_per_layer, intermediate_sizes=ticket.intermediate_sizes, use_gates=False)
+    d.update(heads_per_layer=ticket.heads_per_layer, intermediate_sizes=ticket.intermediate_sizes, use_gates=False,
+             gate_l1_heads=0.0, gate_l1_ffn=0.0)
     return EarlyBertConfig.from_dict(d)
 
 

@@ -232,6 +232,8 @@ def _parse_rows(spec: TaskSpec, path: Path, rows: _Rows, labelled: bool) -> list
         guid = str(row.get("index", row.get("idx", row.get("id", lineno))))
         text_b = row[spec.text_b] if spec.text_b is not None else None
         examples.append(Example(guid, row[spec.text_a], text_b, label))
+    if not examples:
+        raise TaskDataError(f"{path}: no examples")
     return examples
 
 

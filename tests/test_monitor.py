@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,15 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     _png(plot_gates(heads[:3] + [heads[3][:5]], ffn, tmp_path / "gates_ragged.png"))
     series = {"full": [(0.0, 7.0), (60.0, 5.5), (120.0, 4.9)], "earlybert": [(0.0, 7.0), (45.0, 5.6), (90.0, 5.0)]}
     _png(plot_curves(series, "wall-clock (s)", "validation loss", tmp_path / "curves.png", "Validation loss"))
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with Monitor(LogArgs(wandb="disabled"), tmp_path, {}, rank=0, total_steps=40, resume_step=10) as mon:
+        mon.log(20, {"train/loss": 2.5, "train/lr": 1e-4, "train/tokens_per_s": 1234.0})
+        mon.event(20, "ticket", {"distance": 0.05})
+        assert mon._bar is not None and mon._bar.n == 20
+    captured = capsys.readouterr()
+    assert "loss=2.5, lr=0.0001, tok/s=1234" in captured.err and "20/40" in captured.err
+    assert captured.out == "step 20: ticket distance=0.05\n"  # tqdm.write: above the bar, no per-step lines

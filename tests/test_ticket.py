@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earlybert_ds.gates import GateValues, l1_penalty, read_gates
+from earlybert_ds.gates import GateValues, read_gates
 from earlybert_ds.modeling import EarlyBertForPreTraining
 from earlybert_ds.ticket import (
     EarlyBirdDetector,
@@ -103,14 +103,26 @@ def test_random_ticket_has_the_same_shape_and_differs_by_seed():
     assert mask_distance(a, b)["ffn"] > 0.2
 
 
-def test_gates_read_and_l1_on_a_model(tmp_path):
-    model = EarlyBertForPreTraining(tiny_config(use_gates=True))
+def test_gates_read_and_l1_in_the_loss():
+    import torch
+
+    model = EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-3, gate_l1_ffn=2e-4))
     randomize_gates(model)
     g = read_gates(model)
     assert [x.shape for x in g.heads] == [(4,)] * 3 and [x.shape for x in g.ffn] == [(48,)] * 3
     expected = 1e-3 * sum(np.abs(x).sum() for x in g.heads) + 2e-4 * sum(np.abs(x).sum() for x in g.ffn)
-    assert abs(l1_penalty(model, 1e-3, 2e-4).item() - expected) < 1e-5
-    assert l1_penalty(EarlyBertForPreTraining(tiny_config()), 1e-3, 1e-3).item() == 0.0
+    ids = torch.randint(5, 120, (2, 9))
+    out = model(ids, labels=ids)
+    assert abs(out.gate_penalty.item() - expected) < 1e-5
+    assert abs(out.loss.item() - out.mlm_loss.item() - expected) < 1e-5
+    out.loss.backward()  # d/dg of the L1 term is coef * sign(g), on top of the task gradient
+    plain = EarlyBertForPreTraining(tiny_config(use_gates=True))
+    plain.load_state_dict(model.state_dict())
+    plain(ids, labels=ids).loss.backward()
+    g0 = model.bert.encoder.layer[0].attention.head_gates
+    diff = g0.grad - plain.bert.encoder.layer[0].attention.head_gates.grad
+    assert torch.allclose(diff, 1e-3 * g0.detach().sign(), atol=1e-7)
+    assert model.eval()(ids, labels=ids).gate_penalty is None  # evaluation reports the task loss only
 
 
 def _ticket(cfg) -> Ticket:
