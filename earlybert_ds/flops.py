@@ -31,3 +31,13 @@ def forward_flops_per_token(
 def train_flops_per_token(config: EarlyBertConfig, seq_len: int, mlm_fraction: float = 0.15) -> float:
     """FLOPs of one training step per token (forward + backward = 3 x forward)."""
     return 3 * forward_flops_per_token(config, seq_len, mlm_fraction)["total"]
+
+
+def count_parameters(config: EarlyBertConfig) -> int:
+    """Parameters of the pre-training model of ``config`` (tied embeddings counted once), without allocating it."""
+    import torch
+
+    from .modeling import EarlyBertForPreTraining
+
+    with torch.device("meta"):
+        return EarlyBertForPreTraining(config).num_parameters()

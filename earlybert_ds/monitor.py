@@ -154,7 +154,11 @@ class Monitor:
             self._run.summary.update(values)
 
     def close(self, exit_code: int = 0) -> None:
-        """Flush and finish; a non-zero ``exit_code`` marks the wandb run as failed. Safe to call twice."""
+        """Flush and finish; a non-zero ``exit_code`` marks the wandb run as failed. Safe to call twice.
+
+        ``run.finish()`` can return before wandb's core process has written the last history row and the exit
+        record; ``wandb.teardown()`` (~10 ms) waits for it, so the ``.wandb`` file is complete when this returns.
+        """
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -162,8 +166,11 @@ class Monitor:
             self._jsonl.close()
             self._jsonl = None
         if self._run is not None:
+            import wandb
+
             self._run.finish(exit_code=exit_code)
             self._run = None
+            wandb.teardown()
 
     def __enter__(self) -> Monitor:
         return self

@@ -143,31 +143,34 @@ def load_task_split(task: str | TaskSpec, source: str | Path, split: str) -> lis
     path = Path(source)
     labelled = not split.startswith("test")
     if path.is_dir():
-        if not spec.glue_dir:
-            raise TaskDataError(f"{path}: a directory source needs a GLUE task; give a custom task a .csv/.jsonl file")
-        if split == "dev" and spec.dev_splits != ("dev",):
-            raise TaskDataError(f"{spec.name} has no 'dev' split; use one of {list(spec.dev_splits)}")
-        candidates = [path / f"{split}.tsv", path / spec.glue_dir / f"{split}.tsv"]
-        file = next((c for c in candidates if c.is_file()), None)
-        if file is None:
-            raise TaskDataError(f"no {spec.name} split {split!r}: none of {[str(c) for c in candidates]} exists")
-        headerless = spec.headerless_columns if labelled else None
-        return _parse_rows(spec, file, _tsv_rows(file, headerless), labelled)
-    if not path.is_file():
+        path = _glue_file(spec, path, split)
+    elif not path.is_file():
         raise TaskDataError(f"{path}: no such file or directory (nor 'hub')")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows = _csv_rows(path)
-    elif suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    elif suffix == ".tsv":
+    if suffix == ".tsv":
         rows = _tsv_rows(path, spec.headerless_columns if labelled else None)
+    elif suffix == ".csv":
+        rows = _csv_rows(path)
+    elif suffix == ".jsonl":
+        rows = _jsonl_rows(path)
     else:
         raise TaskDataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl")
     return _parse_rows(spec, path, rows, labelled)
 
 
-# A row source yields (line number, {column: value}); a header problem raises before the first row.
+def _glue_file(spec: TaskSpec, root: Path, split: str) -> Path:
+    if not spec.glue_dir:
+        raise TaskDataError(f"{root}: a directory source needs a GLUE task; give a custom task a .csv/.jsonl file")
+    if split == "dev" and spec.dev_splits != ("dev",):
+        raise TaskDataError(f"{spec.name} has no 'dev' split; use one of {list(spec.dev_splits)}")
+    candidates = [root / f"{split}.tsv", root / spec.glue_dir / f"{split}.tsv"]
+    file = next((c for c in candidates if c.is_file()), None)
+    if file is None:
+        raise TaskDataError(f"no {spec.name} split {split!r}: none of {[str(c) for c in candidates]} exists")
+    return file
+
+
+# A row source yields (line number, {column: value}).
 _Rows = Iterator[tuple[int, dict[str, Any]]]
 
 

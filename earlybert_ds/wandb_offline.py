@@ -47,13 +47,13 @@ def iter_records(path: str | Path) -> Iterator[pb.Record]:
         chunk = data[start:end]
         if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
             raise ValueError(f"{path}: checksum mismatch in the chunk at byte {pos}")
-        pos = end
         if kind in (_FULL, _FIRST):
             pending = bytearray(chunk)
         elif kind in (_MIDDLE, _LAST):
             pending += chunk
         else:
             raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")
+        pos = end
         if kind in (_FULL, _LAST):
             record = pb.Record()
             record.ParseFromString(bytes(pending))

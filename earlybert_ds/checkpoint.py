@@ -1,0 +1,110 @@
+"""Training checkpoints: DeepSpeed's own shards plus our client state, complete or ignored.
+
+Layout: ``CKPT/global_stepN/`` (DeepSpeed's model/optimizer shards, one RNG file per rank) and ``CKPT/latest``
+naming the last *complete* checkpoint. ``latest`` is written atomically only after every rank has finished
+writing, so a crash mid-save leaves it pointing at the previous checkpoint; older ones beyond ``keep_last`` are
+deleted only after that. DeepSpeed checkpoints are pickles: load only checkpoints you trust (your own runs).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed as dist
+from .atomic import atomic_write_text, fault_point
+from .engine import Engine
+
+LATEST = "latest"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A path that is not a usable checkpoint; the message says what was expected."""
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
+    """Save on every rank (collective); returns the checkpoint's directory."""
+    tag = f"global_step{step}"
+    engine.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank()}.pt")
+    fault_point("checkpoint:before-latest")
+    dist.barrier()
+    if dist.rank() == 0:
+        atomic_write_text(ckpt_dir / LATEST, tag)
+        for old in sorted(_tags(ckpt_dir))[:-keep_last]:
+            shutil.rmtree(ckpt_dir / f"global_step{old}", ignore_errors=True)
+    dist.barrier()
+    return ckpt_dir / tag
+
+
+def _tags(ckpt_dir: Path) -> list[int]:
+    return [int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _TAG.match(p.name)) and p.is_dir()]
+
+
+def resolve(path: str | Path) -> tuple[Path, str]:
+    """(checkpoint root, tag) for a root holding ``latest`` or for one ``global_stepN`` directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / LATEST).is_file():
+        tag = (path / LATEST).read_text().strip()
+        if not (path / tag).is_dir():
+            raise CheckpointError(f"{path}/latest names {tag!r}, which does not exist")
+        return path, tag
+    if _TAG.match(path.name) and list(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    raise CheckpointError(f"{path}: not a checkpoint (expected a directory with a 'latest' file or a "
+                          "'global_stepN' directory written by earlybert_ds)")
+
+
+def peek_client_state(path: str | Path) -> dict:
+    """The client state of a checkpoint, read without an engine (to know which model to build before loading)."""
+    root, tag = resolve(path)
+    files = sorted((root / tag).glob("*model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{root / tag}: no model states file")
+    # DeepSpeed's checkpoint holds arbitrary pickles (trusted input only: your own runs).
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    if "earlybert" not in state:
+        raise CheckpointError(f"{root / tag}: not an earlybert_ds checkpoint (no 'earlybert' client state)")
+    return state["earlybert"]
+
+
+def load(engine: Engine, path: str | Path) -> dict:
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
+    root, tag = resolve(path)
+    try:
+        load_path, client = engine.engine.load_checkpoint(str(root), tag=tag)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        if "world size" in str(e):
+            raise CheckpointError(
+                f"{root / tag}: saved with another number of ranks ({e}). Restart from the ticket checkpoint "
+                "(--resume-from OUTPUT/ticket), or convert with `python -m deepspeed.checkpoint.ds_to_universal "
+                "--inject_missing_state` and set \"checkpoint\": {\"load_universal\": true}") from e
+        raise
+    if load_path is None:
+        raise CheckpointError(f"{root / tag}: DeepSpeed found nothing to load")
+    rng_file = root / tag / f"rng_rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return client["earlybert"]

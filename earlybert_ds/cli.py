@@ -1,0 +1,62 @@
+"""The ``earlybert-ds`` command (also ``python -m earlybert_ds``).
+
+Runs as one process, or one process per rank under the ``deepspeed`` launcher, e.g.
+``deepspeed --num_gpus 2 --module earlybert_ds pretrain --output-dir runs/x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, add_config_arguments, config_from_args
+
+
+def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="EarlyBERT pre-training: search -> ticket -> shrink -> efficient training",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--corpus", help="shortcut for --data.corpus")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its latest checkpoint (or its ticket)")
+    p.add_argument("--resume-from", metavar="DIR",
+                   help="start from this checkpoint directory, or from a ticket directory (OUTPUT/ticket) on any "
+                        "number of ranks")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_config_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="earlybert-ds", description="EarlyBERT on DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(sub)
+    return parser
+
+
+def _logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "datasets", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging()
+    try:
+        if args.command == "pretrain":
+            cfg = config_from_args(args, extra={"data.corpus": args.corpus})
+            from .pipeline import pretrain
+
+            pretrain(cfg, resume=args.resume, resume_from=args.resume_from)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        logging.getLogger("earlybert_ds").error("%s", e)
+        print(f"earlybert-ds: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

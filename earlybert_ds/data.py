@@ -1,0 +1,523 @@
+"""Pre-training data: corpus loading, WordPiece tokenizers, packed-sequence caches, MLM masking and sharded sampling.
+
+Everything random here is a pure function of ``(seed, what, index)`` rather than of a generator's running state:
+the validation split of ``seed``, the order of epoch ``e``, the masks of sample ``i``. That is what makes a
+resumed run bit-exact, whatever the world size, batch composition or restart point.
+
+The flow on each rank::
+
+    tokenizer = load_tokenizer(path)        # or train_wordpiece(...) on rank 0, saved, then loaded everywhere
+    if rank == 0:
+        prepare_corpus(data_args, tokenizer, seed)    # tokenise + pack once; later calls reuse the cache
+    barrier()
+    packed = load_packed(prepare_corpus(data_args, tokenizer, seed))   # cache hit: no corpus work
+    batches = ShardedBatches(len(packed.train), micro, accum, world, rank, seed)
+    masker = MLMMasker.from_tokenizer(tokenizer, data_args.mlm_probability, data_args.whole_word_mask)
+    for idx in batches.next_step():
+        batch = collate(packed.train, idx, masker, seed)
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import sysconfig
+import tokenize
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
+
+from .atomic import atomic_directory
+from .config import DataArgs
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in trained vocabularies
+BUILTIN_MAX_CHARS = 3_000_000
+CACHE_FORMAT = 1
+_DOC_CHARS = 10_000  # text files are cut into documents of about this size (paragraphs merged)
+_TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_FILE_SUFFIXES = (".txt", ".md", ".rst", *_TABLE_FORMATS)
+_HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_SPLIT, _ORDER, _MASK = 0, 1, 2  # stream tags: the val split, epoch orders and masks never share random numbers
+
+
+class DataError(ValueError):
+    """A corpus, tokenizer or cache that cannot be used; the message names the path and the problem."""
+
+
+# ---- the built-in corpus ----------------------------------------------------------------------------------------
+
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_STMT_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
+_NOT_PROSE = re.compile(r"[^A-Za-z ]")
+
+
+def _docstrings(node: ast.AST) -> Iterator[str]:
+    """Docstrings of a module and of every class and function in it (statements only: expressions have none)."""
+    if isinstance(node, _DOC_NODES) and (doc := ast.get_docstring(node)):
+        yield doc
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, _STMT_NODES):
+            yield from _docstrings(child)
+
+
+def _comment_blocks(source: str) -> Iterator[str]:
+    """Comments on consecutive lines, one line each: a block usually is one sentence or paragraph."""
+    block: list[str] = []
+    last = -1
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        if block and tok.start[0] != last + 1:
+            yield "\n".join(block)
+            block = []
+        block.append(tok.string.lstrip("#!"))
+        last = tok.start[0]
+    if block:
+        yield "\n".join(block)
+
+
+def _is_prose(line: str) -> bool:
+    """Mostly letters and not a doctest: drops code examples, ASCII tables and separators."""
+    line = line.strip()
+    return not line.startswith((">>>", "...")) and len(_NOT_PROSE.sub("", line)) >= 0.75 * len(line)
+
+
+def _clean(bit: str) -> str:
+    """Prose lines of a docstring or comment block, whitespace collapsed; '' if under five words remain."""
+    words = " ".join(line for line in bit.splitlines() if _is_prose(line)).split()
+    return " ".join(words) if len(words) >= 5 else ""
+
+
+def _module_text(path: Path) -> str:
+    """One module's docstrings and comment blocks, cleaned; '' if it does not parse."""
+    try:
+        with tokenize.open(path) as f:
+            source = f.read()
+        bits = [*_docstrings(ast.parse(source)), *_comment_blocks(source)]
+    except (SyntaxError, UnicodeDecodeError, tokenize.TokenError, ValueError):
+        return ""
+    return "\n".join(text for text in map(_clean, bits) if text)
+
+
+@functools.cache
+def _builtin(max_chars: int) -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages"}
+    files = sorted((p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    docs, total = [], 0
+    # pure-Python parsing is the bottleneck: fan out over processes (fork: the children import nothing)
+    with multiprocessing.get_context("fork").Pool(min(os.cpu_count() or 1, 8)) as pool:
+        for text in filter(None, pool.imap(_module_text, files, chunksize=4)):
+            if total + len(text) >= max_chars:
+                docs.append(text[: max_chars - total].rsplit(" ", 1)[0])
+                break
+            docs.append(text)
+            total += len(text)
+    return tuple(docs)
+
+
+def builtin_corpus(max_chars: int = BUILTIN_MAX_CHARS) -> list[str]:
+    """English prose that every Python installation carries offline: the docstrings (read with ``ast``) and comment
+    blocks (read with ``tokenize``, never importing anything) of the standard library's modules, one document per
+    module, modules in sorted order, cut at ``max_chars`` characters. Deterministic for a given Python build."""
+    return list(_builtin(max_chars))
+
+
+# ---- corpora ----------------------------------------------------------------------------------------------------
+
+def _text_files(root: Path) -> list[Path]:
+    """Files under ``root``, recursively, sorted, skipping hidden ones (``.git``, editor swap files...)."""
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise DataError(f"{path}: binary file, not text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _documents(text: str) -> list[str]:
+    """Paragraphs (split at blank lines; over-long ones at line ends) merged up to ``_DOC_CHARS`` characters, so a
+    large file becomes many rows that tokenise in parallel and pack with [SEP] between them."""
+    units = (u for para in re.split(r"\n\s*\n", text)
+             for u in (para.splitlines() if len(para) > _DOC_CHARS else [para]) if u.strip())
+    docs: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for u in units:
+        if cur and size + len(u) > _DOC_CHARS:
+            docs.append("\n".join(cur))
+            cur, size = [], 0
+        cur.append(u.strip())
+        size += len(u)
+    if cur:
+        docs.append("\n".join(cur))
+    return docs
+
+
+def _text_column(ds: datasets.Dataset, column: str, where: str) -> datasets.Dataset:
+    """Only ``column``, renamed "text", without empty rows."""
+    if column not in ds.column_names:
+        raise DataError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                        "set data.text_column")
+    feature = ds.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{where}: column '{column}' holds {feature}, not text")
+    ds = ds.select_columns([column])
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    return ds.filter(lambda b: [bool(t and not t.isspace()) for t in b["text"]], batched=True,
+                     keep_in_memory=True)
+
+
+def load_corpus(corpus: str | None, text_column: str = "text") -> datasets.Dataset:
+    """The corpus as a dataset with one "text" column, one document per row.
+
+    ``None``: :func:`builtin_corpus`; a ``.jsonl``/``.json``/``.parquet`` file: its ``text_column``; another file: UTF-8
+    text cut into documents; a directory: its files, recursively, in sorted order, as text; any other string that
+    looks like ``name`` or ``owner/name``: ``datasets.load_dataset(corpus, split="train")`` (needs the network).
+    """
+    if corpus is None:
+        ds, where = datasets.Dataset.from_dict({"text": builtin_corpus()}), "built-in corpus"
+    elif (path := Path(corpus).expanduser()).exists():
+        where = str(path)
+        if path.is_file() and path.suffix.lower() in _TABLE_FORMATS:
+            try:
+                ds = datasets.load_dataset(_TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+            except Exception as e:
+                raise DataError(f"{path}: cannot read as {path.suffix} ({type(e).__name__}: {e})") from e
+            ds = _text_column(ds, text_column, where)
+        else:
+            files = _text_files(path) if path.is_dir() else [path]
+            ds = datasets.Dataset.from_dict({"text": [d for f in files for d in _documents(_read_text(f))]})
+    elif not _HUB_NAME.fullmatch(corpus) or corpus.lower().endswith(_FILE_SUFFIXES):
+        raise DataError(f"{corpus}: corpus file or directory not found")
+    else:
+        where = corpus
+        try:
+            ds = datasets.load_dataset(corpus, split="train")
+        except Exception as e:
+            raise DataError(f"{corpus}: not a local path, and loading it from the datasets hub failed "
+                            f"({type(e).__name__}: {e})") from e
+        ds = _text_column(ds, text_column, where)
+    if len(ds) == 0:
+        raise DataError(f"{where}: corpus is empty (no non-whitespace text)")
+    return ds
+
+
+def _corpus_identity(corpus: str | None) -> dict:
+    """What the cache key needs to notice a changed corpus, without reading it: files' sizes and mtimes."""
+    if corpus is None:
+        return {"builtin": sys.version, "max_chars": BUILTIN_MAX_CHARS}
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        return {"hub": corpus}
+    files = _text_files(path) if path.is_dir() else [path]
+    return {"path": str(path.resolve()),
+            "files": [[f.relative_to(path).as_posix() if path.is_dir() else f.name, f.stat().st_size,
+                       f.stat().st_mtime_ns] for f in files]}
+
+
+# ---- tokenizers -------------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A local Hugging Face tokenizer directory (never the hub), checked to have what BERT's MLM needs."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{path}: tokenizer directory not found")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: not a Hugging Face tokenizer directory ({type(e).__name__}: {e})") from e
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise DataError(f"{path}: {type(tok).__name__} is not a fast (tokenizers-backed) tokenizer")
+    missing = [t for t in ("cls_token", "sep_token", "mask_token", "pad_token") if getattr(tok, t) is None]
+    if missing:
+        raise DataError(f"{path}: the tokenizer has no {', '.join(missing)}, which BERT pre-training needs")
+    return tok
+
+
+def _bert_pipeline(vocab: dict[str, int] | None = None) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]") if vocab else models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int) -> BertTokenizerFast:
+    """An uncased BERT WordPiece tokenizer trained on ``texts`` ([PAD]=0, [UNK], [CLS], [SEP], [MASK]; encoding
+    adds [CLS] ... [SEP]). Deterministic: ``tokenizers`` numbers '##x' pieces in hash order, which also breaks merge
+    ties (huggingface/tokenizers#1794), so every '##x' of the corpus alphabet is registered up front, sorted.
+    The texts are held in memory (one pass for the alphabet, one for training)."""
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise DataError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens")
+    texts = list(texts)
+    tok = _bert_pipeline()
+    alphabet: set[str] = set()
+    for t in texts:
+        alphabet.update(tok.normalizer.normalize_str(t))
+    pieces = sorted("##" + c for c in alphabet if not c.isspace())
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                                             special_tokens=[*SPECIAL_TOKENS, *pieces]))
+    final = _bert_pipeline(tok.get_vocab())  # the '##x' pieces become ordinary vocabulary entries again
+    final.add_special_tokens(list(SPECIAL_TOKENS))
+    final.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, final.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    return BertTokenizerFast(tokenizer_object=final)
+
+
+def continuation_mask(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
+    """Boolean over the vocabulary: True for word-continuation pieces ('##ing'), for whole-word masking."""
+    prefix = getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) or "##"
+    return np.array([t.startswith(prefix) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))])
+
+
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerFast) -> str:
+    """Hash of what decides token ids (vocabulary, normaliser, pre-tokeniser), not of truncation/padding state."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    keep = {k: spec.get(k) for k in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+# ---- packing and the cache --------------------------------------------------------------------------------------
+
+@dataclass
+class PackedCorpus:
+    """Packed sequences (memory-mapped, shape (N, seq_len)): [CLS], seq_len-2 corpus tokens, [SEP]; no padding."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    special_ids: dict[str, int]
+    meta: dict
+
+
+def cache_path(data_args: DataArgs, tokenizer: PreTrainedTokenizerFast, seed: int) -> Path:
+    """Where :func:`prepare_corpus` puts (or finds) this corpus/tokenizer/shape/seed's packed sequences."""
+    key = {"format": CACHE_FORMAT, "corpus": _corpus_identity(data_args.corpus), "text_column": data_args.text_column,
+           "tokenizer": _tokenizer_digest(tokenizer), "seq_len": data_args.seq_len,
+           "val_fraction": data_args.val_fraction, "seed": seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(data_args.cache_dir or "~/.cache/earlybert_ds").expanduser() / f"packed-{digest}"
+
+
+def prepare_corpus(data_args: DataArgs, tokenizer: PreTrainedTokenizerFast, seed: int) -> Path:
+    """Tokenise, pack and split the corpus into a cache directory (written atomically) and return it; reuse it if
+    it exists. Documents are joined with [SEP] and cut into rows of [CLS] + seq_len-2 tokens + [SEP] (the last
+    partial row is dropped); ``val_fraction`` of rows (at least one), chosen by ``seed``, are held out.
+
+    Call it on one rank, then barrier, then on every rank (a cache hit only hashes file metadata); concurrent
+    writers would each build the cache and the last rename would win.
+    """
+    path = cache_path(data_args, tokenizer, seed)
+    if (path / "meta.json").is_file():
+        logger.info("reusing cache %s", path)
+        return path
+    ds = load_corpus(data_args.corpus, data_args.text_column)
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    sep, cls = tokenizer.sep_token_id, tokenizer.cls_token_id
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        encs = backend.encode_batch_fast(batch["text"], add_special_tokens=False)
+        return {"ids": [e.ids + [sep] if e.ids else [] for e in encs]}
+
+    ids = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, keep_in_memory=True,
+                 desc="tokenising")
+    flat = pc.list_flatten(ids.data.column("ids")).to_numpy()
+    width = data_args.seq_len - 2
+    n = len(flat) // width
+    if n < 2:
+        raise DataError(f"{data_args.corpus or 'built-in corpus'}: {len(flat)} tokens make {n} sequences of "
+                        f"seq_len={data_args.seq_len}; at least 2 are needed (one for validation)")
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.int32
+    seqs = np.empty((n, data_args.seq_len), dtype=dtype)
+    seqs[:, 0], seqs[:, -1] = cls, sep
+    seqs[:, 1:-1] = flat[: n * width].reshape(n, width)
+    n_val = min(n - 1, max(1, round(data_args.val_fraction * n)))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng([seed, _SPLIT]).choice(n, n_val, replace=False)] = True
+    special = {name: getattr(tokenizer, f"{name}_token_id") for name in ("pad", "unk", "cls", "sep", "mask")}
+    meta = {"format": CACHE_FORMAT, "corpus": data_args.corpus, "vocab_size": len(tokenizer), "special_ids": special,
+            "seq_len": data_args.seq_len, "num_train": int(n - n_val), "num_val": n_val, "num_documents": len(ds),
+            "num_tokens": int(len(flat)), "dtype": np.dtype(dtype).name, "seed": seed}
+    with atomic_directory(path) as tmp:
+        np.save(tmp / "train.npy", seqs[~is_val])
+        np.save(tmp / "val.npy", seqs[is_val])
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    logger.info("packed %d documents (%d tokens) into %d train + %d val sequences in %s", len(ds), len(flat),
+                n - n_val, n_val, path)
+    return path
+
+
+def load_packed(cache: str | Path) -> PackedCorpus:
+    """The arrays of a :func:`prepare_corpus` cache, memory-mapped read-only."""
+    cache = Path(cache)
+    if not (cache / "meta.json").is_file():
+        raise DataError(f"{cache}: not a packed-corpus cache (no meta.json); run prepare_corpus first")
+    meta = json.loads((cache / "meta.json").read_text())
+    return PackedCorpus(train=np.load(cache / "train.npy", mmap_mode="r"), val=np.load(cache / "val.npy", mmap_mode="r"),
+                        vocab_size=meta["vocab_size"], special_ids=meta["special_ids"], meta=meta)
+
+
+# ---- masking ----------------------------------------------------------------------------------------------------
+
+class MLMMasker:
+    """BERT's masked-LM corruption, a pure function of (seed, sample index): a sample is masked identically
+    whatever the world size, batch composition or resume point.
+
+    Per row, round(p * #non-special tokens) tokens (at least one) are chosen, as whole words when
+    ``whole_word_mask`` (a word is a start token plus the continuation pieces after it); of those 80% become
+    [MASK], 10% a random non-special token, 10% stay. Labels are the original ids there, -100 elsewhere.
+    ``continuation_ids`` is a boolean array over the vocabulary (see :func:`continuation_mask`).
+    """
+
+    def __init__(self, mask_id: int, vocab_size: int, special_ids: Sequence[int], mlm_probability: float = 0.15,
+                 whole_word_mask: bool = False, continuation_ids: np.ndarray | None = None) -> None:
+        if whole_word_mask and continuation_ids is None:
+            raise ValueError("whole_word_mask needs continuation_ids (see continuation_mask)")
+        self.mask_id, self.p = mask_id, mlm_probability
+        self.is_special = np.zeros(vocab_size, dtype=bool)
+        self.is_special[list(special_ids)] = True
+        self.normal_ids = np.flatnonzero(~self.is_special)
+        self.continuation = np.asarray(continuation_ids, dtype=bool) if whole_word_mask else None
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerFast, mlm_probability: float = 0.15,
+                       whole_word_mask: bool = False) -> "MLMMasker":
+        return cls(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids, mlm_probability,
+                   whole_word_mask, continuation_mask(tokenizer) if whole_word_mask else None)
+
+    def _mask_row(self, row: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        out, labels = row.copy(), np.full_like(row, IGNORE_INDEX)
+        cand = ~self.is_special[row]
+        starts = cand.copy()
+        if self.continuation is not None:  # a piece continues the word of a candidate just before it
+            starts[1:] &= ~(self.continuation[row[1:]] & cand[:-1])
+        n_units = int(starts.sum())
+        if n_units == 0:
+            return out, labels
+        unit = np.cumsum(starts) - 1
+        sizes = np.bincount(unit[cand], minlength=n_units)
+        order = rng.permutation(n_units)
+        take = np.cumsum(sizes[order]) <= max(1, round(self.p * int(cand.sum())))
+        take[0] = True
+        chosen_units = np.zeros(n_units, dtype=bool)
+        chosen_units[order[take]] = True
+        pos = np.flatnonzero(cand & chosen_units[unit])
+        r = rng.random(len(pos))
+        random_tokens = self.normal_ids[rng.integers(len(self.normal_ids), size=len(pos))]
+        labels[pos] = row[pos]
+        out[pos[r < 0.8]] = self.mask_id
+        swap = (r >= 0.8) & (r < 0.9)
+        out[pos[swap]] = random_tokens[swap]
+        return out, labels
+
+    def __call__(self, input_ids: torch.Tensor, sample_indices: torch.Tensor | np.ndarray,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = input_ids.numpy()
+        pairs = [self._mask_row(row, np.random.default_rng([seed, _MASK, int(i)]))
+                 for row, i in zip(rows, np.asarray(sample_indices))]
+        return (torch.from_numpy(np.stack([p[0] for p in pairs])).long(),
+                torch.from_numpy(np.stack([p[1] for p in pairs])).long())
+
+
+def collate(packed: np.ndarray, indices: np.ndarray, masker: MLMMasker, seed: int) -> dict[str, torch.Tensor]:
+    """A masked micro-batch of the packed rows ``indices`` (no padding: the attention mask is all ones)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    ids = torch.from_numpy(np.asarray(packed[indices], dtype=np.int64))
+    masked, labels = masker(ids, indices, seed)
+    return {"input_ids": masked, "attention_mask": torch.ones_like(masked), "labels": labels,
+            "sample_idx": torch.from_numpy(indices)}
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, _ORDER, epoch]).permutation(num_samples)
+
+
+class ShardedBatches:
+    """The sample order of a data-parallel run, and its position for checkpoints.
+
+    An endless stream of epochs, each a permutation of ``range(num_samples)`` drawn from ``(seed, epoch)``; every
+    optimizer step takes the next ``micro * accum * world`` indices, and rank ``r`` the ``r``-th contiguous slice
+    of them, as ``grad_accum`` micro-batches. The state is the number of samples consumed, so a resume continues
+    exactly, and a resume on another world size with the same global batch sees the same samples per step.
+    """
+
+    def __init__(self, num_samples: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int,
+                 seed: int) -> None:
+        if num_samples < 1 or micro_batch_size < 1 or grad_accum < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardedBatches: bad arguments num_samples={num_samples}, micro={micro_batch_size}, "
+                             f"accum={grad_accum}, world_size={world_size}, rank={rank}")
+        self.num_samples, self.micro, self.accum = num_samples, micro_batch_size, grad_accum
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.global_batch = micro_batch_size * grad_accum * world_size
+        self.consumed = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.num_samples
+
+    def _stream(self, start: int, stop: int) -> np.ndarray:
+        pos = np.arange(start, stop)
+        epochs = pos // self.num_samples
+        out = np.empty(len(pos), dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = _epoch_order(self.num_samples, self.seed, int(e))[pos[sel] % self.num_samples]
+        return out
+
+    def next_step(self) -> list[np.ndarray]:
+        """This rank's ``grad_accum`` micro-batches of sample indices for the next optimizer step."""
+        start = self.consumed + self.rank * self.micro * self.accum
+        mine = self._stream(start, start + self.micro * self.accum)
+        self.consumed += self.global_batch
+        return np.split(mine, self.accum)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = int(state["consumed"])
+
+
+def val_batches(packed_val: np.ndarray, micro_batch_size: int, num_batches: int, world_size: int, rank: int,
+                masker: MLMMasker, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The first ``num_batches`` validation micro-batches of this rank (fewer if the set is small, the same number
+    on every rank), in file order and masked with a fixed ``seed``, so validation losses are comparable across
+    evaluations and runs. Global batch ``b`` is rows ``[b*M*W, (b+1)*M*W)`` with rank r's slice the ``r``-th;
+    a set smaller than one global batch wraps around."""
+    per_batch = micro_batch_size * world_size
+    n = min(num_batches, max(1, len(packed_val) // per_batch))
+    rows = np.arange(n * per_batch).reshape(n, world_size, micro_batch_size)[:, rank] % len(packed_val)
+    return [collate(packed_val, idx, masker, seed) for idx in rows]

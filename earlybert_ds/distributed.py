@@ -1,0 +1,87 @@
+"""Process-group set-up and the few collectives the pipeline needs (gloo on CPU, NCCL on CUDA).
+
+A plain ``python -m earlybert_ds ...`` is a world of one; under the ``deepspeed`` launcher (or torchrun, SLURM)
+the usual ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` variables are set for us.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: How long a collective (and the rendezvous) may wait before the job fails instead of hanging.
+#: Override with EARLYBERT_DIST_TIMEOUT (seconds).
+DEFAULT_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_cuda() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
+def init() -> tuple[int, int]:
+    """Initialise the process group once; returns (rank, world size)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a single process started by hand
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        import deepspeed
+
+        timeout = timedelta(seconds=float(os.environ.get("EARLYBERT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", timeout=timeout, verbose=False)
+        if on_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled: only for objects this program made itself)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over ranks in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (reduces gloo's flaky 'terminate called' exits)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,142 @@
+"""One DeepSpeed engine around one model: a training step, validation, full weights, and a clean teardown.
+
+EarlyBERT changes the model mid-run (gated search model -> physically shrunk model), so an engine is built per
+stage and released completely before the next one (``destroy``): old engines otherwise keep their memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Sequence
+
+import deepspeed
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from . import distributed as dist
+from .config import RunConfig
+from .dsconfig import build_ds_config, lr_lambda, make_client_optimizer, param_groups
+
+
+class Engine:
+    """A DeepSpeed engine for ``model`` whose learning-rate schedule continues from ``start_step``."""
+
+    def __init__(self, model: torch.nn.Module, run: RunConfig, start_step: int = 0):
+        self.run = run
+        cuda = dist.on_cuda()
+        self.ds_config = build_ds_config(run, dist.world_size(), on_cuda=cuda)
+        groups = param_groups(model, run.train.weight_decay)
+        client_optimizer = make_client_optimizer(run, groups, on_cuda=cuda)
+        schedule = lr_lambda(run)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=groups if client_optimizer is None else None,
+            optimizer=client_optimizer,
+            lr_scheduler=lambda opt: LambdaLR(opt, lambda s: schedule(s + start_step)),
+            config=self.ds_config,
+        )
+        self.device = self.engine.device
+        self.tokens_per_micro_batch = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "sample_idx"}
+
+    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Forward/backward over the step's micro-batches and one optimizer step; metrics averaged over ranks."""
+        self.engine.train()
+        loss_sum = penalty_sum = correct = count = 0.0
+        for mb in micro_batches:
+            out = self.engine(**self._to_device(mb))
+            self.engine.backward(out.loss)
+            self.engine.step()
+            task = out.mlm_loss if hasattr(out, "mlm_loss") else out.task_loss
+            loss_sum += float(task)
+            penalty_sum += float(out.gate_penalty) if out.gate_penalty is not None else 0.0
+            if getattr(out, "mlm_count", None) is not None:
+                correct += float(out.mlm_correct)
+                count += float(out.mlm_count)
+        n = len(micro_batches)
+        finite = 1.0 if math.isfinite(loss_sum) else 0.0
+        tot = dist.all_reduce_sum([loss_sum if finite else 0.0, n, penalty_sum, correct, count, 1.0 - finite],
+                                  self.device)
+        metrics = {"loss": tot[0] / tot[1], "lr": self.scheduler.get_last_lr()[0], "nonfinite_ranks": tot[5]}
+        if tot[5]:
+            metrics["loss"] = float("nan")
+        if penalty_sum or tot[2]:
+            metrics["gate_l1"] = tot[2] / tot[1]
+        if tot[4]:
+            metrics["mlm_acc"] = tot[3] / tot[4]
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        scale = loss_scale(self.engine)
+        if scale is not None:
+            metrics["loss_scale"] = scale
+        metrics["skipped_steps"] = float(self.engine.skipped_steps)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Held-out MLM loss (token-weighted over ranks), perplexity and accuracy."""
+        self.engine.eval()
+        loss_sum = correct = count = 0.0
+        for mb in batches:
+            out = self.engine(**self._to_device(mb))
+            n = float(out.mlm_count)
+            loss_sum += float(out.mlm_loss) * n
+            correct += float(out.mlm_correct)
+            count += n
+        self.engine.train()
+        loss_sum, correct, count = dist.all_reduce_sum([loss_sum, correct, count], self.device)
+        loss = loss_sum / max(count, 1.0)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": correct / max(count, 1.0)}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter in full and in fp32 (the optimizer's master copy where there is one), on CPU.
+
+        A collective under ZeRO-3 (each rank holds a shard): every rank must call it.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:  # no mixed-precision master copy (fp32 training): the parameter itself
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+                    full = p.detach().clone()
+            out[name] = full.detach().float().cpu()
+        return out
+
+    def destroy(self) -> None:
+        """Release the engine and everything it holds (see ../shared/NOTES.md: engines leak otherwise)."""
+        self.engine.destroy()
+        self.engine = self.optimizer = self.scheduler = None
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        parameter_offload.FWD_MODULE_STACK.clear()
+        PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release.cache_clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def loss_scale(engine: deepspeed.DeepSpeedEngine) -> float | None:
+    """The fp16 dynamic loss scale (``None`` when not training in fp16)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    for holder in (opt, getattr(opt, "loss_scaler", None)):
+        scale = getattr(holder, "cur_scale", None)
+        if scale is not None:
+            return float(scale)
+    return None

@@ -1,0 +1,501 @@
+"""EarlyBERT pre-training on DeepSpeed, stage by stage.
+
+    1. search     the full model with slimming gates trains with an L1 penalty on them; every ``detect_every``
+                  steps all ranks read the gates and the coordinator (rank 0) draws masks and checks whether they
+                  have stopped changing (the early-bird test);
+    2. ticket     rank 0 broadcasts the decision and the ticket, so every rank switches at the same step, and
+                  writes ``OUTPUT/ticket/`` (ticket.json, the shrunk model, the tokenizer, the data position);
+    3. efficient  the search engine is torn down, every rank shrinks the model physically to the ticket, and a new
+                  engine trains the small model to ``train.steps``.
+
+With ``earlybert.enabled = false`` the full model trains throughout (the baseline). Every stage checkpoints and
+resumes exactly; ``--resume-from OUTPUT/ticket`` restarts the efficient stage on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from . import distributed as dist
+from .atomic import atomic_directory, atomic_write_text, fault_point
+from .config import ConfigError, RunConfig, save_config
+from .data import (
+    MLMMasker,
+    PackedCorpus,
+    ShardedBatches,
+    collate,
+    load_packed,
+    prepare_corpus,
+    tokenizer_for,
+    val_batches,
+)
+from .engine import Engine
+from .flops import count_parameters, train_flops_per_token
+from .gates import read_gates
+from .modeling import EarlyBertConfig, EarlyBertForPreTraining, load_hf_bert
+from .monitor import Monitor
+from .plots import plot_gates, plot_mask_distances
+from .shrink import shrink_state_dict, shrunk_config
+from .ticket import TICKET_FILE, EarlyBirdDetector, Masks, PruneSpec, Ticket, draw_masks, random_masks
+
+logger = logging.getLogger("earlybert_ds")
+
+CHECKPOINTS, TICKET_DIR, FINAL_DIR, TOKENIZER_DIR = "checkpoints", "ticket", "final", "tokenizer"
+RUN_CONFIG, SUMMARY, STATE = "run_config.json", "summary.json", "state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed non-finite for ``train.max_nonfinite`` consecutive steps."""
+
+
+# ---- the run's context ---------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What every stage shares: the config, the data stream, the monitor, and the progress so far."""
+
+    cfg: RunConfig
+    out: Path
+    tokenizer: Any
+    packed: PackedCorpus
+    masker: MLMMasker
+    batches: ShardedBatches
+    val: list[dict[str, torch.Tensor]]
+    monitor: Monitor | None = None
+    step: int = 0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    search_log: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batches.global_batch * self.cfg.data.seq_len
+
+    def client_state(self, phase: str, **extra: Any) -> dict:
+        return {"earlybert": {"phase": phase, "step": self.step, "data": self.batches.state_dict(),
+                              "stages": self.stages, "search_log": self.search_log, **extra}}
+
+    def restore(self, state: dict) -> None:
+        self.step = state["step"]
+        self.batches.load_state_dict(state["data"])
+        self.stages = state["stages"]
+        self.search_log = state["search_log"]
+
+
+def _claim_output_dir(cfg: RunConfig, resuming: bool) -> Path:
+    """Refuse an output directory that holds another run (unless resuming) or that a live run is using."""
+    out = Path(cfg.output_dir)
+    ok = ""
+    if dist.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+            _claim_output_dir.lock = lock  # type: ignore[attr-defined]
+        except BlockingIOError:
+            lock.seek(0)
+            ok = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}); choose another --output-dir"
+        if not ok and (out / RUN_CONFIG).exists() and not resuming:
+            ok = (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
+                  "(nothing was changed)")
+    problem = dist.broadcast_object(ok)
+    if problem:
+        raise ConfigError(problem)
+    return out
+
+
+def _node_once(fn, *args):
+    """Run ``fn`` on each node's local rank 0 first (it fills the node's cache), then on the other ranks; a failure
+    anywhere fails every rank with the same message instead of leaving some waiting at a barrier."""
+    result, error = None, ""
+    if dist.local_rank() == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(e).__name__}: {e}"
+    errors = [error]
+    if torch.distributed.is_initialized() and dist.world_size() > 1:
+        errors = [None] * dist.world_size()
+        torch.distributed.all_gather_object(errors, error)
+    if any(errors):
+        raise RuntimeError(next(e for e in errors if e))
+    return result if dist.local_rank() == 0 else fn(*args)
+
+
+def _build_run(cfg: RunConfig, out: Path) -> Run:
+    d, t = cfg.data, cfg.train
+    tokenizer = _node_once(tokenizer_for, d)
+    cache = _node_once(prepare_corpus, d, tokenizer, t.seed)
+    packed = load_packed(cache)
+    masker = MLMMasker.from_tokenizer(tokenizer, d.mlm_probability, d.whole_word_mask)
+    world, rank = dist.world_size(), dist.rank()
+    batches = ShardedBatches(len(packed.train), t.micro_batch_size, t.grad_accum, world, rank, t.seed)
+    val = val_batches(packed.val, t.micro_batch_size, t.eval_batches, world, rank, masker)
+    if rank == 0:
+        logger.info("corpus: %d training and %d validation sequences of %d tokens; vocabulary %d",
+                    len(packed.train), len(packed.val), d.seq_len, len(tokenizer))
+    return Run(cfg, out, tokenizer, packed, masker, batches, val)
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+def _model_config(cfg: RunConfig, gates: bool) -> dict[str, Any]:
+    e = cfg.earlybert
+    return dict(use_gates=gates, gate_l1_heads=e.l1_heads if gates else 0.0, gate_l1_ffn=e.l1_ffn if gates else 0.0,
+                hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout,
+                gradient_checkpointing_layers=cfg.train.activation_checkpointing)
+
+
+def initial_model(cfg: RunConfig, vocab_size: int, gates: bool) -> EarlyBertForPreTraining:
+    """The model at step 0, identical on every rank and rebuildable at any time (rewinding needs it again):
+    the ``model.init_from`` checkpoint, or a random initialisation drawn from ``train.seed``."""
+    m = cfg.model
+    extra = _model_config(cfg, gates)
+    if m.init_from:
+        model = load_hf_bert(m.init_from, EarlyBertForPreTraining, **extra) if _is_hf_bert(m.init_from) else \
+            EarlyBertForPreTraining.from_pretrained(m.init_from, **extra)
+        if model.config.vocab_size != vocab_size:
+            raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {model.config.vocab_size}, the "
+                              f"tokenizer {vocab_size}: pass the checkpoint's tokenizer with --data.tokenizer")
+        return model
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        return EarlyBertForPreTraining(EarlyBertConfig(
+            vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+            max_position_embeddings=max(512, cfg.data.seq_len), **extra))
+
+
+def _is_hf_bert(path: str) -> bool:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.init_from={path}: not a model directory with a readable config.json ({e})") from e
+
+
+# ---- the training loop shared by all stages -------------------------------------------------------------------
+
+def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, extra_state=None) -> bool:
+    """Train from ``run.step`` to ``last_step``; ``on_step(step)`` returning True ends the stage early (the ticket
+    was drawn). Logs, validates and checkpoints on the configured cadence. Returns whether it ended early."""
+    cfg, t = run.cfg, run.cfg.train
+    stage = run.stages.setdefault(phase, {"steps": 0, "train_s": 0.0, "wall_s": 0.0, "first_step": run.step + 1})
+    seconds = interval_s = 0.0
+    interval_steps, bad = 0, 0
+    wall0 = time.perf_counter()
+    ended_early = False
+    while run.step < last_step:
+        t0 = time.perf_counter()
+        micro = [collate(run.packed.train, idx, run.masker, t.seed) for idx in run.batches.next_step()]
+        m = engine.train_step(micro)
+        dt = time.perf_counter() - t0
+        run.step += 1
+        stage["steps"] += 1
+        stage["train_s"] += dt
+        interval_s += dt
+        interval_steps += 1
+        bad = bad + 1 if not math.isfinite(m["loss"]) else 0
+        if bad >= t.max_nonfinite:
+            latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
+            where = latest.read_text().strip() if latest.is_file() else "none yet"
+            raise NonFiniteLossError(f"the loss was non-finite for {bad} consecutive steps (up to step {run.step}); "
+                                     f"stopping. Last good checkpoint: {where}. Lower train.lr or use bf16.")
+        if run.step % t.log_every == 0 or run.step == last_step:
+            tps = interval_steps * run.tokens_per_step / interval_s
+            flops = train_flops_per_token(engine.module.config, cfg.data.seq_len, cfg.data.mlm_probability)
+            m.update(tokens_per_s=tps, samples_per_s=tps / cfg.data.seq_len, tflops=tps * flops / 1e12,
+                     epoch=run.batches.epoch)
+            run.monitor.log(run.step, m)
+            interval_s, interval_steps = 0.0, 0
+        if t.eval_every and run.step % t.eval_every == 0:
+            run.monitor.log(run.step, engine.evaluate(run.val))
+        if on_step is not None and on_step(run.step):
+            ended_early = True
+            break
+        if t.save_every and run.step % t.save_every == 0 and bad == 0:
+            _save(run, engine, phase, extra_state)
+        fault_point(f"step:{run.step}")
+    stage["wall_s"] += time.perf_counter() - wall0
+    stage["last_step"] = run.step
+    return ended_early
+
+
+def _save(run: Run, engine: Engine, phase: str, extra_state=None) -> None:
+    extra = extra_state() if extra_state else {}
+    checkpoint.save(engine, run.out / CHECKPOINTS, run.step, run.client_state(phase, **extra), run.cfg.train.keep_last)
+
+
+# ---- stage 1 + 2: search and ticket drawing ----------------------------------------------------------------------
+
+def _spec(cfg: RunConfig) -> PruneSpec:
+    e = cfg.earlybert
+    return PruneSpec(head_ratio=e.head_ratio, ffn_ratio=e.ffn_ratio, head_method=e.head_method,
+                     ffn_method=e.ffn_method, ffn_multiple=e.ffn_multiple)
+
+
+def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
+    """Train the gated model until the coordinator draws the ticket; every rank returns the same ticket."""
+    cfg, e = run.cfg, run.cfg.earlybert
+    spec = _spec(cfg)
+    drawn: dict[str, Ticket] = {}
+
+    def check(step: int) -> bool:
+        due = step % e.detect_every == 0 or step >= e.max_search_steps or (e.draw == "fixed" and step == e.fixed_step)
+        if not due:
+            return False
+        gates = read_gates(engine.module)  # collective under ZeRO-3: every rank takes part
+        decision = None
+        if dist.rank() == 0:  # the coordinator
+            masks = draw_masks(gates, spec)
+            distance = detector.update(masks)
+            sparsity = gates.sparsity()
+            metrics = {"gate_sparsity/heads": sparsity["heads"], "gate_sparsity/ffn": sparsity["ffn"]}
+            if distance is not None:
+                run.search_log.append({"step": step, **distance})
+                metrics.update({"mask_distance/heads": distance["heads"], "mask_distance/ffn": distance["ffn"]})
+            run.monitor.log(step, metrics)
+            reason = ("converged" if e.draw == "earlybird" and detector.converged else
+                      "fixed" if e.draw == "fixed" and step >= e.fixed_step else
+                      "max_steps" if step >= e.max_search_steps else None)
+            if reason == "max_steps":
+                logger.warning("no early-bird ticket by step %d (max_search_steps): drawing from the current gates",
+                               step)
+            if reason:
+                decision = Ticket.from_masks(masks, step, reason, spec, engine.module.config)
+                _plot_search(run, gates, masks, decision)
+        decision = dist.broadcast_object(decision)  # every rank switches at the same step with the same ticket
+        if decision is not None:
+            drawn["ticket"] = decision
+        return decision is not None
+
+    _train(run, engine, "search", cfg.train.steps, on_step=check,
+           extra_state=lambda: {"detector": detector.state_dict()})
+    if "ticket" not in drawn:
+        raise RuntimeError("the search reached train.steps without drawing a ticket (max_search_steps too large)")
+    return drawn["ticket"]
+
+
+def _plot_search(run: Run, gates, masks: Masks, ticket: Ticket) -> None:
+    plots = run.out / "plots"
+    plots.mkdir(exist_ok=True)
+    log = run.search_log
+    dist_png = plot_mask_distances([r["step"] for r in log], [r["heads"] for r in log], [r["ffn"] for r in log],
+                                   run.cfg.earlybert.epsilon, ticket.step, plots / "mask_distance.png")
+    gates_png = plot_gates(gates.heads, gates.ffn, plots / "gates.png", masks=masks)
+    run.monitor.log_image(ticket.step, "plots/mask_distance", dist_png)
+    run.monitor.log_image(ticket.step, "plots/gates", gates_png)
+
+
+def _shrunk_model(run: Run, ticket: Ticket, searched: dict[str, torch.Tensor] | None) -> EarlyBertForPreTraining:
+    """The physically smaller model the efficient stage starts from: the kept weights at initialisation
+    (``rewind``, the paper) or as searched (``continue``, gates folded in)."""
+    cfg = run.cfg
+    full = initial_model(cfg, len(run.tokenizer), gates=True)
+    if cfg.earlybert.weights == "continue" and searched is not None:
+        full.load_state_dict(searched, strict=False)
+        state = shrink_state_dict(full.state_dict(), full.config, ticket, fold_gates=True)
+    else:
+        state = shrink_state_dict(full.state_dict(), full.config, ticket, fold_gates=False)
+    small = EarlyBertForPreTraining(shrunk_config(full.config, ticket))
+    small.load_state_dict(state)
+    small.tie_weights()
+    return small
+
+
+def write_ticket(run: Run, ticket: Ticket, model: EarlyBertForPreTraining, full_model_config) -> Path:
+    """``OUTPUT/ticket/``, written atomically by rank 0: the ticket, the model the efficient stage starts from
+    (Hugging Face format), the tokenizer and the run's position — all a fresh launch on any world size needs."""
+    path = run.out / TICKET_DIR
+    if dist.rank() == 0:
+        with atomic_directory(path) as tmp:
+            ticket.save(tmp / TICKET_FILE)
+            model.save_pretrained(tmp / "model")
+            run.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            full = {"params": count_parameters(full_model_config), "config": full_model_config.to_dict()}
+            atomic_write_text(tmp / STATE, json.dumps({**run.client_state("efficient")["earlybert"],
+                                                       "full_model": full}, indent=1))
+    dist.barrier()
+    return path
+
+
+def _load_ticket_dir(path: Path) -> tuple[Ticket, EarlyBertForPreTraining, dict]:
+    ticket = Ticket.load(path / TICKET_FILE)
+    if not (path / STATE).is_file() or not (path / "model" / "config.json").is_file():
+        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (expected {TICKET_FILE}, {STATE} and "
+                                         "model/ written by earlybert_ds)")
+    model = EarlyBertForPreTraining.from_pretrained(path / "model")
+    if model.config.heads_per_layer != ticket.heads_per_layer or \
+            model.config.intermediate_sizes != ticket.intermediate_sizes:
+        raise checkpoint.CheckpointError(f"{path}: the model in model/ does not have the ticket's shape")
+    return ticket, model, json.loads((path / STATE).read_text())
+
+
+# ---- the whole pipeline -----------------------------------------------------------------------------------------
+
+@dataclass
+class Start:
+    """Where a launch begins: a fresh stage, a training checkpoint, or a ticket checkpoint."""
+
+    phase: str  # "search" | "efficient" | "full"
+    step: int = 0
+    checkpoint: Path | None = None
+    ticket_dir: Path | None = None
+
+
+def _where_to_start(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None) -> Start:
+    fresh = Start("full" if not cfg.earlybert.enabled else "search")
+    if resume_from:
+        p = Path(resume_from)
+        if (p / TICKET_FILE).is_file():
+            return Start("efficient", _ticket_state(p)["step"], ticket_dir=p)
+        state = checkpoint.peek_client_state(p)
+        return Start(state["phase"], state["step"], checkpoint=p)
+    if not resume:
+        return fresh
+    ckpts, ticket = out / CHECKPOINTS, out / TICKET_DIR
+    state = checkpoint.peek_client_state(ckpts) if (ckpts / checkpoint.LATEST).is_file() else None
+    if (ticket / TICKET_FILE).is_file() and (state is None or state["phase"] == "search"):
+        return Start("efficient", _ticket_state(ticket)["step"], ticket_dir=ticket)  # newer than any search ckpt
+    if state is None:
+        logger.info("--resume: nothing to resume in %s, starting from the beginning", out)
+        return fresh
+    return Start(state["phase"], state["step"], checkpoint=ckpts)
+
+
+def _ticket_state(path: Path) -> dict:
+    if not (path / STATE).is_file():
+        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no {STATE} written by earlybert_ds)")
+    return json.loads((path / STATE).read_text())
+
+
+def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = None) -> dict:
+    """Run the configured pre-training (all three EarlyBERT stages, or the full-model baseline); returns the
+    summary that is also written to ``OUTPUT/summary.json``."""
+    dist.init()
+    out = _claim_output_dir(cfg, resume or bool(resume_from))
+    start = _where_to_start(cfg, out, resume, resume_from)
+    if dist.rank() == 0:
+        save_config(cfg, out / RUN_CONFIG)
+    run = _build_run(cfg, out)
+    run.monitor = Monitor(cfg.log, out, cfg.to_dict(), dist.rank(), cfg.train.steps, resume_step=start.step)
+    try:
+        if start.phase == "search":
+            ticket, model, full_config = _search_and_draw(run, start)
+            start_step = ticket.step
+        elif start.phase == "efficient":
+            ticket_dir = start.ticket_dir or start.checkpoint.resolve().parent / TICKET_DIR
+            if start.checkpoint is None and ticket_dir.resolve() != (out / TICKET_DIR).resolve() and dist.rank() == 0:
+                with atomic_directory(out / TICKET_DIR) as tmp:  # the run directory stays self-contained
+                    shutil.copytree(ticket_dir, tmp, dirs_exist_ok=True)
+            ticket, model, state = _load_ticket_dir(ticket_dir)
+            if start.checkpoint is None:
+                run.restore(state)
+            full_config = EarlyBertConfig.from_dict(state["full_model"]["config"])
+            start_step = ticket.step
+        else:  # the full-model baseline
+            ticket, model, start_step = None, initial_model(cfg, len(run.tokenizer), gates=False), 0
+            full_config = model.config
+
+        phase = "full" if ticket is None else "efficient"
+        engine = Engine(model, cfg, start_step=start_step)
+        if start.checkpoint is not None:
+            run.restore(checkpoint.load(engine, start.checkpoint))
+        _train(run, engine, phase, cfg.train.steps)
+        if not cfg.train.save_every or run.step % cfg.train.save_every:
+            _save(run, engine, phase)
+        final_eval = engine.evaluate(run.val)
+        run.monitor.log(run.step, final_eval)
+        _export(run, engine)
+        summary = _summary(run, ticket, full_config, engine.module.config, final_eval)
+        engine.destroy()
+        if dist.rank() == 0:
+            atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+            run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            logger.info("done: ticket %s, summary %s, final model %s", summary["paths"]["ticket"], out / SUMMARY,
+                        summary["paths"]["final_model"])
+        return summary
+    finally:
+        run.monitor.close()
+
+
+def _search_and_draw(run: Run, start: Start) -> tuple[Ticket, EarlyBertForPreTraining, EarlyBertConfig]:
+    """Stages 1 and 2: search (or resume the search), draw the ticket, shrink, write the ticket checkpoint."""
+    cfg = run.cfg
+    model = initial_model(cfg, len(run.tokenizer), gates=True)
+    full_config = model.config
+    spec, searched = _spec(cfg), None
+    if cfg.earlybert.draw == "random":  # the paper's baseline: no search, a random ticket at the same ratios
+        layers = cfg.model.num_layers if not cfg.model.init_from else full_config.num_hidden_layers
+        masks = random_masks([full_config.num_attention_heads] * layers, [full_config.intermediate_size] * layers,
+                             spec, cfg.train.seed)
+        ticket = Ticket.from_masks(masks, 0, "random", spec, full_config)
+    else:
+        detector = EarlyBirdDetector(window=cfg.earlybert.window, epsilon=cfg.earlybert.epsilon)
+        engine = Engine(model, cfg, start_step=0)
+        if start.checkpoint:
+            state = checkpoint.load(engine, start.checkpoint)
+            run.restore(state)
+            detector.load_state_dict(state["detector"])
+        ticket = search(run, engine, detector)
+        if cfg.earlybert.weights == "continue":
+            searched = engine.full_state_dict()  # collective
+        engine.destroy()
+        del engine
+    del model
+    small = _shrunk_model(run, ticket, searched)
+    write_ticket(run, ticket, small, full_config)
+    run.monitor.event(ticket.step, "ticket", {"reason": ticket.reason, "heads_per_layer": ticket.heads_per_layer,
+                                              "intermediate_sizes": ticket.intermediate_sizes})
+    if dist.rank() == 0:
+        logger.info("ticket drawn at step %d (%s): heads per layer %s, FFN widths %s", ticket.step, ticket.reason,
+                    ticket.heads_per_layer, ticket.intermediate_sizes)
+    return ticket, small, full_config
+
+
+def _export(run: Run, engine: Engine) -> None:
+    """``OUTPUT/final/``: the trained model in Hugging Face format (safetensors) with its tokenizer."""
+    state = engine.full_state_dict()  # collective
+    if dist.rank() == 0:
+        model = EarlyBertForPreTraining(engine.module.config)
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        with atomic_directory(run.out / FINAL_DIR) as tmp:
+            model.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
+    dist.barrier()
+
+
+def _summary(run: Run, ticket: Ticket | None, full_config, final_config, final_eval: dict) -> dict:
+    seq, p = run.cfg.data.seq_len, run.cfg.data.mlm_probability
+    full_flops, final_flops = train_flops_per_token(full_config, seq, p), train_flops_per_token(final_config, seq, p)
+    stages = {}
+    for name, s in run.stages.items():
+        stages[name] = {**s, "tokens_per_s": s["steps"] * run.tokens_per_step / s["train_s"] if s["train_s"] else 0.0}
+    return {
+        "steps": run.step,
+        "ticket": None if ticket is None else {
+            "step": ticket.step, "reason": ticket.reason, "heads_per_layer": ticket.heads_per_layer,
+            "intermediate_sizes": ticket.intermediate_sizes, "heads": ticket.heads, "ffn": ticket.ffn},
+        "params_full": count_parameters(full_config), "params_final": count_parameters(final_config),
+        "train_flops_per_token_full": full_flops, "train_flops_per_token_final": final_flops,
+        "flop_ratio": final_flops / full_flops,
+        "stages": stages,
+        "wall_s": sum(s["wall_s"] for s in run.stages.values()),
+        "final_val_loss": final_eval["val_loss"], "final_val_ppl": final_eval["val_ppl"],
+        "final_val_acc": final_eval["val_acc"],
+        "mask_distances": run.search_log,
+        "paths": {"ticket": str(run.out / TICKET_DIR) if ticket else None, "final_model": str(run.out / FINAL_DIR),
+                  "metrics": str(run.out / "metrics.jsonl"), "wandb": str(run.monitor.wandb_file or "")},
+    }

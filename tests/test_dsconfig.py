@@ -1,0 +1,371 @@
+"""The DeepSpeed config builder, parameter groups, schedule and LAMB (against a NumPy reference and a real engine)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from earlybert_ds import dsconfig  # noqa: E402
+from earlybert_ds.config import RunConfig  # noqa: E402
+from earlybert_ds.dsconfig import (  # noqa: E402
+    DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config, lr_lambda, param_groups,
+)
+from earlybert_ds.modeling import EarlyBertConfig, EarlyBertForPreTraining  # noqa: E402
+from earlybert_ds.optim import Lamb, make_client_optimizer  # noqa: E402
+
+DS_CONFIGS = sorted(DEFAULT_DS_CONFIG.parent.glob("*.json"))
+
+
+def _run(tmp_path: Path | None = None, ds: dict | None = None, **train) -> RunConfig:
+    """A default run config with ``train`` overrides, using ``ds`` (written to a file) as its DeepSpeed JSON."""
+    run = RunConfig()
+    for k, v in train.items():
+        setattr(run.train, k, v)
+    if ds is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds))
+        run.deepspeed = str(path)
+    return run
+
+
+def _error(run: RunConfig, world_size: int = 1, on_cuda: bool = False) -> str:
+    with pytest.raises(DSConfigError) as e:
+        build_ds_config(run, world_size, on_cuda)
+    return str(e.value)
+
+
+# ---- the default and the shipped files ----------------------------------------------------------------------
+
+def test_embedded_default_matches_cpu_json(monkeypatch):
+    assert json.loads(DEFAULT_DS_CONFIG.read_text()) == DEFAULT_DS_DICT
+    from_file = build_ds_config(RunConfig(), 1, False)
+    monkeypatch.setattr(dsconfig, "DEFAULT_DS_CONFIG", Path("/nonexistent/cpu.json"))
+    assert build_ds_config(RunConfig(), 1, False) == from_file
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_build_on_cpu(path):
+    assert {p.name for p in DS_CONFIGS} >= {"cpu.json", "zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json",
+                                            "zero2_fp16.json", "zero3_offload.json"}
+    run = RunConfig()
+    run.deepspeed = str(path)
+    cfg = build_ds_config(run, 2, on_cuda=False)
+    assert "auto" not in json.dumps(cfg)
+    assert cfg["train_batch_size"] == 32 and cfg["optimizer"]["type"] == "AdamW"
+    offload = "offload_optimizer" in cfg["zero_optimization"]
+    assert cfg["optimizer"]["params"].get("torch_adam", False) is not offload  # offload keeps DeepSpeedCPUAdam
+    assert cfg["bf16"]["enabled"] is ("fp16" not in path.name)
+
+
+def test_known_keys_are_the_ones_deepspeed_reads():
+    """Record which top-level keys DeepSpeedConfig looks up, so a DeepSpeed upgrade cannot drift silently."""
+    from deepspeed.runtime import config as dsc
+
+    seen: set[str] = set()
+
+    class Tracking(dict):
+        def get(self, k, *a):
+            seen.add(k)
+            return super().get(k, *a)
+
+        def __getitem__(self, k):
+            seen.add(k)
+            return super().__getitem__(k)
+
+        def __contains__(self, k):
+            seen.add(k)
+            return super().__contains__(k)
+
+        def keys(self):
+            outer = self
+
+            class Keys:
+                def __contains__(self, k):
+                    seen.add(k)
+                    return dict.__contains__(outer, k)
+
+                def __iter__(self):
+                    return dict.__iter__(outer)
+
+            return Keys()
+
+        def __copy__(self):
+            return self
+
+    dsc.DeepSpeedConfig(Tracking(train_micro_batch_size_per_gpu=1))
+    read = seen - set(dsc._REMOVED_TOP_LEVEL_CONFIG_KEYS) | {"sequence_parallel_size", "data_parallel_size"}
+    assert read == KNOWN_KEYS
+
+
+# ---- filling "auto" -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_auto_fields_filled(world_size):
+    run = _run(micro_batch_size=4, grad_accum=3, lr=2e-4, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05,
+               clip_grad=0.5)
+    cfg = build_ds_config(run, world_size, on_cuda=False)
+    assert cfg["train_batch_size"] == 4 * 3 * world_size
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-7,
+                                                            "weight_decay": 0.05, "torch_adam": True}}
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}  # precision unset + auto: bf16
+    assert cfg["zero_optimization"] == {"stage": 0}
+    assert cfg["steps_per_print"] >= 10**6 and cfg["wall_clock_breakdown"] is False
+
+
+@pytest.mark.parametrize("precision,stage", [("fp32", 0), ("bf16", 3), ("fp16", 2)])
+def test_precision_and_stage_from_run(precision, stage):
+    cfg = build_ds_config(_run(precision=precision, zero_stage=stage), 1, False)
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (precision == "bf16", precision == "fp16")
+
+
+def test_json_decides_when_run_leaves_it_unset():
+    run = RunConfig()
+    run.deepspeed = str(DEFAULT_DS_CONFIG.parent / "zero2_fp16.json")
+    cfg = build_ds_config(run, 1, False)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"]
+    assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+def test_agreeing_values_are_accepted(tmp_path):
+    ds = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 16, "gradient_clipping": 1,
+          "optimizer": {"type": "adamw", "params": {"lr": 0.001, "betas": [0.9, 0.98]}}}
+    cfg = build_ds_config(_run(tmp_path, ds), 2, False)
+    assert cfg["optimizer"]["type"] == "AdamW" and cfg["gradient_clipping"] == 1.0
+
+
+def test_optimizer_section_on_cpu_and_cuda():
+    assert "torch_adam" not in build_ds_config(RunConfig(), 1, on_cuda=True)["optimizer"]["params"]  # FusedAdam
+    lamb = _run(optimizer="lamb", zero_stage=1)
+    cpu = build_ds_config(lamb, 1, on_cuda=False)
+    assert "optimizer" not in cpu and cpu["zero_allow_untested_optimizer"] is True
+    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], False), Lamb)
+    cuda = build_ds_config(lamb, 1, on_cuda=True)
+    assert cuda["optimizer"]["type"] == "Lamb" and "torch_adam" not in cuda["optimizer"]["params"]
+    assert make_client_optimizer(lamb, [], True) is None and make_client_optimizer(RunConfig(), [], False) is None
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ds,train,world,needles", [
+    ({"train_batch_size": 64}, {}, 2, ["train_batch_size=64", "16 × train.grad_accum 1 × world size 2 = 32"]),
+    ({"train_micro_batch_size_per_gpu": 8}, {}, 1, ["train_micro_batch_size_per_gpu=8", "train.micro_batch_size=16"]),
+    ({"gradient_accumulation_steps": 4}, {}, 1, ["gradient_accumulation_steps=4", "train.grad_accum=1"]),
+    ({"gradient_clipping": 0.5}, {}, 1, ["gradient_clipping=0.5", "train.clip_grad=1.0"]),
+    ({"zero_optimization": {"stage": 3}}, {"zero_stage": 2}, 1, ["zero_optimization.stage=3", "train.zero_stage=2"]),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, {}, 1, ["bf16.enabled=true and fp16.enabled=true"]),
+    ({"bf16": {"enabled": True}}, {"precision": "fp16", "zero_stage": 1}, 1,
+     ["bf16.enabled=true", "train.precision=fp16"]),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 5e-4}}}, {}, 1, ["optimizer.params.lr=0.0005", "train.lr=0.001"]),
+    ({"optimizer": {"params": {"betas": [0.9, 0.999]}}}, {}, 1, ["optimizer.params.betas=[0.9, 0.999]", "0.98"]),
+    ({"optimizer": {"params": {"eps": 1e-8}}}, {}, 1, ["optimizer.params.eps=1e-08", "train.eps=1e-06"]),
+    ({"optimizer": {"params": {"weight_decay": 0.1}}}, {}, 1, ["optimizer.params.weight_decay=0.1", "0.01"]),
+    ({"optimizer": {"type": "Lamb"}}, {}, 1, ['optimizer.type="Lamb"', "train.optimizer=adamw"]),
+    ({"optimizer": {"type": "SGD"}}, {}, 1, ['optimizer.type="SGD"', "AdamW or Lamb"]),
+    ({"optimizer": {"params": {"max_grad_norm": 1.0}}}, {}, 1, ["max_grad_norm", "gradient_clipping"]),
+    ({"optimizer": {"params": {"max_coeff": 5}}}, {"optimizer": "lamb"}, 1, ["optimizer.params.max_coeff", "CPU"]),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, {"optimizer": "lamb"}, 1,
+     ["train.optimizer=lamb", "offload_optimizer"]),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, {}, 1, ["offload_param", "stage 3"]),
+    ({"scheduler": {"type": "WarmupLR"}}, {}, 1, ["'scheduler'", "train.schedule", "train.warmup_steps"]),
+    ({"wandb": {"enabled": True}}, {}, 1, ["'wandb'", "earlybert_ds logs to wandb itself"]),
+    ({"activation_checkpointing": {"partition_activations": True}}, {}, 1,
+     ["'activation_checkpointing'", "train.activation_checkpointing"]),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, {}, 1,
+     ['zero_optimization.reduce_bucket_size="auto"']),
+    ({"zero_optimization": {"stage": 2, "offload_optimiser": {"device": "cpu"}}}, {}, 1,
+     ["DeepSpeed rejects", "offload_optimiser"]),
+])
+def test_contradictions_name_field_and_values(tmp_path, ds, train, world, needles):
+    msg = _error(_run(tmp_path, ds, **train), world)
+    assert str(tmp_path / "ds.json") in msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+@pytest.mark.parametrize("ds,needle", [
+    ({"train_batch_size": "32"}, 'train_batch_size="32" must be a positive integer or "auto"'),
+    ({"train_micro_batch_size_per_gpu": True}, "train_micro_batch_size_per_gpu=true must be a positive integer"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0 must be a positive integer"),
+    ({"gradient_clipping": "1.0"}, 'gradient_clipping="1.0" must be a number'),
+    ({"bf16": {"enabled": "yes"}}, 'bf16.enabled="yes" must be true or false'),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage=4 must be a ZeRO stage 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": "three"}}, 'zero_optimization.stage="three" must be a ZeRO stage'),
+    ({"zero_optimization": 2}, "zero_optimization=2 must be a JSON object"),
+    ({"optimizer": "adamw"}, 'optimizer="adamw" must be a JSON object'),
+    ({"optimizer": {"params": {"betas": [0.9]}}}, "optimizer.params.betas=[0.9] must be a list of two numbers"),
+    ({"steps_per_print": "10"}, 'steps_per_print="10" must be a positive integer'),
+])
+def test_wrong_types_name_the_field(tmp_path, ds, needle):
+    assert needle in _error(_run(tmp_path, ds))
+
+
+@pytest.mark.parametrize("key,hint", [("zero_optimisation", "did you mean 'zero_optimization'"),
+                                      ("train_batch_sizes", "did you mean 'train_batch_size'"),
+                                      ("amp", "DeepSpeed would silently ignore it")])
+def test_unknown_top_level_field(tmp_path, key, hint):
+    msg = _error(_run(tmp_path, {key: {}}))
+    assert f"unknown top-level field '{key}'" in msg and hint in msg
+
+
+def test_file_errors(tmp_path):
+    run = RunConfig()
+    run.deepspeed = str(tmp_path / "missing.json")
+    assert "missing.json: file not found" in _error(run)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "train_batch_size": 32,\n  "bf16": {"enabled": true,}\n}\n')
+    run.deepspeed = str(bad)
+    assert "bad.json: invalid JSON at line 3 column" in _error(run)
+    bad.write_text("[1, 2]")
+    assert "expected a JSON object at the top level, got list" in _error(run)
+    bad.write_text('{"train_batch_size": 32, "train_batch_size": 64}')
+    assert "duplicate key 'train_batch_size'" in _error(run)
+
+
+def test_fp16_with_zero0_refused(tmp_path):
+    msg = _error(_run(precision="fp16"))  # cpu.json: stage "auto" and train.zero_stage unset -> 0
+    assert "fp16 with ZeRO stage 0" in msg and "ZeRO-1/2" in msg and "bf16" in msg
+    assert "fp16 with ZeRO stage 0" in _error(_run(tmp_path, {"fp16": {"enabled": True}}))
+    build_ds_config(_run(precision="fp16", zero_stage=1), 1, False)  # ZeRO-1 is fine
+
+
+# ---- parameter groups and the schedule ------------------------------------------------------------------------
+
+def test_param_groups_exclude_bias_layernorm_and_gates():
+    model = EarlyBertForPreTraining(EarlyBertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32, use_gates=True))
+    decay, no_decay = param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert len(undecayed) + len(decayed) == len(names) and not undecayed & decayed
+    assert any(n.endswith("head_gates") for n in undecayed) and any(n.endswith("ffn_gates") for n in undecayed)
+    for n in names.values():
+        assert (n in undecayed) == (n.endswith(("bias", "head_gates", "ffn_gates")) or ".LayerNorm." in n), n
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_lambda(schedule):
+    f = lr_lambda(_run(steps=100, warmup_steps=10, schedule=schedule))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # peak on the last warm-up step
+    assert f(10) == pytest.approx(1.0)
+    mid = {"linear": 0.5, "cosine": 0.5, "constant": 1.0}[schedule]
+    assert f(55) == pytest.approx(mid)
+    assert f(100) == pytest.approx(0.0 if schedule != "constant" else 1.0)
+    assert f(150) == f(100)
+    assert lr_lambda(_run(steps=5, warmup_steps=0, schedule="cosine"))(0) == 1.0
+
+
+# ---- LAMB -----------------------------------------------------------------------------------------------------
+
+def _numpy_lamb(ws, grads, lr, b1, b2, eps, wd, bias_correction, eps_inside_sqrt, max_coeff=10.0, min_coeff=0.01):
+    """LAMB (You et al. 2019, Alg. 2) as DeepSpeed's fused_lamb_cuda_kernel.cu computes it, per tensor, in float64."""
+    ws = [w.astype(np.float64).copy() for w in ws]
+    ms, vs = [np.zeros_like(w) for w in ws], [np.zeros_like(w) for w in ws]
+    for t, step_grads in enumerate(grads, start=1):
+        for w, g, m, v in zip(ws, step_grads, ms, vs):
+            m[:] = b1 * m + (1 - b1) * g
+            v[:] = b2 * v + (1 - b2) * g * g
+            u = m / (np.sqrt(v + eps) if eps_inside_sqrt else np.sqrt(v) + eps) + wd * w
+            w_norm, u_norm = np.linalg.norm(w), np.linalg.norm(u)
+            r = min(max(w_norm / u_norm, min_coeff), max_coeff) if w_norm > 0 and u_norm > 0 else 1.0
+            step = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) if bias_correction else lr
+            w -= step * r * u
+    return ws
+
+
+@pytest.mark.parametrize("bias_correction,eps_inside_sqrt", [(True, False), (False, True)])
+def test_lamb_matches_reference(bias_correction, eps_inside_sqrt):
+    rng = np.random.default_rng(0)
+    shapes_scales = [((4, 5), 1.0), ((3,), 0.0), ((6,), 1000.0), ((2, 3), 1e-5)]  # normal, ratio 1, max, min clamp
+    init = [(rng.standard_normal(s) * k).astype(np.float32) for s, k in shapes_scales]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s, _ in shapes_scales] for _ in range(6)]
+    hp = dict(lr=0.01, b1=0.9, b2=0.98, eps=1e-6, wd=0.01)
+    params = [nn.Parameter(torch.from_numpy(w.copy())) for w in init]
+    opt = Lamb([{"params": params[:2]}, {"params": params[2:]}], lr=hp["lr"], betas=(hp["b1"], hp["b2"]),
+               eps=hp["eps"], weight_decay=hp["wd"], bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.from_numpy(g)
+        opt.step()
+    expected = _numpy_lamb(init, grads, bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt, **hp)
+    for p, w, w0 in zip(params, expected, init):
+        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-6, atol=1e-6)
+        assert not np.allclose(w, w0)
+
+
+def test_lamb_trains_regression():
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = x @ (torch.randn(10, 1) / 3) + 0.01 * torch.randn(256, 1)
+    model = nn.Linear(10, 1, bias=False)
+    opt = Lamb(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(_run(steps=200, warmup_steps=10)))
+    losses = []
+    for _ in range(200):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert losses[-1] < 1e-3 * losses[0], losses[::25]
+
+
+# ---- a real engine --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def distributed():
+    """A one-process gloo group (the first init on a machine compiles DeepSpeed's shm op, ~25 s, then cached)."""
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+            mp.setenv(k, v)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield deepspeed
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
+    run = _run(optimizer=optimizer, zero_stage=1, precision="bf16", micro_batch_size=32, lr=5e-2, warmup_steps=2,
+               steps=40, schedule="constant")
+    cfg = build_ds_config(run, world_size=1, on_cuda=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1))
+    groups = param_groups(model, run.train.weight_decay)
+    engine, *_ = distributed.initialize(
+        model=model, model_parameters=groups, optimizer=make_client_optimizer(run, groups, on_cuda=False),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run)), config=copy.deepcopy(cfg))
+    try:
+        assert type(engine.basic_optimizer) is (Lamb if optimizer == "lamb" else torch.optim.AdamW)
+        assert engine.zero_optimization_stage() == 1 and engine.bfloat16_enabled()
+        x = torch.randn(32, 8)
+        y = x.sum(dim=1, keepdim=True)
+        losses = []
+        for _ in range(15):
+            loss = nn.functional.mse_loss(engine(x.to(torch.bfloat16)).float(), y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        assert engine.get_lr() == [pytest.approx(5e-2)] * len(engine.get_lr())
+        assert losses[-1] < 0.5 * losses[0], losses
+    finally:
+        engine.destroy()
