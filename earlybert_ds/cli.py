@@ -40,6 +40,9 @@ def _logging() -> None:
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "datasets", "httpx", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import pretrain
 
             pretrain(cfg, resume=args.resume, resume_from=args.resume_from)
+            from .distributed import shutdown
+
+            shutdown()
     except (ConfigError, ValueError, FileNotFoundError) as e:
         logging.getLogger("earlybert_ds").error("%s", e)
         print(f"earlybert-ds: error: {e}", file=sys.stderr)

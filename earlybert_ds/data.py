@@ -44,10 +44,10 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFa
 
 from .atomic import atomic_directory
 from .config import DataArgs
+from .modeling import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in trained vocabularies
 BUILTIN_MAX_CHARS = 3_000_000
 CACHE_FORMAT = 1
@@ -97,7 +97,7 @@ def _comment_blocks(source: str) -> Iterator[str]:
 def _is_prose(line: str) -> bool:
     """Mostly letters and not a doctest: drops code examples, ASCII tables and separators."""
     line = line.strip()
-    return not line.startswith((">>>", "...")) and len(_NOT_PROSE.sub("", line)) >= 0.75 * len(line)
+    return not line.startswith((">>>", "...")) and len(_NOT_PROSE.sub("", line)) >= 0.85 * len(line)
 
 
 def _clean(bit: str) -> str:
@@ -120,11 +120,11 @@ def _module_text(path: Path) -> str:
 @functools.cache
 def _builtin(max_chars: int) -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages"}
+    skip = {"test", "tests", "idle_test", "site-packages", "encodings"}  # encodings: generated codec tables
     files = sorted((p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)),
                    key=lambda p: p.relative_to(root).as_posix())
     docs, total = [], 0
-    # pure-Python parsing is the bottleneck: fan out over processes (fork: the children import nothing)
+    # pure-Python parsing is the bottleneck: fan out over forked processes (they need no imports)
     with multiprocessing.get_context("fork").Pool(min(os.cpu_count() or 1, 8)) as pool:
         for text in filter(None, pool.imap(_module_text, files, chunksize=4)):
             if total + len(text) >= max_chars:
@@ -238,8 +238,8 @@ def _corpus_identity(corpus: str | None) -> dict:
         return {"hub": corpus}
     files = _text_files(path) if path.is_dir() else [path]
     return {"path": str(path.resolve()),
-            "files": [[f.relative_to(path).as_posix() if path.is_dir() else f.name, f.stat().st_size,
-                       f.stat().st_mtime_ns] for f in files]}
+            "files": [[f.relative_to(path).as_posix() if path.is_dir() else f.name, (st := f.stat()).st_size,
+                       st.st_mtime_ns] for f in files]}
 
 
 # ---- tokenizers -------------------------------------------------------------------------------------------------
@@ -383,8 +383,8 @@ def load_packed(cache: str | Path) -> PackedCorpus:
     if not (cache / "meta.json").is_file():
         raise DataError(f"{cache}: not a packed-corpus cache (no meta.json); run prepare_corpus first")
     meta = json.loads((cache / "meta.json").read_text())
-    return PackedCorpus(train=np.load(cache / "train.npy", mmap_mode="r"), val=np.load(cache / "val.npy", mmap_mode="r"),
-                        vocab_size=meta["vocab_size"], special_ids=meta["special_ids"], meta=meta)
+    train, val = (np.load(cache / f"{split}.npy", mmap_mode="r") for split in ("train", "val"))
+    return PackedCorpus(train=train, val=val, vocab_size=meta["vocab_size"], special_ids=meta["special_ids"], meta=meta)
 
 
 # ---- masking ----------------------------------------------------------------------------------------------------
@@ -393,8 +393,8 @@ class MLMMasker:
     """BERT's masked-LM corruption, a pure function of (seed, sample index): a sample is masked identically
     whatever the world size, batch composition or resume point.
 
-    Per row, round(p * #non-special tokens) tokens (at least one) are chosen, as whole words when
-    ``whole_word_mask`` (a word is a start token plus the continuation pieces after it); of those 80% become
+    Per row, round(p * #non-special tokens) tokens (at least one) are chosen; with ``whole_word_mask``, whole
+    words (a start token plus the continuation pieces after it) up to that many tokens; of those 80% become
     [MASK], 10% a random non-special token, 10% stay. Labels are the original ids there, -100 elsewhere.
     ``continuation_ids`` is a boolean array over the vocabulary (see :func:`continuation_mask`).
     """
@@ -442,7 +442,7 @@ class MLMMasker:
 
     def __call__(self, input_ids: torch.Tensor, sample_indices: torch.Tensor | np.ndarray,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = input_ids.numpy()
+        rows = input_ids.cpu().numpy()
         pairs = [self._mask_row(row, np.random.default_rng([seed, _MASK, int(i)]))
                  for row, i in zip(rows, np.asarray(sample_indices))]
         return (torch.from_numpy(np.stack([p[0] for p in pairs])).long(),
@@ -521,3 +521,20 @@ def val_batches(packed_val: np.ndarray, micro_batch_size: int, num_batches: int,
     n = min(num_batches, max(1, len(packed_val) // per_batch))
     rows = np.arange(n * per_batch).reshape(n, world_size, micro_batch_size)[:, rank] % len(packed_val)
     return [collate(packed_val, idx, masker, seed) for idx in rows]
+
+
+def tokenizer_for(data_args: DataArgs) -> PreTrainedTokenizerFast:
+    """The run's tokenizer: ``data_args.tokenizer`` if given, else a WordPiece vocabulary trained on the corpus,
+    cached beside the packed corpora (keyed by the corpus identity and vocabulary size) so it is trained once."""
+    if data_args.tokenizer:
+        return load_tokenizer(data_args.tokenizer)
+    key = {"corpus": _corpus_identity(data_args.corpus), "text_column": data_args.text_column,
+           "vocab_size": data_args.vocab_size}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(data_args.cache_dir or "~/.cache/earlybert_ds").expanduser() / f"wordpiece-{digest}"
+    if not (path / "tokenizer.json").is_file():
+        logger.info("training a %d-word WordPiece vocabulary on the corpus", data_args.vocab_size)
+        tok = train_wordpiece(load_corpus(data_args.corpus, data_args.text_column)["text"], data_args.vocab_size)
+        with atomic_directory(path) as tmp:
+            tok.save_pretrained(tmp)
+    return load_tokenizer(path)

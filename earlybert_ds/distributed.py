@@ -85,3 +85,32 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def full_fp32(param: torch.nn.Parameter, optimizer: Any = None) -> torch.Tensor:
+    """A parameter in full and in fp32, on CPU: the optimizer's master copy under mixed precision (the bf16/fp16
+    module copy cannot resolve small updates: bf16's spacing near 1.0 is 2^-7), gathered under ZeRO-3.
+    A collective under ZeRO (every rank must call it, in the same order)."""
+    from deepspeed import zero
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3
+        full = safe_get_full_fp32_param(param)
+    else:  # ZeRO-0: DeepSpeed's (un)fused mixed-precision wrappers keep fp32 copies beside the bf16/fp16 groups
+        full = _zero0_master(param, optimizer)
+    if full is None:  # plain fp32 training keeps no separate master copy
+        with zero.GatheredParameters([param], modifier_rank=None, enabled=hasattr(param, "ds_id")):
+            full = param.detach().clone()
+    return full.detach().float().cpu()
+
+
+def _zero0_master(param: torch.nn.Parameter, optimizer: Any) -> torch.Tensor | None:
+    for gi, group in enumerate(getattr(optimizer, "fp16_groups", None) or ()):
+        offset = 0
+        for pi, p in enumerate(group):
+            if p is param:
+                if hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 tensor per parameter
+                    return optimizer.fp32_groups[gi][pi]
+                return optimizer.fp32_groups_flat[gi].narrow(0, offset, p.numel()).view_as(p)  # FP16_Optimizer
+            offset += p.numel()
+    return None

@@ -20,6 +20,11 @@ from torch import nn
 
 from .config import RunConfig
 from .gates import is_gate
+from .optim import make_client_optimizer
+
+# make_client_optimizer is re-exported: it must agree with build_ds_config on who builds the optimizer.
+__all__ = ["DEFAULT_DS_CONFIG", "DEFAULT_DS_DICT", "KNOWN_KEYS", "DSConfigError", "build_ds_config", "load_ds_config",
+           "make_client_optimizer", "param_groups", "lr_lambda"]
 
 AUTO = "auto"
 
@@ -62,8 +67,7 @@ _REJECTED = {
 }
 
 _OPTIMIZERS = {"adamw": "AdamW", "lamb": "Lamb"}
-_HYPER = ("lr", "betas", "eps", "weight_decay")
-_LAMB_ON_CPU_PARAMS = set(_HYPER)
+_HYPER = frozenset({"lr", "betas", "eps", "weight_decay"})
 
 
 class DSConfigError(ValueError):
@@ -202,7 +206,7 @@ def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
     if offload["offload_optimizer"] and stage == 0:
         raise DSConfigError(f"{source}: zero_optimization.offload_optimizer needs ZeRO stage 1-3, but the stage is 0")
 
-    precision = _resolve_precision(cfg, t.precision, source)
+    precision = _resolve_precision(cfg, t.precision, source, on_cuda)
     if precision == "fp16" and stage == 0:
         raise DSConfigError(f"{source}: fp16 with ZeRO stage 0 is refused: DeepSpeed does not apply the loss scale "
                             "in backward there, so gradients come out 2^16 too small; use ZeRO-1/2 "
@@ -222,8 +226,9 @@ def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
     return cfg
 
 
-def _resolve_precision(cfg: dict, run_precision: str | None, source: str) -> str:
-    """bf16/fp16/fp32 from --train.precision, else the JSON's explicit choice, else bf16; writes it back."""
+def _resolve_precision(cfg: dict, run_precision: str | None, source: str, on_cuda: bool) -> str:
+    """bf16/fp16/fp32 from --train.precision, else the JSON's explicit choice, else bf16 on CUDA and fp32 on CPU
+    (CPUs without AVX512-BF16/AMX emulate bf16 matmuls ~100x slower than fp32); writes it back."""
     explicit = {k: v for k in ("bf16", "fp16")
                 if isinstance(v := _get(cfg, f"{k}.enabled", "bool", source), bool)}
     if explicit.get("bf16") and explicit.get("fp16"):
@@ -233,7 +238,7 @@ def _resolve_precision(cfg: dict, run_precision: str | None, source: str) -> str
     elif any(explicit.values()):
         precision = next(k for k, v in explicit.items() if v)
     else:
-        precision = "fp32" if explicit.get("bf16") is False else "bf16"
+        precision = "bf16" if on_cuda and explicit.get("bf16") is not False else "fp32"
     for k in ("bf16", "fp16"):
         _fill(cfg, f"{k}.enabled", "bool", precision == k, f"train.precision={precision}", source)
     return precision
@@ -265,7 +270,7 @@ def _fill_optimizer(cfg: dict, run: RunConfig, source: str, on_cuda: bool, offlo
         if stage > 0:  # DeepSpeed lists neither FusedLamb nor ours as ZeRO-tested
             cfg.setdefault("zero_allow_untested_optimizer", True)
         if not on_cuda:  # FusedLamb needs CUDA: optim.make_client_optimizer gives our Lamb instead
-            extra = sorted(set(params) - _LAMB_ON_CPU_PARAMS)
+            extra = sorted(set(params) - _HYPER)
             if extra:
                 raise DSConfigError(f"{source}: optimizer.params.{extra[0]} is not used on CPU, where earlybert_ds's "
                                     "own Lamb (FusedLamb's defaults) replaces DeepSpeed's CUDA-only FusedLamb")

@@ -68,9 +68,7 @@ class Engine:
         finite = 1.0 if math.isfinite(loss_sum) else 0.0
         tot = dist.all_reduce_sum([loss_sum if finite else 0.0, n, penalty_sum, correct, count, 1.0 - finite],
                                   self.device)
-        metrics = {"loss": tot[0] / tot[1], "lr": self.scheduler.get_last_lr()[0], "nonfinite_ranks": tot[5]}
-        if tot[5]:
-            metrics["loss"] = float("nan")
+        metrics = {"loss": float("nan") if tot[5] else tot[0] / tot[1], "lr": self.scheduler.get_last_lr()[0]}
         if penalty_sum or tot[2]:
             metrics["gate_l1"] = tot[2] / tot[1]
         if tot[4]:
@@ -79,9 +77,8 @@ class Engine:
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         scale = loss_scale(self.engine)
-        if scale is not None:
-            metrics["loss_scale"] = scale
-        metrics["skipped_steps"] = float(self.engine.skipped_steps)
+        if scale is not None:  # fp16: overflowed steps are skipped by DeepSpeed and counted
+            metrics.update(loss_scale=scale, skipped_steps=float(self.engine.skipped_steps))
         return metrics
 
     @torch.no_grad()
@@ -101,20 +98,8 @@ class Engine:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": correct / max(count, 1.0)}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter in full and in fp32 (the optimizer's master copy where there is one), on CPU.
-
-        A collective under ZeRO-3 (each rank holds a shard): every rank must call it.
-        """
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        out = {}
-        for name, p in self.module.named_parameters():
-            full = safe_get_full_fp32_param(p)
-            if full is None:  # no mixed-precision master copy (fp32 training): the parameter itself
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
-                    full = p.detach().clone()
-            out[name] = full.detach().float().cpu()
-        return out
+        """Every parameter in full and in fp32 (the master copy under mixed precision), on CPU; a collective."""
+        return {name: dist.full_fp32(p, self.optimizer) for name, p in self.module.named_parameters()}
 
     def destroy(self) -> None:
         """Release the engine and everything it holds (see ../shared/NOTES.md: engines leak otherwise)."""
@@ -124,7 +109,11 @@ class Engine:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
         parameter_offload.FWD_MODULE_STACK.clear()
-        PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release.cache_clear()
+        # A class-level lru_cache (keyed by module) keeps every ZeRO-3 model alive; it sits under an NVTX wrapper.
+        fn = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+        for cached in [fn, *(c.cell_contents for c in fn.__closure__ or ())]:
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

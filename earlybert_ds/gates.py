@@ -8,7 +8,6 @@ to know about them.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,20 +48,10 @@ class GateValues:
         return {"heads": frac(self.heads), "ffn": frac(self.ffn)}
 
 
-def _gathered(params: list[nn.Parameter]):
-    """Under ZeRO-3 the gates are partitioned: gather them for reading (collective: every rank must enter)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+def read_gates(model: nn.Module, optimizer: object = None) -> GateValues:
+    """Every gate as a numpy array: from the optimizer's fp32 master copy under mixed precision (pass the DeepSpeed
+    optimizer), gathered under ZeRO-3 (a collective there: every rank must call it)."""
+    from .distributed import full_fp32
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def read_gates(model: nn.Module) -> GateValues:
-    """Read every gate as numpy arrays; works on a plain module and under ZeRO-3 (where it is a collective)."""
-    heads, ffn = head_gate_params(model), ffn_gate_params(model)
-    with _gathered(heads + ffn):
-        return GateValues(
-            heads=[p.detach().float().cpu().numpy().copy() for p in heads],
-            ffn=[p.detach().float().cpu().numpy().copy() for p in ffn],
-        )
+    return GateValues(heads=[full_fp32(p, optimizer).numpy() for p in head_gate_params(model)],
+                      ffn=[full_fp32(p, optimizer).numpy() for p in ffn_gate_params(model)])

@@ -77,6 +77,14 @@ class Run:
     step: int = 0
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     search_log: list[dict[str, float]] = field(default_factory=list)
+    last_eval: tuple[int, dict[str, float]] | None = None
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        """Validate now unless this step was already validated; logs and returns the metrics."""
+        if self.last_eval is None or self.last_eval[0] != self.step:
+            self.last_eval = (self.step, engine.evaluate(self.val))
+            self.monitor.log(self.step, self.last_eval[1])
+        return self.last_eval[1]
 
     @property
     def tokens_per_step(self) -> int:
@@ -220,7 +228,7 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
             run.monitor.log(run.step, m)
             interval_s, interval_steps = 0.0, 0
         if t.eval_every and run.step % t.eval_every == 0:
-            run.monitor.log(run.step, engine.evaluate(run.val))
+            run.evaluate(engine)
         if on_step is not None and on_step(run.step):
             ended_early = True
             break
@@ -255,7 +263,7 @@ def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
         due = step % e.detect_every == 0 or step >= e.max_search_steps or (e.draw == "fixed" and step == e.fixed_step)
         if not due:
             return False
-        gates = read_gates(engine.module)  # collective under ZeRO-3: every rank takes part
+        gates = read_gates(engine.module, engine.optimizer)  # collective under ZeRO-3: every rank takes part
         decision = None
         if dist.rank() == 0:  # the coordinator
             masks = draw_masks(gates, spec)
@@ -293,7 +301,7 @@ def _plot_search(run: Run, gates, masks: Masks, ticket: Ticket) -> None:
     log = run.search_log
     dist_png = plot_mask_distances([r["step"] for r in log], [r["heads"] for r in log], [r["ffn"] for r in log],
                                    run.cfg.earlybert.epsilon, ticket.step, plots / "mask_distance.png")
-    gates_png = plot_gates(gates.heads, gates.ffn, plots / "gates.png", masks=masks)
+    gates_png = plot_gates(gates.heads, gates.ffn, plots / "gates.png", head_masks=masks.heads, ffn_masks=masks.ffn)
     run.monitor.log_image(ticket.step, "plots/mask_distance", dist_png)
     run.monitor.log_image(ticket.step, "plots/gates", gates_png)
 
@@ -415,8 +423,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
         _train(run, engine, phase, cfg.train.steps)
         if not cfg.train.save_every or run.step % cfg.train.save_every:
             _save(run, engine, phase)
-        final_eval = engine.evaluate(run.val)
-        run.monitor.log(run.step, final_eval)
+        final_eval = run.evaluate(engine)
         _export(run, engine)
         summary = _summary(run, ticket, full_config, engine.module.config, final_eval)
         engine.destroy()

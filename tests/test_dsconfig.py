@@ -19,10 +19,11 @@ from torch import nn  # noqa: E402
 from earlybert_ds import dsconfig  # noqa: E402
 from earlybert_ds.config import RunConfig  # noqa: E402
 from earlybert_ds.dsconfig import (  # noqa: E402
-    DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config, lr_lambda, param_groups,
+    DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config, lr_lambda, make_client_optimizer,
+    param_groups,
 )
 from earlybert_ds.modeling import EarlyBertConfig, EarlyBertForPreTraining  # noqa: E402
-from earlybert_ds.optim import Lamb, make_client_optimizer  # noqa: E402
+from earlybert_ds.optim import Lamb  # noqa: E402
 
 DS_CONFIGS = sorted(DEFAULT_DS_CONFIG.parent.glob("*.json"))
 
@@ -337,7 +338,8 @@ def distributed():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        for k, v in env.items():
             mp.setenv(k, v)
         deepspeed.init_distributed(dist_backend="gloo")
         yield deepspeed
