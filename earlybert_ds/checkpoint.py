@@ -42,11 +42,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
-    """Save on every rank (collective); returns the checkpoint's directory."""
+def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int,
+         rank_state: dict | None = None) -> Path:
+    """Save on every rank (collective); returns the checkpoint's directory. ``rank_state`` is what this rank alone
+    knows (beside its RNG state), written to ``rankR.pt``."""
     tag = f"global_step{step}"
     engine.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank()}.pt")
+    torch.save({"rng": _rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
     fault_point("checkpoint:before-latest")
     dist.barrier()
     if dist.rank() == 0:
@@ -90,8 +92,13 @@ def peek_client_state(path: str | Path) -> dict:
     return state["earlybert"]
 
 
-def load(engine: Engine, path: str | Path) -> dict:
-    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
+def rank_file(rank: int | None = None) -> str:
+    return f"rank{dist.rank() if rank is None else rank}.pt"
+
+
+def load(engine: Engine, path: str | Path) -> tuple[dict, dict]:
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state and this rank's state
+    (empty when the checkpoint was written by another number of ranks)."""
     root, tag = resolve(path)
     try:
         load_path, client = engine.engine.load_checkpoint(str(root), tag=tag)
@@ -104,7 +111,8 @@ def load(engine: Engine, path: str | Path) -> dict:
         raise
     if load_path is None:
         raise CheckpointError(f"{root / tag}: DeepSpeed found nothing to load")
-    rng_file = root / tag / f"rng_rank{dist.rank()}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return client["earlybert"]
+    rank_state = {}
+    if (root / tag / rank_file()).is_file():
+        rank_state = torch.load(root / tag / rank_file(), weights_only=True)
+        _set_rng_state(rank_state.pop("rng"))
+    return client["earlybert"], rank_state

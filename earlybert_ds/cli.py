@@ -23,12 +23,13 @@ def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume-from", metavar="DIR",
                    help="start from this checkpoint directory, or from a ticket directory (OUTPUT/ticket) on any "
                         "number of ranks")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_config_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earlybert-ds", description="EarlyBERT on DeepSpeed.")
+    # the deepspeed launcher puts --local_rank=N before the sub-command; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     return parser
@@ -64,5 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """Console-script entry: exit without running C++ static destructors, which make about one gloo job in ten
+    end with 'terminate called without an active exception' after all work is done (../shared/NOTES.md).
+    Everything is written and closed by then."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class Run:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     search_log: list[dict[str, float]] = field(default_factory=list)
     last_eval: tuple[int, dict[str, float]] | None = None
+    ticket: Ticket | None = None  # this rank's copy, once drawn or loaded
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Validate now unless this step was already validated; logs and returns the metrics."""
@@ -242,7 +244,17 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
 
 def _save(run: Run, engine: Engine, phase: str, extra_state=None) -> None:
     extra = extra_state() if extra_state else {}
-    checkpoint.save(engine, run.out / CHECKPOINTS, run.step, run.client_state(phase, **extra), run.cfg.train.keep_last)
+    rank_state = {"ticket": run.ticket.digest()} if run.ticket else {}
+    checkpoint.save(engine, run.out / CHECKPOINTS, run.step, run.client_state(phase, **extra), run.cfg.train.keep_last,
+                    rank_state)
+
+
+def _load(run: Run, engine: Engine, path: Path) -> dict:
+    state, rank_state = checkpoint.load(engine, path)
+    if run.ticket is not None and rank_state.get("ticket", run.ticket.digest()) != run.ticket.digest():
+        raise checkpoint.CheckpointError(f"{path}: written for another ticket than {run.out / TICKET_DIR}")
+    run.restore(state)
+    return state
 
 
 # ---- stage 1 + 2: search and ticket drawing ----------------------------------------------------------------------
@@ -391,7 +403,9 @@ def _ticket_state(path: Path) -> dict:
 def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = None) -> dict:
     """Run the configured pre-training (all three EarlyBERT stages, or the full-model baseline); returns the
     summary that is also written to ``OUTPUT/summary.json``."""
-    dist.init()
+    rank, _ = dist.init()
+    random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
+    torch.manual_seed(cfg.train.seed + rank)
     out = _claim_output_dir(cfg, resume or bool(resume_from))
     start = _where_to_start(cfg, out, resume, resume_from)
     if dist.rank() == 0:
@@ -403,7 +417,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
             ticket, model, full_config = _search_and_draw(run, start)
             start_step = ticket.step
         elif start.phase == "efficient":
-            ticket_dir = start.ticket_dir or start.checkpoint.resolve().parent / TICKET_DIR
+            ticket_dir = start.ticket_dir or checkpoint.resolve(start.checkpoint)[0].parent / TICKET_DIR
             if start.checkpoint is None and ticket_dir.resolve() != (out / TICKET_DIR).resolve() and dist.rank() == 0:
                 with atomic_directory(out / TICKET_DIR) as tmp:  # the run directory stays self-contained
                     shutil.copytree(ticket_dir, tmp, dirs_exist_ok=True)
@@ -417,9 +431,10 @@ def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
             full_config = model.config
 
         phase = "full" if ticket is None else "efficient"
+        run.ticket = ticket
         engine = Engine(model, cfg, start_step=start_step)
-        if start.checkpoint is not None:
-            run.restore(checkpoint.load(engine, start.checkpoint))
+        if start.checkpoint is not None and start.phase != "search":
+            _load(run, engine, start.checkpoint)
         _train(run, engine, phase, cfg.train.steps)
         if not cfg.train.save_every or run.step % cfg.train.save_every:
             _save(run, engine, phase)
@@ -452,9 +467,7 @@ def _search_and_draw(run: Run, start: Start) -> tuple[Ticket, EarlyBertForPreTra
         detector = EarlyBirdDetector(window=cfg.earlybert.window, epsilon=cfg.earlybert.epsilon)
         engine = Engine(model, cfg, start_step=0)
         if start.checkpoint:
-            state = checkpoint.load(engine, start.checkpoint)
-            run.restore(state)
-            detector.load_state_dict(state["detector"])
+            detector.load_state_dict(_load(run, engine, start.checkpoint)["detector"])
         ticket = search(run, engine, detector)
         if cfg.earlybert.weights == "continue":
             searched = engine.full_state_dict()  # collective

@@ -7,6 +7,7 @@ Hamming distance between them stays at or below ``epsilon`` over the last ``wind
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import deque
@@ -244,6 +245,10 @@ class Ticket:
                 f"{mine}, the model is {theirs}")
         if config.is_pruned:
             raise TicketError("ticket must be applied to the unpruned model, but this model is already shrunk")
+
+    def digest(self) -> str:
+        """A short fingerprint of the ticket, to check that every rank holds the same one."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- JSON -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

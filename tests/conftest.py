@@ -35,3 +35,65 @@ def randomize_gates(model: torch.nn.Module, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if name.endswith(("head_gates", "ffn_gates")):
             p.data = torch.randn(p.shape, generator=g) * 0.8
+
+
+# ---- real launches --------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_run_args(corpus: Path, cache: Path, out: Path, **overrides) -> list[str]:
+    """Command-line options for a tiny BERT that runs the whole pipeline in seconds."""
+    opts = {
+        "--corpus": corpus, "--data.cache_dir": cache, "--output-dir": out, "--data.vocab_size": 600,
+        "--data.seq_len": 32, "--model.hidden_size": 32, "--model.num_layers": 2, "--model.num_heads": 4,
+        "--model.intermediate_size": 64, "--train.micro_batch_size": 4, "--train.steps": 30,
+        "--train.warmup_steps": 3, "--train.lr": 5e-3, "--train.log_every": 1, "--train.eval_every": 10, "--train.eval_batches": 2,
+        "--train.save_every": 4, "--earlybert.detect_every": 2, "--earlybert.window": 3,
+        "--earlybert.max_search_steps": 20, "--log.progress": "false", "--log.wandb": "offline",
+        # 2 layers x 4 heads = 8 head bits: one swapped pair is a distance of 0.25, so the paper's 0.1 cannot
+        # be met by the head masks of so small a model
+        "--earlybert.epsilon": 0.3,
+    }
+    opts.update({k if k.startswith("--") else f"--{k}": v for k, v in overrides.items()})
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+def launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
+           launcher_args: list[str] | None = None) -> subprocess.CompletedProcess:
+    """A real `deepspeed` launch of `earlybert_ds pretrain` with ``nproc`` CPU ranks."""
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+                "PYTHONUNBUFFERED": "1", "EARLYBERT_DIST_TIMEOUT": "120", **(env or {})}
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           *(launcher_args or []), "--module", "earlybert_ds", "pretrain", *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """A ~300 kB text corpus (real English from the built-in harvest) and a shared preprocessing cache."""
+    from earlybert_ds.data import builtin_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "corpus.txt").write_text("\n\n".join(builtin_corpus(max_chars=400_000)), encoding="utf-8")
+    return root / "corpus.txt", root / "cache"
