@@ -16,7 +16,7 @@ from .config import ConfigError, add_config_arguments, config_from_args
 
 def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="EarlyBERT pre-training: search -> ticket -> shrink -> efficient training",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", help="shortcut for --data.corpus")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its latest checkpoint (or its ticket)")

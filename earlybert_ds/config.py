@@ -57,12 +57,12 @@ class DataArgs:
 
 @dataclass
 class TrainArgs:
-    steps: int = _f(400, "total optimizer steps (search + efficient training)")
-    micro_batch_size: int = _f(16, "sequences per rank per forward pass")
+    steps: int = _f(300, "total optimizer steps (search + efficient training)")
+    micro_batch_size: int = _f(8, "sequences per rank per forward pass")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: DeepSpeed's fused LAMB on CUDA)")
     lr: float = _f(1e-3, "peak learning rate")
-    warmup_steps: int = _f(40, "linear warm-up steps")
+    warmup_steps: int = _f(30, "linear warm-up steps")
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warm-up")
     weight_decay: float = _f(0.01, "decoupled weight decay (not on biases, LayerNorm and gates)")
     betas: tuple[float, float] = _f((0.9, 0.98), "Adam/LAMB betas")
@@ -74,7 +74,7 @@ class TrainArgs:
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass")
     seed: int = _f(42, "random seed (model init, masking, data order)")
     log_every: int = _f(10, "log metrics every N steps")
-    eval_every: int = _f(100, "validate every N steps (0: only at the end)")
+    eval_every: int = _f(50, "validate every N steps (0: only at the end)")
     eval_batches: int = _f(20, "validation micro-batches per rank")
     save_every: int = _f(100, "checkpoint every N steps (0: only at stage ends)")
     keep_last: int = _f(2, "checkpoints kept (older ones are deleted)")
@@ -96,7 +96,7 @@ class EarlyBertArgs:
     detect_every: int = _f(10, "compute masks and their distance every N search steps")
     window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon")
     epsilon: float = _f(0.1, "early-bird threshold on the normalised Hamming distance")
-    max_search_steps: int = _f(200, "end the search here even without convergence")
+    max_search_steps: int = _f(100, "end the search here even without convergence")
     fixed_step: int | None = _f(None, "draw at this step (draw=fixed)")
     weights: Literal["rewind", "continue"] = _f("rewind", "rewind: kept weights restart from initial (or "
                                                           "pre-trained) values; continue: keep searched values")
@@ -290,7 +290,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + key.replace("_", "-") if sec is None else "--" + key
         default = f.default if f.default is not dataclasses.MISSING else None
         group.add_argument(flag, dest=f"cfg:{key}", default=None, metavar=_metavar(key),
-                           help=f"{f.metadata.get('help', '')} (default: {default})")
+                           help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
 
 
 def _metavar(key: str) -> str:

@@ -491,8 +491,8 @@ _BERT_CONFIG_FIELDS = (
 ).split()
 
 
-def _read_checkpoint_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """config.json and the state dict of a local Hugging Face checkpoint directory (safetensors preferred)."""
+def _read_checkpoint_dir(path: str | Path, weights: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and (with ``weights``) the state dict of a local Hugging Face BERT checkpoint directory."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
@@ -505,6 +505,8 @@ def _read_checkpoint_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor
         raise ValueError(f"{config_file}: not valid JSON ({e})") from e
     if config.get("model_type") != "bert":
         raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not a BERT checkpoint ('bert')")
+    if not weights:
+        return config, {}
     from safetensors.torch import load_file
 
     if (path / "model.safetensors").is_file():
@@ -547,6 +549,12 @@ def _convert_hf_state(state: dict[str, torch.Tensor], num_layers: int) -> dict[s
     return out
 
 
+def hf_bert_config(path: str | Path, **overrides) -> EarlyBertConfig:
+    """An :class:`EarlyBertConfig` (unpruned) for a local Hugging Face BERT checkpoint directory."""
+    hf_config, _ = _read_checkpoint_dir(path, weights=False)
+    return EarlyBertConfig(**{**{k: hf_config[k] for k in _BERT_CONFIG_FIELDS if k in hf_config}, **overrides})
+
+
 def load_hf_bert(
     path: str | Path, model_class: type[EarlyBertPreTrainedModel] = EarlyBertForPreTraining, **config_overrides
 ) -> EarlyBertPreTrainedModel:
@@ -555,10 +563,9 @@ def load_hf_bert(
     keep their fresh initialisation and are logged. ``config_overrides`` (e.g. ``use_gates=True``, ``num_labels``)
     go to :class:`EarlyBertConfig`.
     """
-    hf_config, state = _read_checkpoint_dir(path)
-    fields = {k: hf_config[k] for k in _BERT_CONFIG_FIELDS if k in hf_config}
-    config = EarlyBertConfig(**{**fields, **config_overrides})
+    config = hf_bert_config(path, **config_overrides)
     model = model_class(config)
+    _, state = _read_checkpoint_dir(path, weights=True)
     try:
         converted = _convert_hf_state(state, config.num_hidden_layers)
     except KeyError as e:

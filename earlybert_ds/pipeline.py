@@ -14,6 +14,7 @@ resumes exactly; ``--resume-from OUTPUT/ticket`` restarts the efficient stage on
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -22,10 +23,12 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import checkpoint
@@ -42,14 +45,24 @@ from .data import (
     tokenizer_for,
     val_batches,
 )
+from .dsconfig import build_ds_config
 from .engine import Engine
 from .flops import count_parameters, train_flops_per_token
-from .gates import read_gates
-from .modeling import EarlyBertConfig, EarlyBertForPreTraining, load_hf_bert
+from .gates import GateValues, read_gates
+from .modeling import EarlyBertConfig, EarlyBertForPreTraining, hf_bert_config, load_hf_bert
 from .monitor import Monitor
 from .plots import plot_gates, plot_mask_distances
 from .shrink import shrink_state_dict, shrunk_config
-from .ticket import TICKET_FILE, EarlyBirdDetector, Masks, PruneSpec, Ticket, draw_masks, random_masks
+from .ticket import (
+    TICKET_FILE,
+    EarlyBirdDetector,
+    Masks,
+    PruneSpec,
+    Ticket,
+    TicketError,
+    draw_masks,
+    random_masks,
+)
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -103,27 +116,32 @@ class Run:
         self.search_log = state["search_log"]
 
 
-def _claim_output_dir(cfg: RunConfig, resuming: bool) -> Path:
-    """Refuse an output directory that holds another run (unless resuming) or that a live run is using."""
+@contextlib.contextmanager
+def _claim_output_dir(cfg: RunConfig, resuming: bool) -> Iterator[Path]:
+    """Hold the output directory for this run: refuse one that holds another run (unless resuming) or that a live
+    run is using (an flock on ``OUTPUT/.lock``, released when this run ends, however it ends)."""
     out = Path(cfg.output_dir)
-    ok = ""
+    problem, lock = "", None
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")  # noqa: SIM115 - held for the life of the process
+        lock = open(out / ".lock", "a+")  # noqa: SIM115 - closed below
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
-            _claim_output_dir.lock = lock  # type: ignore[attr-defined]
         except BlockingIOError:
             lock.seek(0)
-            ok = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}); choose another --output-dir"
-        if not ok and (out / RUN_CONFIG).exists() and not resuming:
-            ok = (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
-                  "(nothing was changed)")
-    problem = dist.broadcast_object(ok)
-    if problem:
-        raise ConfigError(problem)
-    return out
+            problem = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}); choose another --output-dir"
+        if not problem and (out / RUN_CONFIG).exists() and not resuming:
+            problem = (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
+                       "(nothing was changed)")
+    try:
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+        yield out
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _node_once(fn, *args):
@@ -134,13 +152,14 @@ def _node_once(fn, *args):
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            error = f"{type(e).__name__}: {e}"
+            logger.debug("failed on this rank", exc_info=True)
+            error = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
     errors = [error]
     if torch.distributed.is_initialized() and dist.world_size() > 1:
         errors = [None] * dist.world_size()
         torch.distributed.all_gather_object(errors, error)
     if any(errors):
-        raise RuntimeError(next(e for e in errors if e))
+        raise ValueError(next(e for e in errors if e))
     return result if dist.local_rank() == 0 else fn(*args)
 
 
@@ -168,24 +187,33 @@ def _model_config(cfg: RunConfig, gates: bool) -> dict[str, Any]:
                 gradient_checkpointing_layers=cfg.train.activation_checkpointing)
 
 
+def initial_model_config(cfg: RunConfig, vocab_size: int, gates: bool = True) -> EarlyBertConfig:
+    """The unpruned model's configuration: ``model.init_from``'s, or the ``model.*`` shape."""
+    m, extra = cfg.model, _model_config(cfg, gates)
+    if not m.init_from:
+        return EarlyBertConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                               num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                               max_position_embeddings=max(512, cfg.data.seq_len), **extra)
+    config = hf_bert_config(m.init_from, **extra) if _is_hf_bert(m.init_from) else \
+        EarlyBertConfig.from_pretrained(m.init_from, **extra)
+    if config.vocab_size != vocab_size:
+        raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {config.vocab_size}, the tokenizer "
+                          f"{vocab_size}: pass the checkpoint's tokenizer with --data.tokenizer")
+    return config
+
+
 def initial_model(cfg: RunConfig, vocab_size: int, gates: bool) -> EarlyBertForPreTraining:
     """The model at step 0, identical on every rank and rebuildable at any time (rewinding needs it again):
     the ``model.init_from`` checkpoint, or a random initialisation drawn from ``train.seed``."""
-    m = cfg.model
-    extra = _model_config(cfg, gates)
-    if m.init_from:
-        model = load_hf_bert(m.init_from, EarlyBertForPreTraining, **extra) if _is_hf_bert(m.init_from) else \
-            EarlyBertForPreTraining.from_pretrained(m.init_from, **extra)
-        if model.config.vocab_size != vocab_size:
-            raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {model.config.vocab_size}, the "
-                              f"tokenizer {vocab_size}: pass the checkpoint's tokenizer with --data.tokenizer")
-        return model
+    config = initial_model_config(cfg, vocab_size, gates)
+    init_from = cfg.model.init_from
+    if init_from:
+        if _is_hf_bert(init_from):
+            return load_hf_bert(init_from, EarlyBertForPreTraining, **_model_config(cfg, gates))
+        return EarlyBertForPreTraining.from_pretrained(init_from, config=config)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
-        return EarlyBertForPreTraining(EarlyBertConfig(
-            vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
-            max_position_embeddings=max(512, cfg.data.seq_len), **extra))
+        return EarlyBertForPreTraining(config)
 
 
 def _is_hf_bert(path: str) -> bool:
@@ -258,6 +286,19 @@ def _load(run: Run, engine: Engine, path: Path) -> dict:
 
 
 # ---- stage 1 + 2: search and ticket drawing ----------------------------------------------------------------------
+
+def _check_prunable(cfg: RunConfig, vocab_size: int) -> None:
+    """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied)."""
+    if not cfg.earlybert.enabled:
+        return
+    c = initial_model_config(cfg, vocab_size)
+    ones = GateValues([np.ones(c.num_attention_heads)] * c.num_hidden_layers,
+                      [np.ones(c.intermediate_size)] * c.num_hidden_layers)
+    try:
+        draw_masks(ones, _spec(cfg))
+    except TicketError as e:
+        raise ConfigError(f"earlybert ratios do not fit the model: {e}") from e
+
 
 def _spec(cfg: RunConfig) -> PruneSpec:
     e = cfg.earlybert
@@ -406,11 +447,18 @@ def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = Non
     rank, _ = dist.init()
     random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
     torch.manual_seed(cfg.train.seed + rank)
-    out = _claim_output_dir(cfg, resume or bool(resume_from))
+    with _claim_output_dir(cfg, resume or bool(resume_from)) as out:
+        return _pretrain(cfg, out, resume, resume_from)
+
+
+def _pretrain(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None) -> dict:
     start = _where_to_start(cfg, out, resume, resume_from)
-    if dist.rank() == 0:
-        save_config(cfg, out / RUN_CONFIG)
+    build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
     run = _build_run(cfg, out)
+    if start.phase == "search":
+        _check_prunable(cfg, len(run.tokenizer))
+    if dist.rank() == 0:  # from here on the directory holds this run
+        save_config(cfg, out / RUN_CONFIG)
     run.monitor = Monitor(cfg.log, out, cfg.to_dict(), dist.rank(), cfg.train.steps, resume_step=start.step)
     try:
         if start.phase == "search":
