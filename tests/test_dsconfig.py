@@ -29,8 +29,10 @@ DS_CONFIGS = sorted(DEFAULT_DS_CONFIG.parent.glob("*.json"))
 
 
 def _run(tmp_path: Path | None = None, ds: dict | None = None, **train) -> RunConfig:
-    """A default run config with ``train`` overrides, using ``ds`` (written to a file) as its DeepSpeed JSON."""
+    """A default run config (micro-batch 16) with ``train`` overrides, using ``ds`` (written to a file) as its
+    DeepSpeed JSON."""
     run = RunConfig()
+    run.train.micro_batch_size = 16
     for k, v in train.items():
         setattr(run.train, k, v)
     if ds is not None:
@@ -59,7 +61,7 @@ def test_embedded_default_matches_cpu_json(monkeypatch):
 def test_shipped_configs_build_on_cpu(path):
     assert {p.name for p in DS_CONFIGS} >= {"cpu.json", "zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json",
                                             "zero2_fp16.json", "zero3_offload.json"}
-    run = RunConfig()
+    run = _run()
     run.deepspeed = str(path)
     cfg = build_ds_config(run, 2, on_cuda=False)
     assert "auto" not in json.dumps(cfg)
