@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             cfg = config_from_args(args, extra={"data.corpus": args.corpus})
-            from .pipeline import pretrain
+            from .pretrain import pretrain
 
             pretrain(cfg, resume=args.resume, resume_from=args.resume_from)
             from .distributed import shutdown

@@ -15,8 +15,13 @@ import torch
 import torch.distributed as dist
 
 #: How long a collective (and the rendezvous) may wait before the job fails instead of hanging.
-#: Override with EARLYBERT_DIST_TIMEOUT (seconds).
+#: Override with EARLYBERT_DIST_TIMEOUT (seconds). torch's TCPStore honours it at the rendezvous: a rank that cannot
+#: reach MASTER_ADDR:MASTER_PORT, or a rank 0 whose peers never arrive, fails after about 1-2 timeouts.
 DEFAULT_TIMEOUT_S = 600
+
+
+class RendezvousError(ValueError):
+    """The ranks could not meet at MASTER_ADDR:MASTER_PORT in time; the message says where and what to check."""
 
 
 def _free_port() -> int:
@@ -40,7 +45,18 @@ def init() -> tuple[int, int]:
         import deepspeed
 
         timeout = timedelta(seconds=float(os.environ.get("EARLYBERT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
-        deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", timeout=timeout, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", timeout=timeout, verbose=False)
+        except dist.DistError as e:  # DistNetworkError (master unreachable), DistStoreError (peers missing), ...
+            env = os.environ
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise RendezvousError(
+                f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} could not join the job at "
+                f"MASTER_ADDR:MASTER_PORT = {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')} "
+                f"(EARLYBERT_DIST_TIMEOUT = {timeout.total_seconds():g} s): {type(e).__name__}: {reason}. "
+                "Check that every node was started with the same hostfile, MASTER_ADDR (node 0's address as the "
+                "other nodes reach it) and MASTER_PORT (free on node 0, open between the nodes), and on machines "
+                "with several networks GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME") from e
         if on_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import deepspeed
 import torch
@@ -82,20 +83,15 @@ class Engine:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Held-out MLM loss (token-weighted over ranks), perplexity and accuracy."""
+    def infer(self, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[Any]:
+        """The model's outputs on ``batches`` in evaluation mode (no dropout, no gate penalty); under ZeRO-3 every
+        rank must run the same number of batches."""
         self.engine.eval()
-        loss_sum = correct = count = 0.0
-        for mb in batches:
-            out = self.engine(**self._to_device(mb))
-            n = float(out.mlm_count)
-            loss_sum += float(out.mlm_loss) * n
-            correct += float(out.mlm_correct)
-            count += n
-        self.engine.train()
-        loss_sum, correct, count = dist.all_reduce_sum([loss_sum, correct, count], self.device)
-        loss = loss_sum / max(count, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": correct / max(count, 1.0)}
+        try:
+            for batch in batches:
+                yield self.engine(**self._to_device(batch))
+        finally:
+            self.engine.train()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter in full and in fp32 (the master copy under mixed precision), on CPU; a collective."""

@@ -33,11 +33,12 @@ def train_flops_per_token(config: EarlyBertConfig, seq_len: int, mlm_fraction: f
     return 3 * forward_flops_per_token(config, seq_len, mlm_fraction)["total"]
 
 
-def count_parameters(config: EarlyBertConfig) -> int:
-    """Parameters of the pre-training model of ``config`` (tied embeddings counted once), without allocating it."""
+def count_parameters(config: EarlyBertConfig, model_class: type | None = None) -> int:
+    """Parameters of ``model_class`` (default: the pre-training model) built from ``config`` (tied embeddings
+    counted once), without allocating it."""
     import torch
 
     from .modeling import EarlyBertForPreTraining
 
     with torch.device("meta"):
-        return EarlyBertForPreTraining(config).num_parameters()
+        return (model_class or EarlyBertForPreTraining)(config).num_parameters()

@@ -1,4 +1,4 @@
-"""EarlyBERT pre-training on DeepSpeed, stage by stage.
+"""EarlyBERT on DeepSpeed, stage by stage — the same three stages for pre-training and fine-tuning.
 
     1. search     the full model with slimming gates trains with an L1 penalty on them; every ``detect_every``
                   steps all ranks read the gates and the coordinator (rank 0) draws masks and checks whether they
@@ -8,8 +8,10 @@
     3. efficient  the search engine is torn down, every rank shrinks the model physically to the ticket, and a new
                   engine trains the small model to ``train.steps``.
 
-With ``earlybert.enabled = false`` the full model trains throughout (the baseline). Every stage checkpoints and
-resumes exactly; ``--resume-from OUTPUT/ticket`` restarts the efficient stage on any number of ranks.
+What differs between pre-training and fine-tuning (data, model head, evaluation) is a :class:`Task`; see
+``pretrain.py`` and ``finetune.py``. With ``earlybert.enabled = false`` the full model trains throughout (the
+baseline). Every stage checkpoints and resumes exactly; ``--resume-from OUTPUT/ticket`` restarts the efficient
+stage on any number of ranks.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,21 +37,11 @@ from . import checkpoint
 from . import distributed as dist
 from .atomic import atomic_directory, atomic_write_text, fault_point
 from .config import ConfigError, RunConfig, save_config
-from .data import (
-    MLMMasker,
-    PackedCorpus,
-    ShardedBatches,
-    collate,
-    load_packed,
-    prepare_corpus,
-    tokenizer_for,
-    val_batches,
-)
 from .dsconfig import build_ds_config
 from .engine import Engine
-from .flops import count_parameters, train_flops_per_token
+from .flops import count_parameters
 from .gates import GateValues, read_gates
-from .modeling import EarlyBertConfig, EarlyBertForPreTraining, hf_bert_config, load_hf_bert
+from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, hf_bert_config, load_hf_bert
 from .monitor import Monitor
 from .plots import plot_gates, plot_mask_distances
 from .shrink import shrink_state_dict, shrunk_config
@@ -74,19 +66,42 @@ class NonFiniteLossError(RuntimeError):
     """The loss stayed non-finite for ``train.max_nonfinite`` consecutive steps."""
 
 
+class Task(Protocol):
+    """What differs between pre-training and fine-tuning; the three stages around it are the same."""
+
+    model_class: type[EarlyBertPreTrainedModel]
+    model_overrides: dict[str, Any]  # config fields the task decides (e.g. num_labels)
+    tokenizer: Any
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for the next optimizer step."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        """Validation metrics (a collective: every rank calls it)."""
+
+    def flops_per_token(self, config: EarlyBertConfig) -> float:
+        """Training FLOPs per token of a model of ``config`` on this task."""
+
+    def finish(self, engine: Engine, out: Path) -> None:
+        """Anything the task writes at the end (e.g. predictions on a test file); a collective."""
+
+
 # ---- the run's context ---------------------------------------------------------------------------------------
 
 @dataclass
 class Run:
-    """What every stage shares: the config, the data stream, the monitor, and the progress so far."""
+    """What every stage shares: the config, the task (data), the monitor, and the progress so far."""
 
     cfg: RunConfig
     out: Path
-    tokenizer: Any
-    packed: PackedCorpus
-    masker: MLMMasker
-    batches: ShardedBatches
-    val: list[dict[str, torch.Tensor]]
+    task: Task
     monitor: Monitor | None = None
     step: int = 0
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -97,21 +112,17 @@ class Run:
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Validate now unless this step was already validated; logs and returns the metrics."""
         if self.last_eval is None or self.last_eval[0] != self.step:
-            self.last_eval = (self.step, engine.evaluate(self.val))
+            self.last_eval = (self.step, self.task.evaluate(engine))
             self.monitor.log(self.step, self.last_eval[1])
         return self.last_eval[1]
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batches.global_batch * self.cfg.data.seq_len
-
     def client_state(self, phase: str, **extra: Any) -> dict:
-        return {"earlybert": {"phase": phase, "step": self.step, "data": self.batches.state_dict(),
+        return {"earlybert": {"phase": phase, "step": self.step, "data": self.task.state_dict(),
                               "stages": self.stages, "search_log": self.search_log, **extra}}
 
     def restore(self, state: dict) -> None:
         self.step = state["step"]
-        self.batches.load_state_dict(state["data"])
+        self.task.load_state_dict(state["data"])
         self.stages = state["stages"]
         self.search_log = state["search_log"]
 
@@ -144,7 +155,7 @@ def _claim_output_dir(cfg: RunConfig, resuming: bool) -> Iterator[Path]:
             lock.close()
 
 
-def _node_once(fn, *args):
+def node_once(fn: Callable, *args: Any) -> Any:
     """Run ``fn`` on each node's local rank 0 first (it fills the node's cache), then on the other ranks; a failure
     anywhere fails every rank with the same message instead of leaving some waiting at a barrier."""
     result, error = None, ""
@@ -163,57 +174,46 @@ def _node_once(fn, *args):
     return result if dist.local_rank() == 0 else fn(*args)
 
 
-def _build_run(cfg: RunConfig, out: Path) -> Run:
-    d, t = cfg.data, cfg.train
-    tokenizer = _node_once(tokenizer_for, d)
-    cache = _node_once(prepare_corpus, d, tokenizer, t.seed)
-    packed = load_packed(cache)
-    masker = MLMMasker.from_tokenizer(tokenizer, d.mlm_probability, d.whole_word_mask)
-    world, rank = dist.world_size(), dist.rank()
-    batches = ShardedBatches(len(packed.train), t.micro_batch_size, t.grad_accum, world, rank, t.seed)
-    val = val_batches(packed.val, t.micro_batch_size, t.eval_batches, world, rank, masker)
-    if rank == 0:
-        logger.info("corpus: %d training and %d validation sequences of %d tokens; vocabulary %d",
-                    len(packed.train), len(packed.val), d.seq_len, len(tokenizer))
-    return Run(cfg, out, tokenizer, packed, masker, batches, val)
-
-
 # ---- models ---------------------------------------------------------------------------------------------------
 
-def _model_config(cfg: RunConfig, gates: bool) -> dict[str, Any]:
+def _model_overrides(cfg: RunConfig, task: Task, gates: bool) -> dict[str, Any]:
     e = cfg.earlybert
     return dict(use_gates=gates, gate_l1_heads=e.l1_heads if gates else 0.0, gate_l1_ffn=e.l1_ffn if gates else 0.0,
                 hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout,
-                gradient_checkpointing_layers=cfg.train.activation_checkpointing)
+                gradient_checkpointing_layers=cfg.train.activation_checkpointing, **task.model_overrides)
 
 
-def initial_model_config(cfg: RunConfig, vocab_size: int, gates: bool = True) -> EarlyBertConfig:
+def initial_config(cfg: RunConfig, task: Task, gates: bool = True) -> EarlyBertConfig:
     """The unpruned model's configuration: ``model.init_from``'s, or the ``model.*`` shape."""
-    m, extra = cfg.model, _model_config(cfg, gates)
+    m, extra = cfg.model, _model_overrides(cfg, task, gates)
+    vocab = len(task.tokenizer)
     if not m.init_from:
-        return EarlyBertConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        return EarlyBertConfig(vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
                                num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
                                max_position_embeddings=max(512, cfg.data.seq_len), **extra)
     config = hf_bert_config(m.init_from, **extra) if _is_hf_bert(m.init_from) else \
         EarlyBertConfig.from_pretrained(m.init_from, **extra)
-    if config.vocab_size != vocab_size:
+    if config.vocab_size != vocab:
         raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {config.vocab_size}, the tokenizer "
-                          f"{vocab_size}: pass the checkpoint's tokenizer with --data.tokenizer")
+                          f"{vocab}: pass the checkpoint's tokenizer with --data.tokenizer")
+    if config.is_pruned and cfg.earlybert.enabled:
+        raise ConfigError(f"model.init_from={m.init_from} is already shrunk to a ticket; train it with "
+                          "--earlybert.enabled false")
     return config
 
 
-def initial_model(cfg: RunConfig, vocab_size: int, gates: bool) -> EarlyBertForPreTraining:
-    """The model at step 0, identical on every rank and rebuildable at any time (rewinding needs it again):
-    the ``model.init_from`` checkpoint, or a random initialisation drawn from ``train.seed``."""
-    config = initial_model_config(cfg, vocab_size, gates)
+def initial_model(cfg: RunConfig, task: Task, gates: bool) -> EarlyBertPreTrainedModel:
+    """The model at step 0, identical on every rank and rebuildable at any time (rewinding needs it again): the
+    ``model.init_from`` checkpoint (new heads initialised from ``train.seed``), or a random initialisation."""
+    config = initial_config(cfg, task, gates)
     init_from = cfg.model.init_from
-    if init_from:
-        if _is_hf_bert(init_from):
-            return load_hf_bert(init_from, EarlyBertForPreTraining, **_model_config(cfg, gates))
-        return EarlyBertForPreTraining.from_pretrained(init_from, config=config)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
-        return EarlyBertForPreTraining(config)
+        if not init_from:
+            return task.model_class(config)
+        if _is_hf_bert(init_from):
+            return load_hf_bert(init_from, task.model_class, **_model_overrides(cfg, task, gates))
+        return task.model_class.from_pretrained(init_from, config=config)
 
 
 def _is_hf_bert(path: str) -> bool:
@@ -228,22 +228,26 @@ def _is_hf_bert(path: str) -> bool:
 def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, extra_state=None) -> bool:
     """Train from ``run.step`` to ``last_step``; ``on_step(step)`` returning True ends the stage early (the ticket
     was drawn). Logs, validates and checkpoints on the configured cadence. Returns whether it ended early."""
-    cfg, t = run.cfg, run.cfg.train
-    stage = run.stages.setdefault(phase, {"steps": 0, "train_s": 0.0, "wall_s": 0.0, "first_step": run.step + 1})
-    seconds = interval_s = 0.0
-    interval_steps, bad = 0, 0
+    t = run.cfg.train
+    stage = run.stages.setdefault(phase, {"steps": 0, "train_s": 0.0, "wall_s": 0.0, "tokens": 0.0,
+                                          "first_step": run.step + 1})
+    flops = run.task.flops_per_token(engine.module.config)
+    interval_s, interval_tokens, interval_samples, bad = 0.0, 0.0, 0, 0
     wall0 = time.perf_counter()
     ended_early = False
     while run.step < last_step:
         t0 = time.perf_counter()
-        micro = [collate(run.packed.train, idx, run.masker, t.seed) for idx in run.batches.next_step()]
+        micro = run.task.next_step()
         m = engine.train_step(micro)
         dt = time.perf_counter() - t0
+        tokens = dist.world_size() * sum(float(mb["attention_mask"].sum()) for mb in micro)  # this rank's x ranks
         run.step += 1
         stage["steps"] += 1
         stage["train_s"] += dt
+        stage["tokens"] += tokens
         interval_s += dt
-        interval_steps += 1
+        interval_tokens += tokens
+        interval_samples += dist.world_size() * sum(len(mb["input_ids"]) for mb in micro)
         bad = bad + 1 if not math.isfinite(m["loss"]) else 0
         if bad >= t.max_nonfinite:
             latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
@@ -251,12 +255,11 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
             raise NonFiniteLossError(f"the loss was non-finite for {bad} consecutive steps (up to step {run.step}); "
                                      f"stopping. Last good checkpoint: {where}. Lower train.lr or use bf16.")
         if run.step % t.log_every == 0 or run.step == last_step:
-            tps = interval_steps * run.tokens_per_step / interval_s
-            flops = train_flops_per_token(engine.module.config, cfg.data.seq_len, cfg.data.mlm_probability)
-            m.update(tokens_per_s=tps, samples_per_s=tps / cfg.data.seq_len, tflops=tps * flops / 1e12,
-                     epoch=run.batches.epoch)
+            tps = interval_tokens / interval_s
+            m.update(tokens_per_s=tps, samples_per_s=interval_samples / interval_s, tflops=tps * flops / 1e12,
+                     epoch=run.task.epoch)
             run.monitor.log(run.step, m)
-            interval_s, interval_steps = 0.0, 0
+            interval_s, interval_tokens, interval_samples = 0.0, 0.0, 0
         if t.eval_every and run.step % t.eval_every == 0:
             run.evaluate(engine)
         if on_step is not None and on_step(run.step):
@@ -287,23 +290,20 @@ def _load(run: Run, engine: Engine, path: Path) -> dict:
 
 # ---- stage 1 + 2: search and ticket drawing ----------------------------------------------------------------------
 
-def _check_prunable(cfg: RunConfig, vocab_size: int) -> None:
-    """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied)."""
-    if not cfg.earlybert.enabled:
-        return
-    c = initial_model_config(cfg, vocab_size)
-    ones = GateValues([np.ones(c.num_attention_heads)] * c.num_hidden_layers,
-                      [np.ones(c.intermediate_size)] * c.num_hidden_layers)
-    try:
-        draw_masks(ones, _spec(cfg))
-    except TicketError as e:
-        raise ConfigError(f"earlybert ratios do not fit the model: {e}") from e
-
-
 def _spec(cfg: RunConfig) -> PruneSpec:
     e = cfg.earlybert
     return PruneSpec(head_ratio=e.head_ratio, ffn_ratio=e.ffn_ratio, head_method=e.head_method,
                      ffn_method=e.ffn_method, ffn_multiple=e.ffn_multiple)
+
+
+def _check_prunable(cfg: RunConfig, config: EarlyBertConfig) -> None:
+    """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied)."""
+    ones = GateValues([np.ones(config.num_attention_heads)] * config.num_hidden_layers,
+                      [np.ones(config.intermediate_size)] * config.num_hidden_layers)
+    try:
+        draw_masks(ones, _spec(cfg))
+    except TicketError as e:
+        raise ConfigError(f"earlybert ratios do not fit the model: {e}") from e
 
 
 def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
@@ -316,7 +316,7 @@ def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
         due = step % e.detect_every == 0 or step >= e.max_search_steps or (e.draw == "fixed" and step == e.fixed_step)
         if not due:
             return False
-        gates = read_gates(engine.module, engine.optimizer)  # collective under ZeRO-3: every rank takes part
+        gates = read_gates(engine.module, engine.optimizer)  # collective under ZeRO: every rank takes part
         decision = None
         if dist.rank() == 0:  # the coordinator
             masks = draw_masks(gates, spec)
@@ -341,14 +341,14 @@ def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
             drawn["ticket"] = decision
         return decision is not None
 
-    _train(run, engine, "search", cfg.train.steps, on_step=check,
+    _train(run, engine, "search", run.cfg.train.steps, on_step=check,
            extra_state=lambda: {"detector": detector.state_dict()})
     if "ticket" not in drawn:
         raise RuntimeError("the search reached train.steps without drawing a ticket (max_search_steps too large)")
     return drawn["ticket"]
 
 
-def _plot_search(run: Run, gates, masks: Masks, ticket: Ticket) -> None:
+def _plot_search(run: Run, gates: GateValues, masks: Masks, ticket: Ticket) -> None:
     plots = run.out / "plots"
     plots.mkdir(exist_ok=True)
     log = run.search_log
@@ -359,23 +359,22 @@ def _plot_search(run: Run, gates, masks: Masks, ticket: Ticket) -> None:
     run.monitor.log_image(ticket.step, "plots/gates", gates_png)
 
 
-def _shrunk_model(run: Run, ticket: Ticket, searched: dict[str, torch.Tensor] | None) -> EarlyBertForPreTraining:
-    """The physically smaller model the efficient stage starts from: the kept weights at initialisation
-    (``rewind``, the paper) or as searched (``continue``, gates folded in)."""
-    cfg = run.cfg
-    full = initial_model(cfg, len(run.tokenizer), gates=True)
-    if cfg.earlybert.weights == "continue" and searched is not None:
+def _shrunk_model(run: Run, ticket: Ticket, searched: dict[str, torch.Tensor] | None) -> EarlyBertPreTrainedModel:
+    """The physically smaller model the efficient stage starts from: the kept weights at initialisation or as
+    pre-trained (``rewind``, the paper) or as searched (``continue``, gates folded in)."""
+    full = initial_model(run.cfg, run.task, gates=True)
+    if run.cfg.earlybert.weights == "continue" and searched is not None:
         full.load_state_dict(searched, strict=False)
         state = shrink_state_dict(full.state_dict(), full.config, ticket, fold_gates=True)
     else:
         state = shrink_state_dict(full.state_dict(), full.config, ticket, fold_gates=False)
-    small = EarlyBertForPreTraining(shrunk_config(full.config, ticket))
+    small = run.task.model_class(shrunk_config(full.config, ticket))
     small.load_state_dict(state)
     small.tie_weights()
     return small
 
 
-def write_ticket(run: Run, ticket: Ticket, model: EarlyBertForPreTraining, full_model_config) -> Path:
+def write_ticket(run: Run, ticket: Ticket, model: EarlyBertPreTrainedModel, full_config: EarlyBertConfig) -> Path:
     """``OUTPUT/ticket/``, written atomically by rank 0: the ticket, the model the efficient stage starts from
     (Hugging Face format), the tokenizer and the run's position — all a fresh launch on any world size needs."""
     path = run.out / TICKET_DIR
@@ -383,24 +382,28 @@ def write_ticket(run: Run, ticket: Ticket, model: EarlyBertForPreTraining, full_
         with atomic_directory(path) as tmp:
             ticket.save(tmp / TICKET_FILE)
             model.save_pretrained(tmp / "model")
-            run.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-            full = {"params": count_parameters(full_model_config), "config": full_model_config.to_dict()}
-            atomic_write_text(tmp / STATE, json.dumps({**run.client_state("efficient")["earlybert"],
-                                                       "full_model": full}, indent=1))
+            run.task.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            state = {**run.client_state("efficient")["earlybert"], "full_config": full_config.to_dict()}
+            atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
     dist.barrier()
     return path
 
 
-def _load_ticket_dir(path: Path) -> tuple[Ticket, EarlyBertForPreTraining, dict]:
-    ticket = Ticket.load(path / TICKET_FILE)
-    if not (path / STATE).is_file() or not (path / "model" / "config.json").is_file():
-        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (expected {TICKET_FILE}, {STATE} and "
-                                         "model/ written by earlybert_ds)")
-    model = EarlyBertForPreTraining.from_pretrained(path / "model")
+def _load_ticket_dir(path: Path, task: Task) -> tuple[Ticket, EarlyBertPreTrainedModel, dict]:
+    ticket, state = Ticket.load(path / TICKET_FILE), _ticket_state(path)
+    if not (path / "model" / "config.json").is_file():
+        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no model/ written by earlybert_ds)")
+    model = task.model_class.from_pretrained(path / "model")
     if model.config.heads_per_layer != ticket.heads_per_layer or \
             model.config.intermediate_sizes != ticket.intermediate_sizes:
         raise checkpoint.CheckpointError(f"{path}: the model in model/ does not have the ticket's shape")
-    return ticket, model, json.loads((path / STATE).read_text())
+    return ticket, model, state
+
+
+def _ticket_state(path: Path) -> dict:
+    if not (path / STATE).is_file():
+        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no {STATE} written by earlybert_ds)")
+    return json.loads((path / STATE).read_text())
 
 
 # ---- the whole pipeline -----------------------------------------------------------------------------------------
@@ -435,85 +438,80 @@ def _where_to_start(cfg: RunConfig, out: Path, resume: bool, resume_from: str | 
     return Start(state["phase"], state["step"], checkpoint=ckpts)
 
 
-def _ticket_state(path: Path) -> dict:
-    if not (path / STATE).is_file():
-        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no {STATE} written by earlybert_ds)")
-    return json.loads((path / STATE).read_text())
-
-
-def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = None) -> dict:
-    """Run the configured pre-training (all three EarlyBERT stages, or the full-model baseline); returns the
-    summary that is also written to ``OUTPUT/summary.json``."""
+def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume: bool = False,
+                  resume_from: str | None = None) -> dict:
+    """Run the three stages (or the full-model baseline) on the task that ``make_task`` builds; returns the summary
+    that is also written to ``OUTPUT/summary.json``."""
     rank, _ = dist.init()
     random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
     torch.manual_seed(cfg.train.seed + rank)
     with _claim_output_dir(cfg, resume or bool(resume_from)) as out:
-        return _pretrain(cfg, out, resume, resume_from)
-
-
-def _pretrain(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None) -> dict:
-    start = _where_to_start(cfg, out, resume, resume_from)
-    build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
-    run = _build_run(cfg, out)
-    if start.phase == "search":
-        _check_prunable(cfg, len(run.tokenizer))
-    if dist.rank() == 0:  # from here on the directory holds this run
-        save_config(cfg, out / RUN_CONFIG)
-    run.monitor = Monitor(cfg.log, out, cfg.to_dict(), dist.rank(), cfg.train.steps, resume_step=start.step)
-    try:
+        start = _where_to_start(cfg, out, resume, resume_from)
+        build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
+        task = make_task(cfg)  # may settle derived fields of cfg (e.g. steps from epochs)
+        cfg.validate()
+        full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)
         if start.phase == "search":
-            ticket, model, full_config = _search_and_draw(run, start)
-            start_step = ticket.step
-        elif start.phase == "efficient":
-            ticket_dir = start.ticket_dir or checkpoint.resolve(start.checkpoint)[0].parent / TICKET_DIR
-            if start.checkpoint is None and ticket_dir.resolve() != (out / TICKET_DIR).resolve() and dist.rank() == 0:
-                with atomic_directory(out / TICKET_DIR) as tmp:  # the run directory stays self-contained
-                    shutil.copytree(ticket_dir, tmp, dirs_exist_ok=True)
-            ticket, model, state = _load_ticket_dir(ticket_dir)
-            if start.checkpoint is None:
-                run.restore(state)
-            full_config = EarlyBertConfig.from_dict(state["full_model"]["config"])
-            start_step = ticket.step
-        else:  # the full-model baseline
-            ticket, model, start_step = None, initial_model(cfg, len(run.tokenizer), gates=False), 0
-            full_config = model.config
-
-        phase = "full" if ticket is None else "efficient"
-        run.ticket = ticket
-        engine = Engine(model, cfg, start_step=start_step)
-        if start.checkpoint is not None and start.phase != "search":
-            _load(run, engine, start.checkpoint)
-        _train(run, engine, phase, cfg.train.steps)
-        if not cfg.train.save_every or run.step % cfg.train.save_every:
-            _save(run, engine, phase)
-        final_eval = run.evaluate(engine)
-        _export(run, engine)
-        summary = _summary(run, ticket, full_config, engine.module.config, final_eval)
-        engine.destroy()
-        if dist.rank() == 0:
-            atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
-            run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            logger.info("done: ticket %s, summary %s, final model %s", summary["paths"]["ticket"], out / SUMMARY,
-                        summary["paths"]["final_model"])
-        return summary
-    finally:
-        run.monitor.close()
+            _check_prunable(cfg, full_config)
+        if dist.rank() == 0:  # from here on the directory holds this run
+            save_config(cfg, out / RUN_CONFIG)
+        run = Run(cfg, out, task)
+        run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
+        try:
+            return _run_stages(run, start, full_config)
+        finally:
+            run.monitor.close()
 
 
-def _search_and_draw(run: Run, start: Start) -> tuple[Ticket, EarlyBertForPreTraining, EarlyBertConfig]:
+def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
+    cfg, out = run.cfg, run.out
+    if start.phase == "search":
+        ticket, model = _search_and_draw(run, start, full_config)
+    elif start.phase == "efficient":
+        ticket_dir = start.ticket_dir or checkpoint.resolve(start.checkpoint)[0].parent / TICKET_DIR
+        if start.checkpoint is None and ticket_dir.resolve() != (out / TICKET_DIR).resolve() and dist.rank() == 0:
+            with atomic_directory(out / TICKET_DIR) as tmp:  # the run directory stays self-contained
+                shutil.copytree(ticket_dir, tmp, dirs_exist_ok=True)
+        ticket, model, state = _load_ticket_dir(ticket_dir, run.task)
+        if start.checkpoint is None:
+            run.restore(state)
+        full_config = EarlyBertConfig.from_dict(state["full_config"])
+    else:  # the full-model baseline
+        ticket, model = None, initial_model(cfg, run.task, gates=False)
+
+    phase = "full" if ticket is None else "efficient"
+    run.ticket = ticket
+    engine = Engine(model, cfg, start_step=ticket.step if ticket else 0)
+    if start.checkpoint is not None and start.phase != "search":
+        _load(run, engine, start.checkpoint)
+    _train(run, engine, phase, cfg.train.steps)
+    if not cfg.train.save_every or run.step % cfg.train.save_every:
+        _save(run, engine, phase)
+    final_eval = run.evaluate(engine)
+    _export(run, engine)
+    run.task.finish(engine, out)
+    summary = _summary(run, ticket, full_config, engine.module.config, final_eval)
+    engine.destroy()
+    if dist.rank() == 0:
+        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+        run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        logger.info("done: ticket %s, summary %s, final model %s", summary["paths"]["ticket"], out / SUMMARY,
+                    summary["paths"]["final_model"])
+    return summary
+
+
+def _search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tuple[Ticket, EarlyBertPreTrainedModel]:
     """Stages 1 and 2: search (or resume the search), draw the ticket, shrink, write the ticket checkpoint."""
     cfg = run.cfg
-    model = initial_model(cfg, len(run.tokenizer), gates=True)
-    full_config = model.config
     spec, searched = _spec(cfg), None
     if cfg.earlybert.draw == "random":  # the paper's baseline: no search, a random ticket at the same ratios
-        layers = cfg.model.num_layers if not cfg.model.init_from else full_config.num_hidden_layers
+        layers = full_config.num_hidden_layers
         masks = random_masks([full_config.num_attention_heads] * layers, [full_config.intermediate_size] * layers,
                              spec, cfg.train.seed)
         ticket = Ticket.from_masks(masks, 0, "random", spec, full_config)
     else:
         detector = EarlyBirdDetector(window=cfg.earlybert.window, epsilon=cfg.earlybert.epsilon)
-        engine = Engine(model, cfg, start_step=0)
+        engine = Engine(initial_model(cfg, run.task, gates=True), cfg, start_step=0)
         if start.checkpoint:
             detector.load_state_dict(_load(run, engine, start.checkpoint)["detector"])
         ticket = search(run, engine, detector)
@@ -521,7 +519,6 @@ def _search_and_draw(run: Run, start: Start) -> tuple[Ticket, EarlyBertForPreTra
             searched = engine.full_state_dict()  # collective
         engine.destroy()
         del engine
-    del model
     small = _shrunk_model(run, ticket, searched)
     write_ticket(run, ticket, small, full_config)
     run.monitor.event(ticket.step, "ticket", {"reason": ticket.reason, "heads_per_layer": ticket.heads_per_layer,
@@ -529,40 +526,39 @@ def _search_and_draw(run: Run, start: Start) -> tuple[Ticket, EarlyBertForPreTra
     if dist.rank() == 0:
         logger.info("ticket drawn at step %d (%s): heads per layer %s, FFN widths %s", ticket.step, ticket.reason,
                     ticket.heads_per_layer, ticket.intermediate_sizes)
-    return ticket, small, full_config
+    return ticket, small
 
 
 def _export(run: Run, engine: Engine) -> None:
     """``OUTPUT/final/``: the trained model in Hugging Face format (safetensors) with its tokenizer."""
     state = engine.full_state_dict()  # collective
     if dist.rank() == 0:
-        model = EarlyBertForPreTraining(engine.module.config)
+        model = run.task.model_class(engine.module.config)
         model.load_state_dict(state, strict=False)
         model.tie_weights()
         with atomic_directory(run.out / FINAL_DIR) as tmp:
             model.save_pretrained(tmp)
-            run.tokenizer.save_pretrained(tmp)
+            run.task.tokenizer.save_pretrained(tmp)
     dist.barrier()
 
 
-def _summary(run: Run, ticket: Ticket | None, full_config, final_config, final_eval: dict) -> dict:
-    seq, p = run.cfg.data.seq_len, run.cfg.data.mlm_probability
-    full_flops, final_flops = train_flops_per_token(full_config, seq, p), train_flops_per_token(final_config, seq, p)
-    stages = {}
-    for name, s in run.stages.items():
-        stages[name] = {**s, "tokens_per_s": s["steps"] * run.tokens_per_step / s["train_s"] if s["train_s"] else 0.0}
+def _summary(run: Run, ticket: Ticket | None, full_config: EarlyBertConfig, final_config: EarlyBertConfig,
+             final_eval: dict) -> dict:
+    full_flops, final_flops = run.task.flops_per_token(full_config), run.task.flops_per_token(final_config)
+    stages = {name: {**s, "tokens_per_s": s["tokens"] / s["train_s"] if s["train_s"] else 0.0}
+              for name, s in run.stages.items()}
     return {
         "steps": run.step,
         "ticket": None if ticket is None else {
             "step": ticket.step, "reason": ticket.reason, "heads_per_layer": ticket.heads_per_layer,
             "intermediate_sizes": ticket.intermediate_sizes, "heads": ticket.heads, "ffn": ticket.ffn},
-        "params_full": count_parameters(full_config), "params_final": count_parameters(final_config),
+        "params_full": count_parameters(full_config, run.task.model_class),
+        "params_final": count_parameters(final_config, run.task.model_class),
         "train_flops_per_token_full": full_flops, "train_flops_per_token_final": final_flops,
         "flop_ratio": final_flops / full_flops,
         "stages": stages,
         "wall_s": sum(s["wall_s"] for s in run.stages.values()),
-        "final_val_loss": final_eval["val_loss"], "final_val_ppl": final_eval["val_ppl"],
-        "final_val_acc": final_eval["val_acc"],
+        **{f"final_{k}": v for k, v in final_eval.items()},
         "mask_distances": run.search_log,
         "paths": {"ticket": str(run.out / TICKET_DIR) if ticket else None, "final_model": str(run.out / FINAL_DIR),
                   "metrics": str(run.out / "metrics.jsonl"), "wandb": str(run.monitor.wandb_file or "")},

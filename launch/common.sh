@@ -1,0 +1,20 @@
+# Sourced by launch/multinode.sh and launch/multinode_nossh.sh (not run by itself): the repository's venv on PATH,
+# the hostfile check, and the CPU defaults.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[ -x "$here/.venv/bin/deepspeed" ] && export PATH="$here/.venv/bin:$PATH"
+
+# check_hostfile FILE [NODE_RANK]: sets NODES, RANKS, FIRST_HOST and SLOTS (of node NODE_RANK), or exits with
+# status 2 and a message naming the file and line (launch/check_hostfile.py)
+check_hostfile() {
+  local info
+  info="$(python "$here/launch/check_hostfile.py" "$1" ${2:+--node-rank "$2"})" || exit 2
+  read -r NODES RANKS FIRST_HOST SLOTS <<<"$info"
+}
+
+# cpu_defaults SLOTS: without a GPU, DS_ACCELERATOR=cpu and OMP_NUM_THREADS = this node's cores / SLOTS ranks
+cpu_defaults() {
+  if [ "${DS_ACCELERATOR:-}" = cpu ] || ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    export DS_ACCELERATOR=cpu
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / $1 > 0 ? $(nproc) / $1 : 1 ))}"
+  fi
+}
