@@ -79,12 +79,17 @@ def _machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "loadavg_start": os.getloadavg()}
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(threads: int | None) -> dict[str, str]:
+    """The environment of the measured processes. ``threads`` pins torch's CPU threads: on a machine shared with
+    other jobs, two OpenMP threads on two cores lose most of their time waiting for each other whenever one is
+    descheduled (a 4-layer step took 4.5 s with 2 threads, 1.1 s with 1), so 1 thread gives steadier figures."""
     import torch
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -194,9 +199,9 @@ def _worker(spec: dict) -> dict:
             "peak_mem_mb": _peak_memory_mb(), "base_mem_mb": base_mb}
 
 
-def _measure(spec: dict) -> dict:
+def _measure(spec: dict, threads: int | None) -> dict:
     proc = subprocess.run([sys.executable, "-m", "earlybert_ds.bench", "_worker", json.dumps(spec)],
-                          env=_child_env(), capture_output=True, text=True)
+                          env=_child_env(threads), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"variant {spec['variant']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -228,7 +233,7 @@ def throughput(args: argparse.Namespace) -> dict:
             for v in args.variants:
                 spec = {"variant": v, "shape": asdict(shape), "batch": args.batch, "steps": args.steps,
                         "warmup": args.warmup, "precision": precision}
-                runs.append({**_measure(spec), "repeat": r, "loadavg": os.getloadavg()[0]})
+                runs.append({**_measure(spec, args.threads), "repeat": r, "loadavg": os.getloadavg()[0]})
                 print(f"[{name} round {r + 1}/{args.repeats}] ({v}) {VARIANTS[v]}: "
                       f"{runs[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
         result["shapes"][name] = {"shape": asdict(shape), "ticket": {"heads_per_layer": ticket.heads_per_layer,
@@ -366,7 +371,7 @@ def pretrain(args: argparse.Namespace) -> dict:
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "earlybert_ds", "pretrain", *options, "--output-dir", str(out), *RUNS[name]]
         load0, start = os.getloadavg()[0], time.time()
-        proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=_child_env(args.threads), capture_output=True, text=True)
         elapsed = time.time() - start
         if proc.returncode:
             raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -435,16 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--repeats", type=int, default=3, help="rounds of interleaved processes, one per variant")
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on CPU")
     t.add_argument("--variants", default="abcd", help="subset of abcd, in round order")
+    t.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
     t.add_argument("--out", help="write the raw numbers as JSON here")
     t.set_defaults(func=throughput, report=_print_throughput)
 
     p = sub.add_parser("pretrain", help="time to quality: full baseline vs EarlyBERT vs random ticket")
     p.add_argument("--corpus", help=f"text file or directory (default: {PYTHON_DOCS}, from python3.11-doc)")
     p.add_argument("--model-size", choices=list(SHAPES), default="small")
-    p.add_argument("--steps", type=int, default=800, help="steps of every run (search included)")
+    p.add_argument("--steps", type=int, default=400, help="steps of every run (search included)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--evals", type=int, default=16, help="validations per run")
+    p.add_argument("--evals", type=int, default=12, help="validations per run")
     p.add_argument("--eval-batches", type=int, default=10, help="micro-batches per validation")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--out-dir", default="runs/bench-pretrain", help="the runs' output directories go here")
@@ -453,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="docs/pretrain_val_loss.png",
                    help="validation loss vs wall time (PNG; a _steps twin vs step); empty: none")
     p.add_argument("--quick", action="store_true", help="a tiny model for a few steps (smoke test)")
+    p.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
     p.add_argument("--out", help="write the raw numbers as JSON here")
     p.set_defaults(func=pretrain, report=_print_pretrain)
 

@@ -14,16 +14,12 @@ import sys
 from .config import ConfigError, add_config_arguments, config_from_args
 
 
-def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="EarlyBERT pre-training: search -> ticket -> shrink -> efficient training",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", help="shortcut for --data.corpus")
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its latest checkpoint (or its ticket)")
     p.add_argument("--resume-from", metavar="DIR",
                    help="start from this checkpoint directory, or from a ticket directory (OUTPUT/ticket) on any "
                         "number of ranks")
-    add_config_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher puts --local_rank=N before the sub-command; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    _pretrain_parser(sub)
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("pretrain", help="EarlyBERT pre-training: search -> ticket -> shrink -> efficient training",
+                       description=__doc__, formatter_class=fmt)
+    p.add_argument("--corpus", help="shortcut for --data.corpus")
+    _common(p)
+    add_config_arguments(p, skip=("finetune",))
+    f = sub.add_parser("finetune", help="EarlyBERT fine-tuning on a GLUE-style or SQuAD-style task",
+                       description=__doc__, formatter_class=fmt)
+    f.add_argument("--task", help="shortcut for --finetune.task")
+    f.add_argument("--model", help="shortcut for --model.init_from: the pre-trained model directory")
+    f.add_argument("--data", help="shortcut for --finetune.data")
+    _common(f)
+    add_config_arguments(f)
+    b = sub.add_parser("bench", help="benchmarks (see python -m earlybert_ds.bench --help)", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -49,15 +59,24 @@ def _logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging()
+    if args.command == "bench":
+        from .bench import main as bench
+
+        return bench(args.args)
     try:
         if args.command == "pretrain":
-            cfg = config_from_args(args, extra={"data.corpus": args.corpus})
             from .pretrain import pretrain
 
-            pretrain(cfg, resume=args.resume, resume_from=args.resume_from)
-            from .distributed import shutdown
+            pretrain(config_from_args(args, extra={"data.corpus": args.corpus}), args.resume, args.resume_from)
+        else:
+            from .finetune import FINETUNE_DEFAULTS, finetune
 
-            shutdown()
+            cfg = config_from_args(args, defaults=FINETUNE_DEFAULTS, extra={
+                "finetune.task": args.task, "model.init_from": args.model, "finetune.data": args.data})
+            finetune(cfg, args.resume, args.resume_from)
+        from .distributed import shutdown
+
+        shutdown()
     except (ConfigError, ValueError, FileNotFoundError) as e:
         logging.getLogger("earlybert_ds").error("%s", e)
         print(f"earlybert-ds: error: {e}", file=sys.stderr)

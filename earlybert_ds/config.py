@@ -52,7 +52,6 @@ class DataArgs:
     whole_word_mask: bool = _f(False, "mask whole words rather than single WordPiece tokens")
     val_fraction: float = _f(0.02, "fraction of sequences held out for validation")
     cache_dir: str | None = _f(None, "where tokenised corpora are cached; unset: ~/.cache/earlybert_ds")
-    num_workers: int = _f(0, "DataLoader worker processes per rank")
 
 
 @dataclass
@@ -103,6 +102,27 @@ class EarlyBertArgs:
 
 
 @dataclass
+class FinetuneArgs:
+    task: str | None = _f(None, "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), squad, squad_v2, "
+                                "or custom (a CSV/JSON-lines file with named columns)")
+    data: str | None = _f(None, "GLUE directory in the standard TSV layout (or 'hub' when online); for SQuAD a "
+                                "directory holding train-v1.1.json/dev-v1.1.json (v2.0 for squad_v2)")
+    train_file: str | None = _f(None, "training file (overrides data)")
+    dev_file: str | None = _f(None, "development file (overrides data)")
+    test_file: str | None = _f(None, "unlabelled file to write predictions for (OUTPUT/predictions/)")
+    text_a: str = _f("sentence1", "custom task: column of the first text")
+    text_b: str | None = _f(None, "custom task: column of the second text (pairs)")
+    label_column: str = _f("label", "custom task: column of the label")
+    num_labels: int = _f(2, "custom task: number of classes (1: regression)")
+    max_len: int | None = _f(None, "maximum tokens per example (default: 128; 384 for SQuAD)")
+    stride: int = _f(128, "SQuAD: overlap of the windows over long contexts")
+    epochs: float | None = _f(3.0, "training epochs; sets train.steps (none: use train.steps)")
+    search_epochs: float | None = _f(0.2, "EarlyBERT search budget in epochs (official code: 20% of the first); "
+                                          "sets earlybert.max_search_steps (none: use that)")
+    warmup_fraction: float | None = _f(0.1, "warm-up as a fraction of all steps; sets train.warmup_steps")
+
+
+@dataclass
 class LogArgs:
     wandb: Literal["auto", "online", "offline", "disabled"] = _f("auto", "auto: online if wandb is logged in, "
                                                                          "else offline")
@@ -120,6 +140,7 @@ class RunConfig:
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     earlybert: EarlyBertArgs = field(default_factory=EarlyBertArgs)
+    finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
     log: LogArgs = field(default_factory=LogArgs)
 
     def to_dict(self) -> dict:
@@ -166,8 +187,8 @@ class RunConfig:
             need(e.window >= 1, f"earlybert.window={e.window} must be >= 1")
             need(e.detect_every >= 1, f"earlybert.detect_every={e.detect_every} must be >= 1")
             need(e.ffn_multiple >= 1, f"earlybert.ffn_multiple={e.ffn_multiple} must be >= 1")
-            need(1 <= e.max_search_steps < t.steps, f"earlybert.max_search_steps={e.max_search_steps} must be in "
-                                                    f"[1, train.steps={t.steps})")
+            need(e.draw == "fixed" or 1 <= e.max_search_steps < t.steps,
+                 f"earlybert.max_search_steps={e.max_search_steps} must be in [1, train.steps={t.steps})")
             if e.draw == "fixed":
                 need(e.fixed_step is not None and 1 <= e.fixed_step < t.steps,
                      f"earlybert.draw=fixed needs earlybert.fixed_step in [1, train.steps={t.steps})")
@@ -176,7 +197,8 @@ class RunConfig:
 # ---- loading and the command line ----------------------------------------------------------------------------
 
 def _sections() -> dict[str, type]:
-    return {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "earlybert": EarlyBertArgs, "log": LogArgs}
+    return {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "earlybert": EarlyBertArgs,
+            "finetune": FinetuneArgs, "log": LogArgs}
 
 
 def all_fields() -> dict[str, dataclasses.Field]:
@@ -280,12 +302,15 @@ def load_config_file(path: str | Path) -> dict:
     return data or {}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one ``--section.field`` option per field (values are parsed and checked later)."""
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add ``--config`` and one ``--section.field`` option per field (values are parsed and checked later);
+    sections in ``skip`` are left out (they still load from a config file)."""
     parser.add_argument("--config", help="JSON or YAML run-config file (command-line options override it)")
-    groups = {sec: parser.add_argument_group(f"{sec} options") for sec in _sections()}
+    groups = {sec: parser.add_argument_group(f"{sec} options") for sec in _sections() if sec not in skip}
     for key, f in all_fields().items():
         sec = key.split(".")[0] if "." in key else None
+        if sec in skip:
+            continue
         group = groups[sec] if sec else parser
         flag = "--" + key.replace("_", "-") if sec is None else "--" + key
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -300,9 +325,12 @@ def _metavar(key: str) -> str:
     return key.split(".")[-1].upper()
 
 
-def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then ``--config``, then ``extra`` (shortcut options), then explicit ``--section.field`` options."""
+def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None,
+                     defaults: dict[str, Any] | None = None) -> RunConfig:
+    """``defaults`` (a command's own), then ``--config``, then ``extra`` (shortcut options), then explicit
+    ``--section.field`` options."""
     cfg = RunConfig()
+    _apply(cfg, defaults or {}, "defaults")
     if getattr(args, "config", None):
         _apply(cfg, _flatten(load_config_file(args.config), args.config), args.config)
     if extra:

@@ -312,9 +312,10 @@ def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
     spec = _spec(cfg)
     drawn: dict[str, Ticket] = {}
 
+    limit = e.fixed_step if e.draw == "fixed" else e.max_search_steps  # the fixed rule is its own budget
+
     def check(step: int) -> bool:
-        due = step % e.detect_every == 0 or step >= e.max_search_steps or (e.draw == "fixed" and step == e.fixed_step)
-        if not due:
+        if step % e.detect_every and step < limit:
             return False
         gates = read_gates(engine.module, engine.optimizer)  # collective under ZeRO: every rank takes part
         decision = None
@@ -328,8 +329,7 @@ def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
                 metrics.update({"mask_distance/heads": distance["heads"], "mask_distance/ffn": distance["ffn"]})
             run.monitor.log(step, metrics)
             reason = ("converged" if e.draw == "earlybird" and detector.converged else
-                      "fixed" if e.draw == "fixed" and step >= e.fixed_step else
-                      "max_steps" if step >= e.max_search_steps else None)
+                      None if step < limit else "fixed" if e.draw == "fixed" else "max_steps")
             if reason == "max_steps":
                 logger.warning("no early-bird ticket by step %d (max_search_steps): drawing from the current gates",
                                step)

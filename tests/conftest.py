@@ -72,12 +72,12 @@ def tiny_run_args(corpus: Path, cache: Path, out: Path, **overrides) -> list[str
 
 
 def launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
-           launcher_args: list[str] | None = None) -> subprocess.CompletedProcess:
-    """A real `deepspeed` launch of `earlybert_ds pretrain` with ``nproc`` CPU ranks."""
+           launcher_args: list[str] | None = None, command: str = "pretrain") -> subprocess.CompletedProcess:
+    """A real `deepspeed` launch of `earlybert_ds COMMAND` with ``nproc`` CPU ranks."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
                 "PYTHONUNBUFFERED": "1", "EARLYBERT_DIST_TIMEOUT": "120", **(env or {})}
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           *(launcher_args or []), "--module", "earlybert_ds", "pretrain", *args]
+           *(launcher_args or []), "--module", "earlybert_ds", command, *args]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,117 @@
+"""EarlyBERT fine-tuning end to end on the real pre-trained MiniLM (6 layers, 12 heads) with small labelled data made
+here: classification (2 ranks), regression and SQuAD-style QA run all three stages and learn."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+from conftest import REPO, VENV_BIN, free_port, launch
+
+pytestmark = pytest.mark.slow
+
+GOOD = ["great", "wonderful", "excellent", "superb", "delightful", "brilliant", "lovely", "fantastic"]
+BAD = ["terrible", "awful", "dreadful", "horrible", "boring", "poor", "bad", "disappointing"]
+THINGS = ["film", "book", "meal", "concert", "trip", "show", "game", "hotel"]
+
+
+def _sentiment(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(GOOD if label else BAD)
+        rows.append((f"the {rng.choice(THINGS)} was {word} and i {'loved' if label else 'hated'} it", label))
+    return rows
+
+
+def _glue_sst2(root: Path) -> Path:
+    d = root / "SST-2"
+    d.mkdir(parents=True)
+    for split, n, seed in (("train", 192, 0), ("dev", 64, 1)):
+        (d / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in _sentiment(n, seed)))
+    return root
+
+
+def _finetune(args: list[str], out: Path, nproc: int = 1) -> dict:
+    common = ["--output-dir", str(out), "--log.progress", "false", "--log.wandb", "offline",
+              "--earlybert.detect_every", "2", "--earlybert.window", "2", "--earlybert.epsilon", "0.2"]
+    if nproc == 1:  # one process, no launcher: a real single-rank DeepSpeed engine
+        env = {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "MASTER_PORT": str(free_port()),
+               "OMP_NUM_THREADS": "2"}
+        import os
+
+        proc = subprocess.run([str(VENV_BIN / "python"), "-m", "earlybert_ds", "finetune", *args, *common],
+                              cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    else:
+        proc = launch(args + common, nproc=nproc, command="finetune")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_classification_two_ranks_learns_and_shrinks(minilm_dir, tmp_path):
+    glue = _glue_sst2(tmp_path / "glue")
+    summary = _finetune(["--task", "sst2", "--model", str(minilm_dir), "--data", str(glue),
+                         "--train.micro_batch_size", "8", "--train.lr", "1e-4", "--finetune.epochs", "2",
+                         "--finetune.search_epochs", "0.75"], tmp_path / "run", nproc=2)
+    ticket = summary["ticket"]
+    assert ticket["heads_per_layer"] == [8] * 6  # 1/3 of 12 heads pruned per layer
+    assert sum(ticket["intermediate_sizes"]) == round(0.6 * 6 * 1536)  # 40% of the FFN neurons, globally
+    assert ticket["step"] <= 9  # 192 examples / 16 per step = 12 steps per epoch; search limit 0.75 epoch
+    assert summary["steps"] == 24 and summary["params_final"] < summary["params_full"]
+    assert summary["final_dev_accuracy"] >= 0.9  # chance is 0.5
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.num_labels == 2 and model.config.heads_per_layer == [8] * 6
+
+
+def test_regression_learns(minilm_dir, tmp_path):
+    rng = random.Random(3)
+    rows = []
+    for _ in range(160):  # a score of how positive a review is: 0 (two bad words) .. 5 (two good words)
+        a, b = rng.choice(GOOD + BAD), rng.choice(GOOD + BAD)
+        rows.append({"sentence1": f"it was {a}", "sentence2": f"really {b}", "label": 2.5 * ((a in GOOD) + (b in GOOD))})
+    for name, part in (("train.jsonl", rows[:128]), ("dev.jsonl", rows[128:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    summary = _finetune(["--task", "custom", "--model", str(minilm_dir), "--finetune.num_labels", "1",
+                         "--finetune.text_b", "sentence2", "--finetune.train_file", str(tmp_path / "train.jsonl"),
+                         "--finetune.dev_file", str(tmp_path / "dev.jsonl"), "--train.micro_batch_size", "16",
+                         "--train.lr", "2e-4", "--finetune.epochs", "4", "--earlybert.draw", "fixed",
+                         "--earlybert.fixed_step", "4", "--earlybert.weights", "continue"], tmp_path / "run")
+    assert summary["ticket"]["reason"] == "fixed" and summary["ticket"]["step"] == 4
+    assert summary["final_dev_pearson"] > 0.7, summary
+
+
+def test_squad_qa_learns(minilm_dir, tmp_path):
+    rng = random.Random(5)
+    cities = ["paris", "rome", "madrid", "berlin", "vienna", "lisbon", "oslo", "dublin", "prague", "warsaw"]
+    names = ["anna", "boris", "clara", "david", "elena", "felix", "greta", "hugo", "irene", "jonas", "karl", "lena"]
+
+    def squad(n: int, seed: int) -> dict:
+        rng = random.Random(seed)
+        paragraphs = []
+        for i in range(n):
+            who, city, other = rng.choice(names), *rng.sample(cities, 2)
+            context = f"{who} was born in {city}. later {who} moved to {other} to study music."
+            paragraphs.append({"context": context, "qas": [{
+                "id": f"q{seed}-{i}", "question": f"where was {who} born?",
+                "answers": [{"text": city, "answer_start": context.index(city)}]}]})
+        return {"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}
+
+    data = tmp_path / "squad"
+    data.mkdir()
+    (data / "train-v1.1.json").write_text(json.dumps(squad(160, 0)))
+    (data / "dev-v1.1.json").write_text(json.dumps(squad(40, 1)))
+    summary = _finetune(["--task", "squad", "--model", str(minilm_dir), "--data", str(data),
+                         "--finetune.max_len", "64", "--finetune.stride", "16", "--train.micro_batch_size", "16",
+                         "--train.lr", "3e-4", "--finetune.epochs", "3", "--earlybert.draw", "random"],
+                        tmp_path / "run")
+    assert summary["ticket"]["reason"] == "random" and "search" not in summary["stages"]
+    assert summary["final_dev_exact_match"] > 60, summary  # two cities per context: chance is far lower
+    preds = json.loads((tmp_path / "run" / "predictions" / "dev_predictions.json").read_text())
+    assert len(preds) == 40
+    AutoModelForQuestionAnswering.from_pretrained(tmp_path / "run" / "final")
