@@ -18,9 +18,19 @@ from pathlib import Path
 FAULT_ENV = "EARLYBERT_FAULT"
 
 
+def fault_active(name: str) -> bool:
+    """Whether ``$EARLYBERT_FAULT`` (comma-separated ``point`` or ``point@rankR``) names this point for this rank.
+    A test hook only: users never set it."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return False
+    rank = os.environ.get("RANK", "0")
+    return any(f == name or f == f"{name}@rank{rank}" for f in spec.split(","))
+
+
 def fault_point(name: str) -> None:
-    """Test hook: SIGKILL this process here when ``$EARLYBERT_FAULT`` names this point (never set by users)."""
-    if os.environ.get(FAULT_ENV) == name:
+    """Test hook: SIGKILL this process here when ``$EARLYBERT_FAULT`` names this point (see :func:`fault_active`)."""
+    if fault_active(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -36,6 +46,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed (one writer per path)
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -55,9 +67,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` in one rename (an older ``path`` is removed
     only after the new one is in place). On error or crash ``path`` is untouched; stale temporaries are named
-    ``.NAME.tmp-*`` and ignored by every reader."""
+    ``.NAME.tmp-*``, ignored by every reader and removed by the next writer (one writer per path: rank 0)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         yield tmp

@@ -49,7 +49,7 @@ def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_las
     tag = f"global_step{step}"
     engine.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save({"rng": _rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
-    fault_point("checkpoint:before-latest")
+    fault_point(f"checkpoint:{tag}")  # every shard written, `latest` not yet moved
     dist.barrier()
     if dist.rank() == 0:
         atomic_write_text(ckpt_dir / LATEST, tag)

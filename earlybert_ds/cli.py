@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, add_config_arguments, config_from_args
+from .config import add_config_arguments, config_from_args
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import shutdown
 
         shutdown()
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ArithmeticError) as e:  # bad input; a diverged run (NonFiniteLossError)
         logging.getLogger("earlybert_ds").error("%s", e)
         print(f"earlybert-ds: error: {e}", file=sys.stderr)
         return 2

@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 
 #: How long a collective (and the rendezvous) may wait before the job fails instead of hanging.
-#: Override with EARLYBERT_DIST_TIMEOUT (seconds). torch's TCPStore honours it at the rendezvous: a rank that cannot
-#: reach MASTER_ADDR:MASTER_PORT, or a rank 0 whose peers never arrive, fails after about 1-2 timeouts.
+#: Override with EARLYBERT_DIST_TIMEOUT (seconds). Measured with torch 2.13 (gloo): a rank that cannot reach
+#: MASTER_ADDR:MASTER_PORT, or a rank 0 whose peers never arrive, fails after 1-2 timeouts; when the ranks meet but
+#: cannot connect to each other (GLOO_SOCKET_IFNAME unset on a machine whose hostname resolves to a loopback
+#: address), the rank refused fails at once and the rank waiting for its peers after about 5 timeouts.
 DEFAULT_TIMEOUT_S = 600
 
 
@@ -47,19 +49,35 @@ def init() -> tuple[int, int]:
         timeout = timedelta(seconds=float(os.environ.get("EARLYBERT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         try:
             deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", timeout=timeout, verbose=False)
-        except dist.DistError as e:  # DistNetworkError (master unreachable), DistStoreError (peers missing), ...
-            env = os.environ
-            reason = (str(e).strip().splitlines() or [""])[0]
-            raise RendezvousError(
-                f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} could not join the job at "
-                f"MASTER_ADDR:MASTER_PORT = {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')} "
-                f"(EARLYBERT_DIST_TIMEOUT = {timeout.total_seconds():g} s): {type(e).__name__}: {reason}. "
-                "Check that every node was started with the same hostfile, MASTER_ADDR (node 0's address as the "
-                "other nodes reach it) and MASTER_PORT (free on node 0, open between the nodes), and on machines "
-                "with several networks GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME") from e
+        except RuntimeError as e:
+            if not isinstance(e, dist.DistError) and "connectFullMesh" not in str(e):
+                raise
+            raise _rendezvous_error(e, timeout.total_seconds()) from e
         if on_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _rendezvous_error(e: RuntimeError, timeout_s: float) -> RendezvousError:
+    """A failed rendezvous (the TCPStore at MASTER_ADDR:MASTER_PORT: DistNetworkError when it cannot be reached,
+    DistStoreError when peers never arrive) or a failed gloo mesh (the ranks met but cannot reach each other at the
+    addresses they advertise), explained."""
+    env, reason = os.environ, (str(e).strip().splitlines() or [""])[0].rstrip(".")
+    where = (f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} could not join the job at "
+             f"MASTER_ADDR:MASTER_PORT = {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')} "
+             f"(EARLYBERT_DIST_TIMEOUT = {timeout_s:g} s): {type(e).__name__}: {reason}. ")
+    if isinstance(e, dist.DistError):
+        return RendezvousError(where + "Check that every node was started with the same hostfile, MASTER_ADDR (node "
+                               "0's address as the other nodes reach it) and MASTER_PORT (free on node 0, open between "
+                               "the nodes)")
+    try:
+        own = f"here {socket.gethostname()!r} resolves to {socket.gethostbyname(socket.gethostname())}"
+    except OSError as err:
+        own = f"here it does not resolve ({err})"
+    return RendezvousError(where + "The ranks met but could not connect to each other: each rank advertises the "
+                           "address of GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs), by default the address its "
+                           f"hostname resolves to ({own}); set it on every node to the network interface the nodes "
+                           "reach each other on (see `ip -brief addr`)")
 
 
 def rank() -> int:

@@ -35,7 +35,7 @@ import torch
 
 from . import checkpoint
 from . import distributed as dist
-from .atomic import atomic_directory, atomic_write_text, fault_point
+from .atomic import atomic_directory, atomic_write_text, fault_active, fault_point
 from .config import ConfigError, RunConfig, save_config
 from .dsconfig import build_ds_config
 from .engine import Engine
@@ -62,7 +62,7 @@ CHECKPOINTS, TICKET_DIR, FINAL_DIR, TOKENIZER_DIR = "checkpoints", "ticket", "fi
 RUN_CONFIG, SUMMARY, STATE = "run_config.json", "summary.json", "state.json"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ArithmeticError):
     """The loss stayed non-finite for ``train.max_nonfinite`` consecutive steps."""
 
 
@@ -268,6 +268,9 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
         if t.save_every and run.step % t.save_every == 0 and bad == 0:
             _save(run, engine, phase, extra_state)
         fault_point(f"step:{run.step}")
+        if fault_active(f"diverge:{run.step}"):  # test hook: a weight goes NaN, as in a real divergence
+            with torch.no_grad():
+                next(engine.module.parameters()).fill_(float("nan"))
     stage["wall_s"] += time.perf_counter() - wall0
     stage["last_step"] = run.step
     return ended_early

@@ -97,3 +97,12 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("corpus")
     (root / "corpus.txt").write_text("\n\n".join(builtin_corpus(max_chars=400_000)), encoding="utf-8")
     return root / "corpus.txt", root / "cache"
+
+
+@pytest.fixture(scope="session")
+def zero2_run(corpus, tmp_path_factory) -> Path:
+    """The reference: an uninterrupted 2-rank ZeRO-2 bf16 run of the whole pipeline (tiny_run_args)."""
+    out = tmp_path_factory.mktemp("z2") / "run"
+    proc = launch(tiny_run_args(*corpus, out, **{"train.zero_stage": 2, "train.precision": "bf16"}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

@@ -7,6 +7,7 @@ efficient training; checkpoints, exact resume, resume from the ticket on another
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,6 @@ def _expected_params(cfg: dict) -> int:
         n += 3 * inner * h + 3 * inner + inner * h + h + 2 * h  # q/k/v, output projection, LayerNorm
         n += h * ffn + ffn + ffn * h + h + 2 * h  # FFN, LayerNorm
     return n + h * h + h + 2 * h + v  # MLM transform + LayerNorm + decoder bias (decoder tied to embeddings)
-
-
-@pytest.fixture(scope="module")
-def zero2_run(corpus, tmp_path_factory):
-    """The reference: an uninterrupted 2-rank ZeRO-2 bf16 run of the whole pipeline."""
-    out = tmp_path_factory.mktemp("z2") / "run"
-    proc = launch(tiny_run_args(*corpus, out, **{"train.zero_stage": 2, "train.precision": "bf16"}))
-    _ok(proc)
-    return out
 
 
 def _check_pipeline(out: Path) -> dict:
@@ -109,8 +101,9 @@ def test_zero3_bf16_pipeline_two_ranks(corpus, tmp_path):
 def test_killed_search_resumes_to_the_same_ticket_and_identical_losses(corpus, tmp_path, zero2_run):
     out = tmp_path / "run"
     args = tiny_run_args(*corpus, out, **{"train.zero_stage": 2, "train.precision": "bf16"})
-    killed = launch(args, env={"EARLYBERT_FAULT": "step:6"})  # SIGKILL both ranks after step 6, mid-search
-    assert killed.returncode != 0
+    t0 = time.monotonic()
+    killed = launch(args, env={"EARLYBERT_FAULT": "step:6@rank1"})  # SIGKILL rank 1 after step 6, mid-search
+    assert killed.returncode != 0 and time.monotonic() - t0 < 120  # the launcher brings the job down, no hang
     assert (out / "checkpoints" / "latest").read_text() == "global_step4" and not (out / "ticket").exists()
     _ok(launch(args + ["--resume"]))
     assert (out / "ticket" / "ticket.json").read_text() == (zero2_run / "ticket" / "ticket.json").read_text()

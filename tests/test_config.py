@@ -1,0 +1,64 @@
+"""The run config: files and the command line load into one object, and anything malformed is a ConfigError that
+names the field — never a crash deeper in the program (fuzzed with hypothesis)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from earlybert_ds.config import ConfigError, RunConfig, all_fields, load_config_file
+
+FIELDS = sorted(all_fields())
+SECTIONS = sorted({k.split(".")[0] for k in FIELDS if "." in k})
+values = (st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
+          | st.text(max_size=12) | st.lists(st.floats(0, 1), max_size=3) | st.dictionaries(st.text(max_size=4),
+                                                                                          st.integers(), max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS + ["bogus", "train.lrr"]), values, max_size=6))
+def test_fuzzed_configs_load_or_fail_with_config_error(flat):
+    nested: dict = {}
+    for key, value in flat.items():
+        if "." in key:
+            sec, name = key.split(".")
+            nested.setdefault(sec, {})[name] = value
+        else:
+            nested[key] = value
+    try:
+        cfg = RunConfig.from_dict(nested)
+    except ConfigError as e:
+        assert any(k in str(e) for k in (*FIELDS, *SECTIONS, "bogus")), e  # the message names the field
+        return
+    cfg.validate()  # whatever loads is consistent
+    assert cfg.train.warmup_steps <= cfg.train.steps and cfg.train.micro_batch_size >= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(SECTIONS), values)
+def test_sections_must_be_mappings(section, value):
+    if isinstance(value, dict):
+        return
+    with pytest.raises(ConfigError, match=f"section '{section}' must be a mapping"):
+        RunConfig.from_dict({section: value})
+
+
+def test_round_trip_and_file_formats(tmp_path):
+    cfg = RunConfig.from_dict({"train": {"lr": 3e-4, "betas": [0.9, 0.95]}, "earlybert": {"draw": "fixed",
+                                                                                         "fixed_step": 50}})
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg and cfg.train.betas == (0.9, 0.95)
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 0.0003\n")
+    (tmp_path / "c.json").write_text('{"train": {"lr": 0.0003}}')
+    assert load_config_file(tmp_path / "c.yaml") == load_config_file(tmp_path / "c.json")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: cannot parse config"):
+        load_config_file(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config_file(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_help():
+    assert all(f.metadata.get("help") for f in all_fields().values() if not dataclasses.is_dataclass(f.type))
