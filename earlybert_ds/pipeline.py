@@ -249,17 +249,17 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
         interval_tokens += tokens
         interval_samples += dist.world_size() * sum(len(mb["input_ids"]) for mb in micro)
         bad = bad + 1 if not math.isfinite(m["loss"]) else 0
-        if bad >= t.max_nonfinite:
-            latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
-            where = latest.read_text().strip() if latest.is_file() else "none yet"
-            raise NonFiniteLossError(f"the loss was non-finite for {bad} consecutive steps (up to step {run.step}); "
-                                     f"stopping. Last good checkpoint: {where}. Lower train.lr or use bf16.")
-        if run.step % t.log_every == 0 or run.step == last_step:
+        if run.step % t.log_every == 0 or run.step == last_step or bad:  # a non-finite step is always logged
             tps = interval_tokens / interval_s
             m.update(tokens_per_s=tps, samples_per_s=interval_samples / interval_s, tflops=tps * flops / 1e12,
                      epoch=run.task.epoch)
             run.monitor.log(run.step, m)
             interval_s, interval_tokens, interval_samples = 0.0, 0.0, 0
+        if bad >= t.max_nonfinite:
+            latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
+            where = latest.read_text().strip() if latest.is_file() else "none yet"
+            raise NonFiniteLossError(f"the loss was non-finite for {bad} consecutive steps (up to step {run.step}); "
+                                     f"stopping. Last good checkpoint: {where}. Lower train.lr or use bf16.")
         if t.eval_every and run.step % t.eval_every == 0:
             run.evaluate(engine)
         if on_step is not None and on_step(run.step):

@@ -7,7 +7,7 @@
 #
 # Needs pdsh on this node (apt-get install pdsh) and passwordless ssh from it to every host, itself included.
 # Every node needs the repository and its .venv at the same path (each runs `cd $PWD; .venv/bin/python -m
-# deepspeed.launcher.launch ...`), and the corpus. No ssh allowed: launch/multinode_nossh.sh; SLURM: launch/slurm.sbatch.
+# deepspeed.launcher.launch ...`), and the corpus. Without ssh: launch/multinode_nossh.sh; SLURM: launch/slurm.sbatch.
 #
 # Environment, set on this node only:
 #   HOSTFILE      default launch/hostfile: one line `HOST slots=N` per node, names that ssh reaches

@@ -36,24 +36,23 @@ def _hostfile(path: Path, text: str = "nodea slots=1\nnodeb slots=1\n") -> Path:
     return path
 
 
-def _run_nodes(cmds: list[list[str]], envs: list[dict], logs: Path, timeout: float = 600) -> list[str]:
-    """Start one launcher per node at once, wait for all; returns each node's output. Fails on a non-zero exit."""
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(logs / f"node{r}.log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-             for r, (cmd, env) in enumerate(zip(cmds, envs))]
+def _run_nodes(cmds: list[list[str]], envs: list[dict], logs: Path, timeout: float = 600) -> None:
+    """Start one launcher per node at once (output to ``logs/nodeR.log``) and wait for all; each must exit with 0."""
+    files = [open(logs / f"node{r}.log", "w") for r in range(len(cmds))]  # noqa: SIM115 - closed below
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+             for cmd, env, f in zip(cmds, envs, files)]
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
-        for p in procs:
+        for p, f in zip(procs, files):
             if p.poll() is None:  # only the launchers this test started, and their ranks
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    outputs = [(logs / f"node{r}.log").read_text() for r in range(len(procs))]
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"node {r} failed ({p.returncode}):\n{out[-6000:]}"
-    return outputs
+            f.close()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"node {r} failed ({p.returncode}):\n{(logs / f'node{r}.log').read_text()[-6000:]}"
 
 
 def _check_two_node_run(out: Path, caches: list[Path]) -> None:
@@ -63,15 +62,16 @@ def _check_two_node_run(out: Path, caches: list[Path]) -> None:
     assert summary["steps"] == STEPS and summary["ticket"]["step"] == ticket.step < STEPS
     assert summary["params_final"] < summary["params_full"]
     # both ranks (one per node) trained the efficient stage with the ticket rank 0 drew and broadcast
-    ckpts = [d for d in (out / "checkpoints").glob("global_step*") if int(d.name[11:]) > ticket.step]
+    ckpts = [d for d in (out / "checkpoints").glob("global_step*")
+             if int(d.name.removeprefix("global_step")) > ticket.step]
     assert ckpts
     for ckpt in ckpts:
         assert {torch.load(ckpt / f"rank{r}.pt", weights_only=True)["ticket"] for r in (0, 1)} == {ticket.digest()}
         assert {re.search(r"zero_pp_rank_(\d+)_", p.name)[1] for p in ckpt.glob("*optim_states.pt")} == {"0", "1"}
     # only rank 0 logged: one wandb run, every step once
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    steps = [m["step"] for m in records if "loss" in m]
     assert steps == list(range(1, STEPS + 1))
     # each node prepared its own cache (local rank 0), to the same tokenizer and packed corpus
     names = [sorted(p.name for p in c.iterdir()) for c in caches]
@@ -113,9 +113,10 @@ def netns_pair():
             if step[0] == "netns":
                 created.append(step[2])
         yield nodes
-    finally:
-        for ns in created:  # deleting a namespace deletes its end of the veth pair, and so the pair
+    finally:  # deleting a namespace deletes the veth end inside it, and so the pair; else delete the pair here
+        for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", nodes[0][1]], capture_output=True)
 
 
 @pytest.mark.slow
@@ -160,22 +161,8 @@ def test_unreachable_master_fails_in_bounded_time(tmp_path):
     assert time.monotonic() - rendezvous < 60
 
 
-@pytest.mark.parametrize("text, node_rank, message", [
-    (None, "0", "{h}: cannot read the hostfile (No such file or directory)"),
-    ("nodea slots=1\nnodeb slot=1\n", "0", "{h}:2: malformed line 'nodeb slot=1': expected 'HOST slots=N'"),
-    ("nodea slots=1 extra\n", "0", "{h}:1: malformed line 'nodea slots=1 extra'"),
-    ("# nodes\nnodea slots=0\n", "0", "{h}:2: malformed line 'nodea slots=0': expected 'HOST slots=N' with N >= 1"),
-    ("nodea slots=1\nnodeb slots=1\n\nnodea slots=2\n", "0", "{h}:4: host 'nodea' is already listed on line 1"),
-    ("localhost slots=1\nlocalhost slots=1\n", "0", "{h}:2: host 'localhost' is already listed on line 1 (on "
-                                                    "several nodes, name each by its own hostname)"),
-    ("# no hosts\n\n", "0", "{h}: no hosts"),
-    ("nodea slots=1\nnodeb slots=1\n", "2", "{h}: node rank 2 is out of range: the hostfile lists 2 node(s), so "
-                                            "NODE_RANK must be 0..1"),
-])
-@pytest.mark.parametrize("script", ["multinode_nossh.sh", "multinode.sh"])
-def test_bad_hostfile_is_refused_before_launching(tmp_path, script, text, node_rank, message):
-    if script == "multinode.sh" and node_rank != "0":
-        pytest.skip("multinode.sh starts every node itself: no NODE_RANK")
+def _refused(tmp_path: Path, script: str, text: str | None, node_rank: str, message: str) -> None:
+    """``launch/SCRIPT`` stops at once with ``error: MESSAGE`` (``{h}`` the hostfile), status 2, nothing written."""
     hostfile = tmp_path / "hostfile"
     if text is not None:
         hostfile.write_text(text)
@@ -184,8 +171,27 @@ def test_bad_hostfile_is_refused_before_launching(tmp_path, script, text, node_r
                           env=_env(NODE_RANK=node_rank, HOSTFILE=str(hostfile)), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message.format(h=hostfile)}"), proc.stderr
-    assert time.monotonic() - t0 < 10
-    assert not (tmp_path / "run").exists()
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "{h}: cannot read the hostfile (No such file or directory)"),
+    ("nodea slots=1\nnodeb slot=1\n", "{h}:2: malformed line 'nodeb slot=1': expected 'HOST slots=N'"),
+    ("nodea slots=1 extra\n", "{h}:1: malformed line 'nodea slots=1 extra'"),
+    ("# nodes\nnodea slots=0\n", "{h}:2: malformed line 'nodea slots=0': expected 'HOST slots=N' with N >= 1"),
+    ("nodea slots=1\nnodeb slots=1\n\nnodea slots=2\n", "{h}:4: host 'nodea' is already listed on line 1"),
+    ("localhost slots=1\nlocalhost slots=1\n",
+     "{h}:2: host 'localhost' is already listed on line 1 (on several nodes, name each by its own hostname)"),
+    ("# no hosts\n\n", "{h}: no hosts"),
+])
+@pytest.mark.parametrize("script", ["multinode_nossh.sh", "multinode.sh"])
+def test_bad_hostfile_is_refused_before_launching(tmp_path, script, text, message):
+    _refused(tmp_path, script, text, "0", message)
+
+
+def test_node_rank_outside_the_hostfile_is_refused(tmp_path):
+    _refused(tmp_path, "multinode_nossh.sh", "nodea slots=1\nnodeb slots=1\n", "2",
+             "{h}: node rank 2 is out of range: the hostfile lists 2 node(s), so NODE_RANK must be 0..1")
 
 
 def test_slurm_script_starts_one_launcher_per_node(tmp_path):
