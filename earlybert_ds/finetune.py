@@ -20,7 +20,7 @@ from .data import ShardedBatches, load_tokenizer
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
-from .pipeline import run_earlybert
+from .pipeline import ShardedTask, run_earlybert
 from .squad import load_squad, postprocess, prepare_features, squad_metrics
 from .tasks import compute_metrics, custom_task, encode, get_task, load_task_split, write_predictions
 
@@ -68,7 +68,7 @@ def _sharded_outputs(engine: Engine, n: int, batch_of, micro: int, keys: tuple[s
     return local
 
 
-class ClassificationTask:
+class ClassificationTask(ShardedTask):
     """A GLUE task or a user's CSV/JSON-lines task: sequence classification, or regression with one label."""
 
     model_class = EarlyBertForSequenceClassification
@@ -95,16 +95,6 @@ class ClassificationTask:
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         return [self.train.collate([self.train[i] for i in idx]) for idx in self.batches.next_step()]
 
-    def state_dict(self) -> dict:
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batches.load_state_dict(state)
-
-    @property
-    def epoch(self) -> int:
-        return self.batches.epoch
-
     def _logits(self, engine: Engine, ds) -> np.ndarray:
         batch_of = lambda idx: {k: v for k, v in ds.collate([ds[int(i)] for i in idx]).items() if k != "labels"}
         return _sharded_outputs(engine, len(ds), batch_of, self.cfg.train.micro_batch_size, ("logits",))["logits"]
@@ -130,7 +120,7 @@ class ClassificationTask:
             write_predictions(out / "predictions" / f"{self.spec.name}.tsv", self.spec, logits)
 
 
-class QATask:
+class QATask(ShardedTask):
     """SQuAD v1.1 / v2.0 extractive question answering with windows over long contexts."""
 
     model_class = EarlyBertForQuestionAnswering
@@ -156,16 +146,6 @@ class QATask:
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         keys = (*_INPUTS, "start_positions", "end_positions")
         return [{k: self.train[k][torch.from_numpy(idx)] for k in keys} for idx in self.batches.next_step()]
-
-    def state_dict(self) -> dict:
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batches.load_state_dict(state)
-
-    @property
-    def epoch(self) -> int:
-        return self.batches.epoch
 
     def predictions(self, engine: Engine) -> dict[str, str]:
         batch_of = lambda idx: {k: self.dev[k][torch.from_numpy(idx)] for k in _INPUTS}

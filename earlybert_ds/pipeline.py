@@ -37,6 +37,7 @@ from . import checkpoint
 from . import distributed as dist
 from .atomic import atomic_directory, atomic_write_text, fault_active, fault_point
 from .config import ConfigError, RunConfig, save_config
+from .data import ShardedBatches
 from .dsconfig import build_ds_config
 from .engine import Engine
 from .flops import count_parameters
@@ -91,6 +92,23 @@ class Task(Protocol):
 
     def finish(self, engine: Engine, out: Path) -> None:
         """Anything the task writes at the end (e.g. predictions on a test file); a collective."""
+
+
+class ShardedTask:
+    """The data position of a task that samples with :class:`~earlybert_ds.data.ShardedBatches`: what its
+    checkpoints record, and its epoch."""
+
+    batches: ShardedBatches
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
+
+    @property
+    def epoch(self) -> int:
+        return self.batches.epoch
 
 
 # ---- the run's context ---------------------------------------------------------------------------------------

@@ -18,12 +18,12 @@ from .data import MLMMasker, ShardedBatches, collate, load_packed, prepare_corpu
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForPreTraining
-from .pipeline import node_once, run_earlybert
+from .pipeline import ShardedTask, node_once, run_earlybert
 
 logger = logging.getLogger("earlybert_ds")
 
 
-class MLMTask:
+class MLMTask(ShardedTask):
     """Masked-LM pre-training on a packed corpus (prepared once per node and cached)."""
 
     model_class = EarlyBertForPreTraining
@@ -44,16 +44,6 @@ class MLMTask:
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         return [collate(self.packed.train, idx, self.masker, self.seed) for idx in self.batches.next_step()]
-
-    def state_dict(self) -> dict:
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batches.load_state_dict(state)
-
-    @property
-    def epoch(self) -> int:
-        return self.batches.epoch
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Held-out MLM loss (token-weighted over ranks), perplexity and accuracy."""
