@@ -64,18 +64,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` in one rename (an older ``path`` is removed
     only after the new one is in place). On error or crash ``path`` is untouched; stale temporaries are named
-    ``.NAME.tmp-*``, ignored by every reader and removed by the next writer (one writer per path: rank 0)."""
+    ``.NAME.tmp-*``, ignored by every reader and removed by the next writer (one writer per path: rank 0).
+    ``replace=False`` is for caches that several nodes may build at once on shared storage: the first one to
+    finish wins, and nobody deletes a directory that another node's ranks are reading."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
+    for stale in path.parent.glob(f".{path.name}.tmp-*") if replace else ():  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         yield tmp
         fault_point(f"dir:{path.name}")
+        if not replace and path.exists():  # a cache another writer finished first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -298,7 +298,7 @@ def continuation_mask(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
     return np.array([t.startswith(prefix) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))])
 
 
-def _tokenizer_digest(tokenizer: PreTrainedTokenizerFast) -> str:
+def tokenizer_digest(tokenizer: PreTrainedTokenizerFast) -> str:
     """Hash of what decides token ids (vocabulary, normaliser, pre-tokeniser), not of truncation/padding state."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     keep = {k: spec.get(k) for k in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
@@ -321,7 +321,7 @@ class PackedCorpus:
 def cache_path(data_args: DataArgs, tokenizer: PreTrainedTokenizerFast, seed: int) -> Path:
     """Where :func:`prepare_corpus` puts (or finds) this corpus/tokenizer/shape/seed's packed sequences."""
     key = {"format": CACHE_FORMAT, "corpus": _corpus_identity(data_args.corpus), "text_column": data_args.text_column,
-           "tokenizer": _tokenizer_digest(tokenizer), "seq_len": data_args.seq_len,
+           "tokenizer": tokenizer_digest(tokenizer), "seq_len": data_args.seq_len,
            "val_fraction": data_args.val_fraction, "seed": seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(data_args.cache_dir or "~/.cache/earlybert_ds").expanduser() / f"packed-{digest}"
@@ -368,7 +368,7 @@ def prepare_corpus(data_args: DataArgs, tokenizer: PreTrainedTokenizerFast, seed
     meta = {"format": CACHE_FORMAT, "corpus": data_args.corpus, "vocab_size": len(tokenizer), "special_ids": special,
             "seq_len": data_args.seq_len, "num_train": int(n - n_val), "num_val": n_val, "num_documents": len(ds),
             "num_tokens": int(len(flat)), "dtype": np.dtype(dtype).name, "seed": seed}
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, replace=False) as tmp:
         np.save(tmp / "train.npy", seqs[~is_val])
         np.save(tmp / "val.npy", seqs[is_val])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -535,6 +535,6 @@ def tokenizer_for(data_args: DataArgs) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         logger.info("training a %d-word WordPiece vocabulary on the corpus", data_args.vocab_size)
         tok = train_wordpiece(load_corpus(data_args.corpus, data_args.text_column)["text"], data_args.vocab_size)
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, replace=False) as tmp:
             tok.save_pretrained(tmp)
     return load_tokenizer(path)

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -150,27 +151,41 @@ def _claim_output_dir(cfg: RunConfig, resuming: bool) -> Iterator[Path]:
     """Hold the output directory for this run: refuse one that holds another run (unless resuming) or that a live
     run is using (an flock on ``OUTPUT/.lock``, released when this run ends, however it ends)."""
     out = Path(cfg.output_dir)
-    problem, lock = "", None
+    problem, lock, token = "", None, f"{socket.gethostname()}:{os.getpid()}"
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a+")  # noqa: SIM115 - closed below
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+            lock.seek(0), lock.truncate(), lock.write(token), lock.flush()
+            os.fsync(lock.fileno())  # other nodes read it next
         except BlockingIOError:
             lock.seek(0)
-            problem = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}); choose another --output-dir"
+            problem = f"{out} is in use by a live run ({lock.read().strip() or '?'}); choose another --output-dir"
         if not problem and (out / RUN_CONFIG).exists() and not resuming:
             problem = (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
                        "(nothing was changed)")
     try:
-        problem = dist.broadcast_object(problem)
+        problem, token = dist.broadcast_object((problem, token))
         if problem:
             raise ConfigError(problem)
+        _check_shared(out, token)
         yield out
     finally:
         if lock is not None:
             lock.close()
+
+
+def _check_shared(out: Path, token: str) -> None:
+    """Every rank must see rank 0's output directory: checkpoints, the ticket and --resume depend on it."""
+    try:
+        sees = (out / ".lock").read_text() == token
+    except OSError:
+        sees = False
+    blind = [r for r, ok in enumerate(dist.all_gather_object((sees, socket.gethostname()))) if not ok[0]]
+    if blind:
+        raise ConfigError(f"--output-dir {out} is not the same directory on every node: rank(s) {blind} do not see "
+                          "rank 0's; checkpoints, the ticket and --resume need one shared directory at the same path")
 
 
 def node_once(fn: Callable, *args: Any) -> Any:
@@ -183,10 +198,7 @@ def node_once(fn: Callable, *args: Any) -> Any:
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             logger.debug("failed on this rank", exc_info=True)
             error = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
-    errors = [error]
-    if torch.distributed.is_initialized() and dist.world_size() > 1:
-        errors = [None] * dist.world_size()
-        torch.distributed.all_gather_object(errors, error)
+    errors = dist.all_gather_object(error)
     if any(errors):
         raise ValueError(next(e for e in errors if e))
     return result if dist.local_rank() == 0 else fn(*args)
@@ -466,9 +478,17 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     rank, _ = dist.init()
     random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
     torch.manual_seed(cfg.train.seed + rank)
+    build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
     with _claim_output_dir(cfg, resume or bool(resume_from)) as out:
-        start = _where_to_start(cfg, out, resume, resume_from)
-        build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
+        start, error = None, ""
+        if rank == 0:  # decided once, so that no file-system view can split the ranks across stages
+            try:
+                start = _where_to_start(cfg, out, resume, resume_from)
+            except (ValueError, OSError) as e:
+                error = str(e)
+        start, error = dist.broadcast_object((start, error))
+        if error:
+            raise checkpoint.CheckpointError(error)
         task = make_task(cfg)  # may settle derived fields of cfg (e.g. steps from epochs)
         cfg.validate()
         full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)

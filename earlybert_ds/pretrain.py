@@ -14,7 +14,16 @@ import torch
 
 from . import distributed as dist
 from .config import RunConfig
-from .data import MLMMasker, ShardedBatches, collate, load_packed, prepare_corpus, tokenizer_for, val_batches
+from .data import (
+    MLMMasker,
+    ShardedBatches,
+    collate,
+    load_packed,
+    prepare_corpus,
+    tokenizer_digest,
+    tokenizer_for,
+    val_batches,
+)
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForPreTraining
@@ -34,6 +43,11 @@ class MLMTask(ShardedTask):
         self.seed, self.seq_len, self.mlm_probability = t.seed, d.seq_len, d.mlm_probability
         self.tokenizer = node_once(tokenizer_for, d)
         self.packed = load_packed(node_once(prepare_corpus, d, self.tokenizer, t.seed))
+        prepared = (tokenizer_digest(self.tokenizer), self.packed.train.shape, self.packed.val.shape)
+        differ = [r for r, other in enumerate(dist.all_gather_object(prepared)) if other != prepared]
+        if differ:  # each node prepares its own copy: different corpora or versions would mix token ids
+            raise ValueError(f"rank(s) {differ} prepared other data than this rank (tokenizer, corpus or "
+                             "library versions differ between nodes)")
         self.masker = MLMMasker.from_tokenizer(self.tokenizer, d.mlm_probability, d.whole_word_mask)
         world, rank = dist.world_size(), dist.rank()
         self.batches = ShardedBatches(len(self.packed.train), t.micro_batch_size, t.grad_accum, world, rank, t.seed)
