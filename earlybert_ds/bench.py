@@ -1,15 +1,15 @@
-"""Benchmarks (issue 8): ``python -m earlybert_ds.bench SUITE``.
+"""Benchmarks (issue 8): ``python -m earlybert_ds.bench SUITE`` (or ``earlybert-ds bench SUITE``).
 
-- ``throughput``: tokens/s of one training step (forward, backward, optimizer step through :class:`Engine`) for
+- ``throughput``: tokens/s of one training step (forward, backward, optimizer step through :class:`Engine`) of
   (a) the full model, (b) the full model with slimming gates and their L1 term (search stage), (c) the model shrunk
-  to the paper's ratios with an uneven ticket, (d) transformers' ``BertForMaskedLM`` under the same DeepSpeed config.
-  Every measurement is a fresh subprocess, so peak memory is that variant's own, and variants are interleaved
-  (a b c d a b c d ...) so that load from other jobs on a shared machine hits all of them alike; figures are
-  medians, speedups the median of ratios taken within one round.
-- ``pretrain``: time to quality on a real corpus: real ``earlybert-ds pretrain`` runs (full baseline, EarlyBERT
-  rewind, EarlyBERT continue, random ticket) of the same number of steps, with validation loss against wall-clock
-  time.
-- ``finetune``: reserved for when fine-tuning exists (see :func:`_finetune`).
+  to the paper's ratios with an uneven ticket, (d) transformers' ``BertForMaskedLM`` under the same DeepSpeed
+  config, (e) the shrunk model with FFN widths rounded up to a multiple of 64. Each measurement is a fresh
+  subprocess, so its peak memory is its own, and variants are interleaved (a b c d e a b c d e ...) so that load
+  from other jobs on a shared machine falls on all of them alike; figures are medians, speedups the median of the
+  ratios measured within one round.
+- ``pretrain``: time to quality on a real corpus: real ``earlybert-ds pretrain`` runs of the same number of steps
+  (full baseline, EarlyBERT rewind, EarlyBERT continue, random ticket), validation loss against wall-clock time.
+- ``finetune``: reserved for when fine-tuning can be benchmarked (see :func:`finetune`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from . import distributed as dist
+from .config import RunConfig, add_config_arguments, config_from_args
+from .data import prepare_corpus, tokenizer_for
+from .engine import Engine
+from .flops import forward_flops_per_token, train_flops_per_token
+from .gates import GateValues
+from .modeling import EarlyBertConfig, EarlyBertForPreTraining, PreTrainingOutput
+from .plots import plot_curves
+from .shrink import shrink, shrunk_config
+from .ticket import PruneSpec, Ticket, draw_masks
+
 VARIANTS = {
     "a": "full",
     "b": "full + gates (search, L1 on)",
@@ -35,14 +50,18 @@ VARIANTS = {
     "d": "transformers BertForMaskedLM",
     "e": "shrunk, FFN widths rounded up to x64",
 }
-SHRUNK = {"c": 1, "e": 64}  # shrunk variants -> their ticket's ffn_multiple (widths rounded up to a multiple of it)
+SHRUNK = {"c": 1, "e": 64}  # shrunk variants -> their ticket's ffn_multiple (--earlybert.ffn_multiple)
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-RUNS = {  # pretrain suite: run name -> `earlybert-ds pretrain` options of that run
+RUNS = {  # pretrain suite: run name -> its own `earlybert-ds pretrain` options
     "full": ["--earlybert.enabled", "false"],
     "earlybert-rewind": ["--earlybert.weights", "rewind"],
     "earlybert-continue": ["--earlybert.weights", "continue"],
     "random-ticket": ["--earlybert.draw", "random"],
 }
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +73,7 @@ class Shape:
     vocab: int
     seq: int
 
-    def config(self, **kw: Any):
-        from .modeling import EarlyBertConfig
-
+    def config(self, **kw: Any) -> EarlyBertConfig:
         return EarlyBertConfig(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
                                num_attention_heads=self.heads, intermediate_size=self.ffn,
                                max_position_embeddings=max(512, self.seq), **kw)
@@ -64,27 +81,21 @@ class Shape:
 
 SHAPES = {
     "base": Shape(12, 768, 12, 3072, 30522, 128),  # BERT-base
-    "small": Shape(4, 256, 8, 1024, 8192, 128),  # the pretrain suite's model (vocab: its WordPiece)
+    "small": Shape(4, 256, 8, 1024, 8192, 128),  # the pretrain suite's model (vocabulary: its WordPiece)
     "tiny": Shape(2, 32, 4, 64, 600, 32),  # smoke tests
 }
 
 
 def _machine() -> dict[str, Any]:
     import deepspeed
-    import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "python": platform.python_version(),
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "loadavg_start": os.getloadavg()}
-
-
-def _on_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _child_env(threads: int | None) -> dict[str, str]:
@@ -92,25 +103,24 @@ def _child_env(threads: int | None) -> dict[str, str]:
     other jobs, two OpenMP threads on two cores lose most of their time waiting for each other whenever one is
     descheduled (a 4-layer step took 4.5 s with 2 threads, 1.1 s with 1), so 1 thread gives steadier figures."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if not _on_cuda():
+    if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
+def _run_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "report")}
+
+
 # ---- throughput ---------------------------------------------------------------------------------------------------
 
-def uneven_ticket(shape: Shape, ffn_multiple: int = 1, seed: int = 0):
-    """A ticket at the paper's ratios (1/3 of heads per layer, 40% of FFN neurons globally) drawn from synthetic gate
-    magnitudes whose scale differs per layer, as after a real search: the global FFN pruning then leaves every layer
-    a different, generally odd width, which an even ticket would hide. ``ffn_multiple`` as
-    ``--earlybert.ffn_multiple``: variant (e) shows what aligned widths are worth."""
-    import numpy as np
-
-    from .gates import GateValues
-    from .ticket import PruneSpec, Ticket, draw_masks
-
+def uneven_ticket(shape: Shape, ffn_multiple: int = 1, seed: int = 0) -> Ticket:
+    """A ticket at the paper's ratios (1/3 of the heads per layer, 40% of the FFN neurons globally) drawn from
+    synthetic gate magnitudes whose scale differs per layer, as after a real search: global FFN pruning then leaves
+    every layer its own, generally odd, width, which an even ticket would hide. ``ffn_multiple`` is
+    ``--earlybert.ffn_multiple``."""
     rng = np.random.default_rng(seed)
     scale = rng.lognormal(0.0, 0.4, shape.layers)
     gates = GateValues([s * np.abs(rng.standard_normal(shape.heads)) for s in scale],
@@ -119,65 +129,43 @@ def uneven_ticket(shape: Shape, ffn_multiple: int = 1, seed: int = 0):
     return Ticket.from_masks(draw_masks(gates, spec), 0, "fixed", spec, shape.config())
 
 
-def hf_masked_lm(shape: Shape):
-    """transformers' BertForMaskedLM, wrapped to return what ``Engine.train_step`` reads so that variant (d) runs the
-    very same step as the others. It runs as users run it: logits at every position (30k wide at BERT-base), the
-    loss over the masked ones; our model projects only the masked positions (see flops: (d) counts them all)."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
+class HFMaskedLM(torch.nn.Module):
+    """transformers' BertForMaskedLM, returning what ``Engine.train_step`` reads, so that variant (d) runs the very
+    same step as the others. It runs as users run it: logits at every position (30k wide at BERT-base) and the loss
+    over the masked ones, where our model projects only the masked positions (its FLOPs count them all)."""
 
-    from .modeling import PreTrainingOutput
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.hf = BertForMaskedLM(BertConfig(
+            vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads, intermediate_size=shape.ffn, max_position_embeddings=max(512, shape.seq)))
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hf = BertForMaskedLM(BertConfig(
-                vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-                num_attention_heads=shape.heads, intermediate_size=shape.ffn, max_position_embeddings=max(512, shape.seq)))
-
-        def forward(self, **batch: torch.Tensor) -> PreTrainingOutput:
-            loss = self.hf(**batch).loss
-            return PreTrainingOutput(loss=loss, mlm_loss=loss.detach())
-
-    return Wrapped()
+    def forward(self, **batch: torch.Tensor) -> PreTrainingOutput:
+        loss = self.hf(**batch).loss
+        return PreTrainingOutput(loss=loss, mlm_loss=loss.detach())
 
 
-def build_variant(variant: str, shape: Shape):
-    """The model of one variant, freshly initialised (seeded, so every repeat trains the same network)."""
-    import torch
-
-    from .modeling import EarlyBertForPreTraining
-    from .shrink import shrink
-
+def build_variant(variant: str, shape: Shape) -> torch.nn.Module:
+    """The model of one variant, freshly initialised (seeded, so every round trains the same network)."""
     torch.manual_seed(0)
     if variant == "a":
         return EarlyBertForPreTraining(shape.config())
     if variant == "b":
         return EarlyBertForPreTraining(shape.config(use_gates=True, gate_l1_heads=1e-4, gate_l1_ffn=1e-4))
-    if variant in SHRUNK:
-        return shrink(EarlyBertForPreTraining(shape.config(use_gates=True)), uneven_ticket(shape, SHRUNK[variant]))
     if variant == "d":
-        return hf_masked_lm(shape)
-    raise ValueError(f"unknown variant {variant!r}")
+        return HFMaskedLM(shape)
+    return shrink(EarlyBertForPreTraining(shape.config(use_gates=True)), uneven_ticket(shape, SHRUNK[variant]))
 
 
 def _peak_memory_mb() -> float:
-    if _on_cuda():
-        import torch
-
+    if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _worker(spec: dict) -> dict:
-    """One measurement in this (fresh) process: build the variant, train ``warmup + steps`` steps on random MLM
-    batches, return the step times and the process's peak memory."""
-    import torch
-
-    from . import distributed as dist
-    from .config import RunConfig
-    from .engine import Engine
-
+    """One measurement, in a fresh process: build the variant, train ``warmup + steps`` steps on a random MLM
+    batch, and return the measured steps' wall and CPU times and the process's peak memory."""
     dist.init()
     shape, batch = Shape(**spec["shape"]), spec["batch"]
     base_mb = _peak_memory_mb()
@@ -202,7 +190,7 @@ def _worker(spec: dict) -> dict:
 
 
 def _measure(spec: dict, threads: int | None, clock: str) -> dict:
-    """Run one measurement in a fresh process; ``tokens_per_s`` by ``clock`` (median step), also by wall clock."""
+    """One measurement in a fresh process; ``tokens_per_s`` by ``clock`` (median step), also by wall clock."""
     proc = subprocess.run([sys.executable, "-m", "earlybert_ds.bench", "_worker", json.dumps(spec)],
                           env=_child_env(threads), capture_output=True, text=True)
     if proc.returncode:
@@ -212,11 +200,8 @@ def _measure(spec: dict, threads: int | None, clock: str) -> dict:
             "tokens_per_wall_s": r["tokens_per_step"] / statistics.median(r["wall_s"])}
 
 
-def _flops(shape: Shape, tickets: dict) -> dict[str, float]:
+def _flops(shape: Shape, tickets: dict[str, Ticket]) -> dict[str, float]:
     """Training FLOPs per token of each variant (earlybert_ds.flops); (d) computes logits at every position."""
-    from .flops import forward_flops_per_token, train_flops_per_token
-    from .shrink import shrunk_config
-
     full = shape.config()
     return {"a": train_flops_per_token(full, shape.seq), "b": train_flops_per_token(full, shape.seq),
             "d": 3 * forward_flops_per_token(full, shape.seq, mlm_fraction=1.0)["total"],
@@ -224,9 +209,9 @@ def _flops(shape: Shape, tickets: dict) -> dict[str, float]:
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    precision = args.precision or ("bf16" if _on_cuda() else "fp32")
-    result: dict[str, Any] = {"suite": "throughput", "machine": _machine(), "precision": precision, "clock": args.clock,
-                              "args": {k: v for k, v in vars(args).items() if k not in ("func", "report")}, "shapes": {}}
+    precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    result: dict[str, Any] = {"suite": "throughput", "machine": _machine(), "precision": precision,
+                              "clock": args.clock, "args": _run_args(args), "shapes": {}}
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         tickets = {v: uneven_ticket(shape, m) for v, m in SHRUNK.items()}
@@ -236,13 +221,14 @@ def throughput(args: argparse.Namespace) -> dict:
             for v in args.variants:
                 spec = {"variant": v, "shape": asdict(shape), "batch": args.batch, "steps": args.steps,
                         "warmup": args.warmup, "precision": precision}
-                runs.append({**_measure(spec, args.threads, args.clock), "repeat": r, "loadavg": os.getloadavg()[0]})
+                runs.append({**_measure(spec, args.threads, args.clock), "round": r, "loadavg": os.getloadavg()[0]})
                 print(f"[{name} round {r + 1}/{args.repeats}] ({v}) {VARIANTS[v]}: "
                       f"{runs[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
-        result["shapes"][name] = {"shape": asdict(shape), "train_flops_per_token": flops, "runs": runs,
-                                  "tickets": {v: {"heads_per_layer": t.heads_per_layer,
-                                                  "intermediate_sizes": t.intermediate_sizes} for v, t in tickets.items()},
-                                  "summary": _summarise(runs, flops, args.variants)}
+        result["shapes"][name] = {
+            "shape": asdict(shape), "train_flops_per_token": flops, "runs": runs,
+            "tickets": {v: {"heads_per_layer": t.heads_per_layer, "intermediate_sizes": t.intermediate_sizes}
+                        for v, t in tickets.items()},
+            "summary": _summarise(runs, flops, args.variants)}
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
 
@@ -261,8 +247,8 @@ def _summarise(runs: list[dict], flops: dict[str, float], variants: str) -> dict
     s["base_mem_mb"] = statistics.median(r["base_mem_mb"] for r in runs)
     s["speedup"] = {v: paired(v, "tokens_per_s") for v in by}
     s["speedup_wall"] = {v: paired(v, "tokens_per_wall_s") for v in by}
-    shrunk = [v for v in SHRUNK if v in by]
     s["flop_ratio"] = {v: flops[v] / flops["a"] for v in SHRUNK}
+    shrunk = [v for v in SHRUNK if v in by]
     s["realized_over_theoretical"] = {v: s["speedup"][v] * s["flop_ratio"][v] for v in shrunk}
     targets = {f"({v}) realized >= 0.9 x theoretical": s["realized_over_theoretical"][v] >= 0.9 for v in shrunk}
     if "b" in by:
@@ -277,15 +263,14 @@ def _summarise(runs: list[dict], flops: dict[str, float], variants: str) -> dict
 def _print_throughput(result: dict) -> None:
     clock = "CPU-time" if result["clock"] == "cpu" else "wall-clock"
     for name, r in result["shapes"].items():
-        s, sh, a = r["summary"], r["shape"], result["args"]
+        s, sh, a, flops = r["summary"], r["shape"], result["args"], r["train_flops_per_token"]
         print(f"\n{name}: {sh['layers']} layers, hidden {sh['hidden']}, {sh['heads']} heads, FFN {sh['ffn']}, "
-              f"vocab {sh['vocab']}, seq {sh['seq']}; batch {a['batch']}, {result['precision']}, {a['repeats']} rounds "
-              f"x {a['steps']} steps; {clock} tokens/s, medians; 'vs (a)': median of same-round ratios")
+              f"vocab {sh['vocab']}, seq {sh['seq']}; batch {a['batch']}, {result['precision']}; {a['repeats']} "
+              f"round(s) x {a['steps']} step(s); {clock} tokens/s, medians; 'vs (a)': median of same-round ratios")
         for v, t in r["tickets"].items():
             print(f"ticket ({v}): heads {t['heads_per_layer']}, FFN widths {t['intermediate_sizes']}")
         print(f"{'variant':<38}{'tokens/s':>9}{'vs (a)':>8}{'wall':>7}{'GFLOP/tok':>10}{'FLOPs vs (a)':>13}"
               f"{'GFLOP/s':>8}{'peak MB':>8}")
-        flops = r["train_flops_per_token"]
         for v, tps in s["tokens_per_s"].items():
             print(f"{f'({v}) {VARIANTS[v]}':<38}{tps:>9.0f}{s['speedup'][v]:>8.3f}{s['speedup_wall'][v]:>7.3f}"
                   f"{flops[v] / 1e9:>10.3f}{flops[v] / flops['a']:>13.3f}{s['gflops_per_s'][v]:>8.1f}"
@@ -320,19 +305,18 @@ def _pretrain_options(args: argparse.Namespace) -> list[str]:
 
 
 def _prepare_data(options: list[str]) -> None:
-    """Train the WordPiece vocabulary and pack the corpus once, up front, so no run's wall time includes it."""
-    from .cli import build_parser
-    from .config import config_from_args
-    from .data import prepare_corpus, tokenizer_for
-
-    ns = build_parser().parse_args(["pretrain", *options])
+    """Train the WordPiece vocabulary and pack the corpus once, up front, so that no run's time includes it."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--corpus")
+    add_config_arguments(parser)
+    ns = parser.parse_args(options)
     cfg = config_from_args(ns, extra={"data.corpus": ns.corpus})
     prepare_corpus(cfg.data, tokenizer_for(cfg.data), cfg.train.seed)
 
 
 def _children_cpu_s() -> float:
     """CPU seconds of the finished child processes so far. A single-threaded run's CPU time is what its wall time
-    would be on an idle machine: the fair comparison when other jobs come and go between runs."""
+    would be on an idle machine: the fairer comparison when other jobs come and go between runs."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
 
@@ -348,7 +332,7 @@ def _time_to(curve: list[tuple[float, float, int]], target: float) -> float | No
     prev = None
     for t, loss, _ in curve:
         if loss <= target:
-            if prev is None or prev[1] == loss:
+            if prev is None:
                 return t
             return prev[0] + (t - prev[0]) * (prev[1] - target) / (prev[1] - loss)
         prev = (t, loss)
@@ -356,27 +340,24 @@ def _time_to(curve: list[tuple[float, float, int]], target: float) -> float | No
 
 
 def pretrain(args: argparse.Namespace) -> dict:
-    from .plots import plot_curves
-
     if args.quick:
         args.model_size, args.steps, args.batch, args.evals, args.eval_batches = "tiny", 24, 4, 4, 2
     corpus = Path(args.corpus) if args.corpus else PYTHON_DOCS
     if not corpus.exists():
-        raise SystemExit(f"bench pretrain: corpus {corpus} not found. Install Debian's Python documentation "
-                         "sources with `apt-get install python3.11-doc`, or pass --corpus FILE_OR_DIR.")
+        raise BenchError(f"corpus {corpus} not found: install Debian's Python documentation sources with "
+                         "`apt-get install python3.11-doc`, or pass --corpus FILE_OR_DIR")
     args.corpus = str(corpus)
+    outs = {name: Path(args.out_dir) / name for name in args.runs.split(",")}
+    if unknown := set(outs) - set(RUNS):
+        raise BenchError(f"--runs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
+    if (taken := [str(o) for o in outs.values() if o.exists()]) and not args.overwrite:
+        raise BenchError(f"{', '.join(taken)} exist(s); pass --overwrite to replace them")
     options = _pretrain_options(args)
     _prepare_data(options)
-    out_dir = Path(args.out_dir)
-    result: dict[str, Any] = {"suite": "pretrain", "machine": _machine(),
-                              "args": {k: v for k, v in vars(args).items() if k not in ("func", "report")},
+    result: dict[str, Any] = {"suite": "pretrain", "machine": _machine(), "args": _run_args(args),
                               "options": options, "runs": {}}
-    for name in args.runs.split(","):
-        out = out_dir / name
-        if out.exists():
-            if not args.overwrite:
-                raise SystemExit(f"bench pretrain: {out} exists; pass --overwrite to replace it")
-            shutil.rmtree(out)
+    for name, out in outs.items():
+        shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "earlybert_ds", "pretrain", *options, "--output-dir", str(out), *RUNS[name]]
         load0, cpu0, start = os.getloadavg()[0], _children_cpu_s(), time.time()
         proc = subprocess.run(cmd, env=_child_env(args.threads), capture_output=True, text=True)
@@ -384,31 +365,29 @@ def pretrain(args: argparse.Namespace) -> dict:
         if proc.returncode:
             raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         summary = json.loads((out / "summary.json").read_text())
-        curve = _val_curve(out, start)
+        ticket = summary["ticket"] or {}
         result["runs"][name] = {
             "command": cmd, "process_s": elapsed, "process_cpu_s": cpu, "train_wall_s": summary["wall_s"],
-            "ticket_step": summary["ticket"]["step"] if summary["ticket"] else None,
-            "ticket_reason": summary["ticket"]["reason"] if summary["ticket"] else None,
+            "ticket_step": ticket.get("step"), "ticket_reason": ticket.get("reason"),
             "flop_ratio": summary["flop_ratio"], "params_final": summary["params_final"],
             "stages": summary["stages"], "final_val_loss": summary["final_val_loss"],
-            "final_val_acc": summary["final_val_acc"], "val_curve": curve,
+            "final_val_acc": summary.get("final_val_acc"), "val_curve": _val_curve(out, start),
             "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
         print(f"[pretrain] {name}: {elapsed:.0f} s, final val loss {summary['final_val_loss']:.3f}",
               file=sys.stderr, flush=True)
     runs = result["runs"]
-    if "full" in runs:  # time each run needed to reach the baseline's final quality
+    if "full" in runs:  # when each run reached the baseline's final quality
         target = runs["full"]["final_val_loss"]
         for r in runs.values():
             r["time_to_full_final_loss_s"] = _time_to(r["val_curve"], target)
             r["step_to_full_final_loss"] = next((s for _, loss, s in r["val_curve"] if loss <= target), None)
     if args.plot:
-        plot = Path(args.plot)
+        plot, title = Path(args.plot), f"{args.model_size} BERT, {args.steps} steps"
         plot_curves({n: [(t, loss) for t, loss, _ in r["val_curve"]] for n, r in runs.items()},
-                    "wall-clock seconds since launch", "validation MLM loss", plot,
-                    title=f"{args.model_size} BERT, {args.steps} steps")
+                    "wall-clock seconds since launch", "validation MLM loss", plot, title=title)
         plot_curves({n: [(s, loss) for _, loss, s in r["val_curve"]] for n, r in runs.items()},
-                    "training step", "validation MLM loss", plot.with_name(plot.stem + "_steps" + plot.suffix),
-                    title=f"{args.model_size} BERT, {args.steps} steps")
+                    "training step", "validation MLM loss", plot.with_name(f"{plot.stem}_steps{plot.suffix}"),
+                    title=title)
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
 
@@ -428,11 +407,11 @@ def _print_pretrain(result: dict) -> None:
 
 # ---- finetune (hook) ----------------------------------------------------------------------------------------------
 
-def _finetune(args: argparse.Namespace) -> dict:
-    """Hook for the third suite of issue 8 (GLUE/SQuAD quality and speed of shrunk vs full models): it needs the
-    fine-tuning command, which does not exist yet. Register its options in :func:`build_parser` and follow
-    :func:`pretrain`: real runs as subprocesses, their summary.json and metrics.jsonl, the same result layout."""
-    raise SystemExit("bench finetune: not available yet (needs `earlybert-ds finetune`)")
+def finetune(args: argparse.Namespace) -> dict:
+    """The third suite of issue 8 (task quality and speed of shrunk vs full models) goes here once fine-tuning can be
+    benchmarked: register its options in :func:`build_parser` and follow :func:`pretrain` (real
+    ``earlybert-ds finetune`` runs as subprocesses, their summary.json and metrics.jsonl, the same result layout)."""
+    raise BenchError("the finetune suite is not implemented yet")
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -440,9 +419,9 @@ def _finetune(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earlybert-ds bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="suite", required=True)
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="{throughput,pretrain,finetune}")
 
-    t = sub.add_parser("throughput", help="training-step tokens/s, FLOP ratio and peak memory of four variants")
+    t = sub.add_parser("throughput", help="training-step tokens/s, FLOP ratio and peak memory of five variants")
     t.add_argument("--shapes", default="base,small", help=f"comma-separated, of {', '.join(SHAPES)}")
     t.add_argument("--batch", type=int, default=8, help="sequences per step")
     t.add_argument("--steps", type=int, default=3, help="measured steps per process (their median counts)")
@@ -454,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
     t.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="time steps by wall clock, or by the process's CPU time (CPU with --threads 1 only): "
-                        "on a machine shared with other jobs, CPU time is what the step costs, wall time also "
-                        "counts the time the scheduler gave to others")
+                        "on a machine shared with other jobs, CPU time is what the step costs, while wall time "
+                        "also counts the time the scheduler gave to others")
     t.add_argument("--out", help="write the raw numbers as JSON here")
     t.set_defaults(func=throughput, report=_print_throughput)
 
@@ -472,32 +451,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace runs already in --out-dir")
     p.add_argument("--cache-dir", help="tokenised-corpus cache (default: ~/.cache/earlybert_ds)")
     p.add_argument("--plot", default="docs/pretrain_val_loss.png",
-                   help="validation loss vs wall time (PNG; a _steps twin vs step); empty: none")
+                   help="PNG of validation loss vs wall time (and a _steps twin vs step); empty: none")
     p.add_argument("--quick", action="store_true", help="a tiny model for a few steps (smoke test)")
     p.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
     p.add_argument("--out", help="write the raw numbers as JSON here")
     p.set_defaults(func=pretrain, report=_print_pretrain)
 
     f = sub.add_parser("finetune", help="(not yet) fine-tuning quality and speed")
-    f.set_defaults(func=_finetune, report=None)
+    f.set_defaults(func=finetune, report=None)
 
-    w = sub.add_parser("_worker")  # internal: one throughput measurement in a fresh process
+    w = sub.add_parser("_worker")  # internal: one throughput measurement, in a fresh process
     w.add_argument("spec")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.suite == "_worker":
         print(json.dumps(_worker(json.loads(args.spec))))
         return 0
-    if args.suite == "throughput" and (set(args.variants) - set(VARIANTS) or "a" not in args.variants):
-        raise SystemExit(f"--variants {args.variants!r}: a subset of abcde that includes a (the reference)")
-    if args.suite == "throughput" and set(args.shapes.split(",")) - set(SHAPES):
-        raise SystemExit(f"--shapes {args.shapes!r}: choose from {', '.join(SHAPES)}")
-    if args.suite == "throughput" and args.clock == "cpu" and (args.threads != 1 or _on_cuda()):
-        raise SystemExit("--clock cpu measures single-threaded CPU runs: add --threads 1 (and no GPU)")
-    result = args.func(args)
+    if args.suite == "throughput":
+        if set(args.variants) - set(VARIANTS) or "a" not in args.variants:
+            parser.error(f"--variants {args.variants!r}: letters of abcde, including a (the reference)")
+        if set(args.shapes.split(",")) - set(SHAPES):
+            parser.error(f"--shapes {args.shapes!r}: choose from {', '.join(SHAPES)}")
+        if args.clock == "cpu" and (args.threads != 1 or torch.cuda.is_available()):
+            parser.error("--clock cpu measures single-threaded CPU runs: add --threads 1 (and no GPU)")
+    try:
+        result = args.func(args)
+    except BenchError as e:
+        print(f"earlybert-ds bench {args.suite}: error: {e}", file=sys.stderr)
+        return 2
     args.report(result)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
