@@ -89,7 +89,8 @@ class EarlyBertArgs:
     ffn_ratio: float = _f(0.4, "fraction of FFN neurons pruned")
     head_method: Literal["layerwise", "global"] = _f("layerwise", "head pruning: per layer or across layers")
     ffn_method: Literal["layerwise", "global"] = _f("global", "FFN pruning: per layer or across layers")
-    ffn_multiple: int = _f(1, "round kept FFN widths up to a multiple of this (e.g. 64 for fast GPU kernels)")
+    ffn_multiple: int = _f(64, "round kept FFN widths up to a multiple of this: odd widths lose ~15% of the "
+                               "speedup to slow GEMM kernels (bench throughput, variant c vs e); 1: exact ratio")
     draw: Literal["earlybird", "fixed", "random"] = _f("earlybird", "earlybird: when masks converge; fixed: at "
                                                                     "fixed_step; random: a random ticket")
     detect_every: int = _f(10, "compute masks and their distance every N search steps")

@@ -69,6 +69,7 @@ def tiny_run_args(corpus: Path, cache: Path, out: Path, **overrides) -> list[str
         # 2 layers x 4 heads = 8 head bits: one swapped pair is a distance of 0.25, so the paper's 0.1 cannot
         # be met by the head masks of so small a model
         "--earlybert.epsilon": 0.3,
+        "--earlybert.ffn_multiple": 1,  # FFN width 64: rounding kept widths up to 64 would prune nothing
     }
     opts.update({k if k.startswith("--") else f"--{k}": v for k, v in overrides.items()})
     return [str(x) for kv in opts.items() for x in kv]

@@ -61,7 +61,8 @@ def test_classification_two_ranks_learns_and_shrinks(minilm_dir, tmp_path):
                          "--finetune.search_epochs", "0.75"], tmp_path / "run", nproc=2)
     ticket = summary["ticket"]
     assert ticket["heads_per_layer"] == [8] * 6  # 1/3 of 12 heads pruned per layer
-    assert sum(ticket["intermediate_sizes"]) == round(0.6 * 6 * 1536)  # 40% of the FFN neurons, globally
+    widths = ticket["intermediate_sizes"]  # 40% of the FFN neurons pruned globally, widths rounded up to x64
+    assert all(w % 64 == 0 for w in widths) and 0 <= sum(widths) - round(0.6 * 6 * 1536) < 6 * 64
     assert ticket["step"] <= 9  # 192 examples / 16 per step = 12 steps per epoch; search limit 0.75 epoch
     assert summary["steps"] == 24 and summary["params_final"] < summary["params_full"]
     assert summary["final_dev_accuracy"] >= 0.9  # chance is 0.5
