@@ -72,7 +72,7 @@ def test_bad_input_found_at_start_leaves_the_directory_reusable(capsys, corpus, 
         ({"model.init_from": tmp_path}, ["not a model directory"]),
     ]
     for overrides, needles in cases:
-        _fails(capsys, tiny_run_args(*corpus, out, **{"log.wandb": "disabled", **overrides}), *needles)
+        _fails(capsys, tiny_run_args(*corpus, out, **overrides), *needles)
         # nothing was trained or recorded: the same directory is still free for a corrected run
         assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
 

@@ -23,7 +23,7 @@ from conftest import REPO, VENV_BIN, free_port, tiny_run_args
 
 STEPS = 16
 ARGS = {"train.zero_stage": 2, "train.precision": "fp32", "train.steps": STEPS, "earlybert.max_search_steps": 12,
-        "train.eval_every": 8}
+        "train.eval_every": 8, "log.wandb": "offline"}
 
 
 def _env(**kw) -> dict[str, str]:
