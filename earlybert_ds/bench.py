@@ -541,6 +541,15 @@ def _print_finetune(result: dict) -> None:
 
 # ---- command line -------------------------------------------------------------------------------------------------
 
+def _run_options(parser: argparse.ArgumentParser, runs: dict[str, list[str]], out_dir: str) -> None:
+    """The options of the suites made of real runs (pretrain, finetune)."""
+    parser.add_argument("--runs", default=",".join(runs), help=f"comma-separated, of {', '.join(runs)}")
+    parser.add_argument("--out-dir", default=out_dir, help="the runs' output directories (and data) go here")
+    parser.add_argument("--overwrite", action="store_true", help="replace runs already in --out-dir")
+    parser.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
+    parser.add_argument("--out", help="write the raw numbers as JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earlybert-ds bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -571,15 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--evals", type=int, default=12, help="validations per run")
     p.add_argument("--eval-batches", type=int, default=10, help="micro-batches per validation")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
-    p.add_argument("--out-dir", default="runs/bench-pretrain", help="the runs' output directories go here")
-    p.add_argument("--overwrite", action="store_true", help="replace runs already in --out-dir")
     p.add_argument("--cache-dir", help="tokenised-corpus cache (default: ~/.cache/earlybert_ds)")
     p.add_argument("--plot", default="docs/pretrain_val_loss.png",
                    help="PNG of validation loss vs wall time (and a _steps twin vs step); empty: none")
     p.add_argument("--quick", action="store_true", help="a tiny model for a few steps (smoke test)")
-    p.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
-    p.add_argument("--out", help="write the raw numbers as JSON here")
+    _run_options(p, RUNS, "runs/bench-pretrain")
     p.set_defaults(func=pretrain, report=_print_pretrain)
 
     f = sub.add_parser("finetune", help="fine-tuning from MiniLM: full vs EarlyBERT vs random ticket")
@@ -594,14 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=5e-5)
     f.add_argument("--evals", type=int, default=6, help="dev evaluations per run")
     f.add_argument("--seed", type=int, default=0, help="seed of the data split and of training")
-    f.add_argument("--runs", default=",".join(FT_RUNS), help=f"comma-separated, of {', '.join(FT_RUNS)}")
-    f.add_argument("--out-dir", default="runs/bench-finetune", help="the data and the runs' directories go here")
-    f.add_argument("--overwrite", action="store_true", help="replace runs already in --out-dir")
     f.add_argument("--plot", default="docs/finetune_dev_accuracy.png",
                    help="PNG of dev accuracy vs wall time; empty: none")
     f.add_argument("--quick", action="store_true", help="a few paragraphs per class, one epoch (smoke test)")
-    f.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
-    f.add_argument("--out", help="write the raw numbers as JSON here")
+    _run_options(f, FT_RUNS, "runs/bench-finetune")
     f.set_defaults(func=finetune, report=_print_finetune)
 
     w = sub.add_parser("_worker")  # internal: one throughput measurement, in a fresh process
