@@ -378,6 +378,14 @@ def _run(command: str, options: list[str], out: Path, threads: int | None, key: 
             "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
 
 
+def _python_docs(corpus: str | None) -> Path:
+    path = Path(corpus) if corpus else PYTHON_DOCS
+    if not path.exists():
+        raise BenchError(f"corpus {path} not found: install Debian's Python documentation sources with "
+                         "`apt-get install python3.11-doc`, or pass --corpus FILE_OR_DIR")
+    return path
+
+
 def pretrain(args: argparse.Namespace) -> dict:
     if args.quick:
         args.model_size, args.steps, args.batch, args.evals, args.eval_batches = "tiny", 24, 4, 4, 2
@@ -422,14 +430,6 @@ def _print_pretrain(result: dict) -> None:
 
 
 # ---- finetune -----------------------------------------------------------------------------------------------------
-
-def _python_docs(corpus: str | None) -> Path:
-    path = Path(corpus) if corpus else PYTHON_DOCS
-    if not path.exists():
-        raise BenchError(f"corpus {path} not found: install Debian's Python documentation sources with "
-                         "`apt-get install python3.11-doc`, or pass --corpus FILE_OR_DIR")
-    return path
-
 
 _RST_ROLE = re.compile(r":[\w:.-]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`name` or :ref:`text <target>` -> its text
 _RST_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`_+")  # `text <url>`_ -> text
