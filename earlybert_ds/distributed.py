@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +56,25 @@ def init() -> tuple[int, int]:
             raise _rendezvous_error(e, timeout.total_seconds()) from e
         if on_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            _unlink_shm_segment()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_segment() -> None:
+    """Unlink this rank's DeepSpeed shared-memory segment (about 69 MB) once every rank has mapped every segment.
+
+    When all ranks are on one machine, DeepSpeed's CPU backend (0.19) creates one segment per rank in
+    ``init_distributed``, ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``, and never
+    unlinks it: every job would leave ranks x 69 MB of RAM in /dev/shm until reboot, and a full /dev/shm makes later
+    jobs die of SIGBUS or hang. Unlinked after the barrier, the mappings stay valid and the memory is freed when the
+    job ends, however it ends.
+    """
+    if dist.get_world_size() > 1:
+        dist.barrier()  # each rank maps its peers' segments inside init_distributed: after this, all are mapped
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
+    Path(f"/dev/shm/{name}_{dist.get_rank()}").unlink(missing_ok=True)
 
 
 def _rendezvous_error(e: RuntimeError, timeout_s: float) -> RendezvousError:

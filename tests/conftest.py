@@ -44,6 +44,7 @@ def randomize_gates(model: torch.nn.Module, seed: int = 0) -> None:
 # ---- real launches --------------------------------------------------------------------------------------------
 
 import json  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -77,12 +78,26 @@ def tiny_run_args(corpus: Path, cache: Path, out: Path, **overrides) -> list[str
 
 def launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
            launcher_args: list[str] | None = None, command: str = "pretrain") -> subprocess.CompletedProcess:
-    """A real `deepspeed` launch of `earlybert_ds COMMAND` with ``nproc`` CPU ranks."""
+    """A real `deepspeed` launch of `earlybert_ds COMMAND` with ``nproc`` CPU ranks; on a timeout the launcher and
+    all its ranks are killed (not only the launcher: orphaned ranks would slow every later test down).
+
+    Every launch also checks that the job left none of DeepSpeed's shared-memory segments behind in /dev/shm."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
                 "PYTHONUNBUFFERED": "1", "EARLYBERT_DIST_TIMEOUT": "120", **(env or {})}
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
            *(launcher_args or []), "--module", "earlybert_ds", command, *args]
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    leftovers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not leftovers, f"the job left shared memory behind: {leftovers}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def metrics(out: Path) -> list[dict]:
