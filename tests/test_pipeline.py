@@ -1,13 +1,13 @@
 """The whole EarlyBERT pipeline in real 2-rank `deepspeed` launches on a tiny BERT (CPU, gloo).
 
 Search -> early-bird ticket on the coordinator -> broadcast -> restart on the physically smaller model ->
-efficient training; checkpoints, exact resume, resume from the ticket on another world size, wandb files.
+efficient training; checkpoints, resume from the ticket on another world size, wandb files (exact resume
+after crashes: test_faults.py).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from transformers import AutoModelForMaskedLM
 
 from earlybert_ds.wandb_offline import read_history, read_summary
 
-from conftest import launch, losses, metrics, tiny_run_args
+from conftest import launch, losses, tiny_run_args
 
 pytestmark = pytest.mark.slow
 
@@ -96,21 +96,6 @@ def test_zero3_bf16_pipeline_two_ranks(corpus, tmp_path):
     out = tmp_path / "run"
     _ok(launch(tiny_run_args(*corpus, out, **{"train.zero_stage": 3, "train.precision": "bf16"})))
     _check_pipeline(out)
-
-
-def test_killed_search_resumes_to_the_same_ticket_and_identical_losses(corpus, tmp_path, zero2_run):
-    out = tmp_path / "run"
-    args = tiny_run_args(*corpus, out, **{"train.zero_stage": 2, "train.precision": "bf16"})
-    t0 = time.monotonic()
-    killed = launch(args, env={"EARLYBERT_FAULT": "step:6@rank1"})  # SIGKILL rank 1 after step 6, mid-search
-    assert killed.returncode != 0 and time.monotonic() - t0 < 120  # the launcher brings the job down, no hang
-    assert (out / "checkpoints" / "latest").read_text() == "global_step4" and not (out / "ticket").exists()
-    _ok(launch(args + ["--resume"]))
-    assert (out / "ticket" / "ticket.json").read_text() == (zero2_run / "ticket" / "ticket.json").read_text()
-    ref, got = losses(zero2_run), losses(out)
-    assert got == ref  # bit-identical, every step, search and efficient stage
-    steps = [m["step"] for m in metrics(out) if "loss" in m]
-    assert steps == sorted(set(steps))  # metrics.jsonl reads as one run: nothing logged twice
 
 
 def test_resume_from_ticket_on_one_rank(corpus, tmp_path, zero2_run):
