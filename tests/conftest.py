@@ -76,6 +76,16 @@ def tiny_run_args(corpus: Path, cache: Path, out: Path, **overrides) -> list[str
     return [str(x) for kv in opts.items() for x in kv]
 
 
+def run_single(args: list[str], command: str = "pretrain", env: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m earlybert_ds COMMAND`` as one plain process (a real single-rank DeepSpeed engine, no launcher), as
+    a user starts it by hand."""
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "WANDB_MODE": "offline",
+                "MASTER_PORT": str(free_port()), **(env or {})}
+    return subprocess.run([str(VENV_BIN / "python"), "-m", "earlybert_ds", command, *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
            launcher_args: list[str] | None = None, command: str = "pretrain") -> subprocess.CompletedProcess:
     """A real `deepspeed` launch of `earlybert_ds COMMAND` with ``nproc`` CPU ranks; on a timeout the launcher and

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-from conftest import REPO, VENV_BIN, free_port, launch
+from conftest import launch, run_single
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +40,7 @@ def _glue_sst2(root: Path) -> Path:
 def _finetune(args: list[str], out: Path, nproc: int = 1) -> dict:
     common = ["--output-dir", str(out), "--log.progress", "false", "--log.wandb", "offline",
               "--earlybert.detect_every", "2", "--earlybert.window", "2", "--earlybert.epsilon", "0.2"]
-    if nproc == 1:  # one process, no launcher: a real single-rank DeepSpeed engine
-        env = {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "MASTER_PORT": str(free_port()),
-               "OMP_NUM_THREADS": "2"}
-        import os
-
-        proc = subprocess.run([str(VENV_BIN / "python"), "-m", "earlybert_ds", "finetune", *args, *common],
-                              cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-    else:
-        proc = launch(args + common, nproc=nproc, command="finetune")
+    proc = run_single(args + common, "finetune") if nproc == 1 else launch(args + common, nproc, command="finetune")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
 
