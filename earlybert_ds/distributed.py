@@ -7,7 +7,10 @@ the usual ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` variables are set for us.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,18 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 600
 
 
+#: DeepSpeed's CPU communication op, compiled on first use by every CPU ``init_distributed``.
+SHM_OP = "deepspeed_shm_comm"
+#: A JIT-build lock older than this was left by a build that was killed (a build takes about a minute).
+STALE_BUILD_LOCK_S = 600
+
+
 class RendezvousError(ValueError):
     """The ranks could not meet at MASTER_ADDR:MASTER_PORT in time; the message says where and what to check."""
+
+
+class BuildLockError(ValueError):
+    """A lock left behind by a killed build of DeepSpeed's CPU communication op would make this job wait forever."""
 
 
 def _free_port() -> int:
@@ -45,6 +58,9 @@ def init() -> tuple[int, int]:
         if "RANK" not in os.environ:  # a single process started by hand
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        _jit_build_environment()
+        if not on_cuda():
+            _check_build_lock(SHM_OP)
         import deepspeed
 
         timeout = timedelta(seconds=float(os.environ.get("EARLYBERT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
@@ -59,6 +75,48 @@ def init() -> tuple[int, int]:
         else:
             _unlink_shm_segment()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _jit_build_environment() -> None:
+    """Build DeepSpeed's just-in-time ops once per Python environment, with that environment's ``ninja``.
+
+    Two ninja versions (a system one and the PyPI one DeepSpeed depends on) do not recognise each other's build logs,
+    and two environments (other torch or DeepSpeed versions) do not share builds: either way, a job started the other
+    way rebuilt the CPU communication op from scratch, about a minute per rank (``launch/*.sh`` put the environment's
+    ``bin/`` first on PATH, a bare ``.venv/bin/earlybert-ds`` does not). ``TORCH_EXTENSIONS_DIR`` still overrides.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    here = Path(sys.executable).parent
+    if (here / "ninja").is_file() and shutil.which("ninja") != str(here / "ninja"):
+        os.environ["PATH"] = os.pathsep.join([str(here), os.environ.get("PATH", "")])
+
+
+def build_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU communication op now (``launch/setup.sh``), not in the first job."""
+    _jit_build_environment()
+    _check_build_lock(SHM_OP)
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
+def _check_build_lock(op: str) -> None:
+    """Fail, naming the file, where torch's build lock of ``op`` is stale.
+
+    torch guards a just-in-time build with a bare lock file and waits, silently and forever, while it exists; a
+    process killed during the build (the first start of a job, on a new machine) leaves it behind.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        raise BuildLockError(f"{lock} is {age / 60:.0f} minutes old: a build of DeepSpeed's {op} op was killed and "
+                             "left its lock behind, and every job would wait on it forever. Remove the file (if no "
+                             "build is running) and start again")
 
 
 def _unlink_shm_segment() -> None:

@@ -13,3 +13,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "${PIP[@]}" -e ".[test]" "torch==$TORCH_VERSION"
   touch "$stamp"
 fi
+# DeepSpeed compiles its CPU communication op on first use (about a minute): on a machine without a GPU, once, here
+if .venv/bin/python -c "import torch, sys; sys.exit(torch.cuda.is_available())" 2>/dev/null; then
+  DS_ACCELERATOR=cpu .venv/bin/python -c "from earlybert_ds.distributed import build_cpu_ops; build_cpu_ops()"
+fi

@@ -13,9 +13,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# DeepSpeed's just-in-time ops are built per environment: another venv sharing ~/.cache/torch_extensions would make
-# the two rebuild each other's (minutes each time)
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 from earlybert_ds.modeling import EarlyBertConfig  # noqa: E402
 

@@ -336,8 +336,10 @@ def test_lamb_trains_regression():
 
 @pytest.fixture(scope="module")
 def distributed():
-    """A one-process gloo group (the first init on a machine compiles DeepSpeed's shm op, ~25 s, then cached)."""
+    """A one-process gloo group, set up as every run sets it up."""
     import deepspeed
+
+    from earlybert_ds import distributed as dist
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -346,7 +348,7 @@ def distributed():
         env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         for k, v in env.items():
             mp.setenv(k, v)
-        deepspeed.init_distributed(dist_backend="gloo")
+        dist.init()
         yield deepspeed
 
 
