@@ -1,6 +1,7 @@
 """Multi-node launches on one machine: two "nodes" of one CPU rank each, every node its own DeepSpeed launcher
-started with --no_ssh (as on a cluster without ssh, or under SLURM), over loopback and over two network
-namespaces joined by a veth pair; and the launch scripts' failure modes (bad hostfiles, an unreachable master).
+started with --no_ssh (as on a cluster without ssh, or under SLURM), in two network namespaces joined by a veth
+pair (over loopback where they cannot be made); and the launch scripts' failure modes (bad hostfiles, an
+unreachable master).
 """
 
 from __future__ import annotations
@@ -82,57 +83,52 @@ def _check_two_node_run(out: Path, caches: list[Path]) -> None:
     assert names[0] == names[1] and [n for n in names[0] if n.startswith("packed-")], names
 
 
-@pytest.mark.slow
-def test_two_nodes_over_loopback(corpus, tmp_path):
-    """`deepspeed --no_ssh --node_rank R` on each "node", as the README's multi-node-without-ssh command."""
-    hostfile, out, port = _hostfile(tmp_path / "hostfile"), tmp_path / "run", str(free_port())
-    caches = [tmp_path / f"cache{r}" for r in (0, 1)]
-    cmds = [[str(VENV_BIN / "deepspeed"), "--no_ssh", "--node_rank", str(r), "--hostfile", str(hostfile),
-             "--master_addr", "127.0.0.1", "--master_port", port, "--module", "earlybert_ds", "pretrain",
-             *tiny_run_args(corpus[0], caches[r], out, **ARGS)] for r in (0, 1)]
-    _run_nodes(cmds, [_env()] * 2, tmp_path)
-    _check_two_node_run(out, caches)
+def _netns_pair(stack: list[list[str]]) -> list[tuple[list[str], dict[str, str], str]] | None:
+    """Two network namespaces joined by a veth pair, or None where they cannot be made (not root, no iproute2);
+    ``stack`` collects the commands that undo them."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return None
+    tag, subnet = f"eb{os.getpid() % 100000}", f"10.213.{os.getpid() % 250}"
+    nodes = [(f"{tag}n{i}", f"{tag}v{i}", f"{subnet}.{i + 1}") for i in (0, 1)]
+    steps = [("netns", "add", nodes[0][0]), ("netns", "add", nodes[1][0]),
+             ("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])]
+    for ns, dev, addr in nodes:
+        steps += [("link", "set", dev, "netns", ns), ("-n", ns, "addr", "add", f"{addr}/24", "dev", dev),
+                  ("-n", ns, "link", "set", dev, "up"), ("-n", ns, "link", "set", "lo", "up")]
+    # deleting a namespace deletes the veth end inside it, and so the pair; else the pair is deleted here
+    stack.append(["ip", "link", "del", nodes[0][1]])
+    for step in steps:
+        if subprocess.run(["ip", *step], capture_output=True).returncode:
+            return None
+        if step[0] == "netns":
+            stack.append(["ip", "netns", "del", step[2]])
+    return [(["ip", "netns", "exec", ns], {"GLOO_SOCKET_IFNAME": dev}, addr) for ns, dev, addr in nodes]
 
 
 @pytest.fixture
-def netns_pair():
-    """Two network namespaces joined by a veth pair; yields (namespace, interface, address) per "node"."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("`ip` (iproute2) is not installed: apt-get install iproute2")
-    tag, subnet = f"eb{os.getpid() % 100000}", f"10.213.{os.getpid() % 250}"
-    nodes = [(f"{tag}n{i}", f"{tag}v{i}", f"{subnet}.{i + 1}") for i in (0, 1)]
-    created = []
+def two_nodes():
+    """Two "nodes" on this machine: two network namespaces joined by a veth pair, each reaching the other by its own
+    10.x address (as root with iproute2), else both on loopback. Yields (command prefix, environment, address) per
+    node."""
+    undo: list[list[str]] = []
     try:
-        steps = [("netns", "add", nodes[0][0]), ("netns", "add", nodes[1][0]),
-                 ("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])]
-        for ns, dev, addr in nodes:
-            steps += [("link", "set", dev, "netns", ns), ("-n", ns, "addr", "add", f"{addr}/24", "dev", dev),
-                      ("-n", ns, "link", "set", dev, "up"), ("-n", ns, "link", "set", "lo", "up")]
-        for step in steps:
-            r = subprocess.run(["ip", *step], capture_output=True, text=True)
-            if r.returncode:
-                pytest.skip(f"cannot build two network namespaces here: `ip {' '.join(step)}`: {r.stderr.strip()}")
-            if step[0] == "netns":
-                created.append(step[2])
-        yield nodes
-    finally:  # deleting a namespace deletes the veth end inside it, and so the pair; else delete the pair here
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", nodes[0][1]], capture_output=True)
+        yield _netns_pair(undo) or [([], {}, "127.0.0.1")] * 2
+    finally:
+        for cmd in reversed(undo):
+            subprocess.run(cmd, capture_output=True)
 
 
 @pytest.mark.slow
-def test_two_nodes_in_network_namespaces(corpus, tmp_path, netns_pair):
-    """Each "node" in its own network namespace, reaching the other over a veth link by its 10.x address, started
-    with launch/multinode_nossh.sh as a cluster user would (GLOO_SOCKET_IFNAME names the link)."""
-    hostfile, out, master = _hostfile(tmp_path / "hostfile"), tmp_path / "run", netns_pair[0][2]
+def test_two_nodes_without_ssh(corpus, tmp_path, two_nodes):
+    """Each "node" started with launch/multinode_nossh.sh (`deepspeed --no_ssh --node_rank R`), as a cluster user
+    would, its own data cache; GLOO_SOCKET_IFNAME names the link between the namespaces."""
+    hostfile, out, master = _hostfile(tmp_path / "hostfile"), tmp_path / "run", two_nodes[0][2]
     caches = [tmp_path / f"cache{r}" for r in (0, 1)]
-    cmds = [["ip", "netns", "exec", ns, "bash", "launch/multinode_nossh.sh",
-             *tiny_run_args(corpus[0], caches[r], out, **ARGS)] for r, (ns, _, _) in enumerate(netns_pair)]
-    envs = [_env(NODE_RANK=str(r), HOSTFILE=str(hostfile), MASTER_ADDR=master, MASTER_PORT="29500",
-                 GLOO_SOCKET_IFNAME=dev) for r, (_, dev, _) in enumerate(netns_pair)]
+    cmds = [[*prefix, "bash", "launch/multinode_nossh.sh", *tiny_run_args(corpus[0], caches[r], out, **ARGS)]
+            for r, (prefix, _, _) in enumerate(two_nodes)]
+    port = str(free_port())
+    envs = [_env(NODE_RANK=str(r), HOSTFILE=str(hostfile), MASTER_ADDR=master, MASTER_PORT=port, **extra)
+            for r, (_, extra, _) in enumerate(two_nodes)]
     _run_nodes(cmds, envs, tmp_path)
     _check_two_node_run(out, caches)
 
@@ -143,7 +139,7 @@ def test_unreachable_master_fails_in_bounded_time(tmp_path):
     message naming the address, the port and the timeout (timed from the rendezvous, after the start-up)."""
     port = str(free_port())
     env = _env(NODE_RANK="1", HOSTFILE=str(_hostfile(tmp_path / "hostfile")), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=port, EARLYBERT_DIST_TIMEOUT="10")
+               MASTER_PORT=port, EARLYBERT_DIST_TIMEOUT="5")
     proc = subprocess.Popen(["bash", "launch/multinode_nossh.sh", "--output-dir", str(tmp_path / "run")], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -164,8 +160,8 @@ def test_unreachable_master_fails_in_bounded_time(tmp_path):
     output = "".join(lines)
     assert proc.returncode == 2 and rendezvous is not None, output[-4000:]
     assert f"rank 1 of 2 could not join the job at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port} " \
-           "(EARLYBERT_DIST_TIMEOUT = 10 s)" in output, output[-4000:]
-    assert time.monotonic() - rendezvous < 60
+           "(EARLYBERT_DIST_TIMEOUT = 5 s)" in output, output[-4000:]
+    assert time.monotonic() - rendezvous < 30
 
 
 def _refused(tmp_path: Path, script: str, text: str | None, node_rank: str, message: str) -> None:
