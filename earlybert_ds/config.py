@@ -175,16 +175,33 @@ class RunConfig:
         need(0 < d.mlm_probability < 1, f"data.mlm_probability={d.mlm_probability} must be in (0, 1)")
         need(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
         need(d.seq_len >= 8, f"data.seq_len={d.seq_len} is too short (>= 8)")
+        need(d.vocab_size >= 1, f"data.vocab_size={d.vocab_size} must be >= 1")
+        need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+        need(t.eps > 0, f"train.eps={t.eps} must be > 0")
+        need(t.seed >= 0, f"train.seed={t.seed} must be >= 0")
         m = self.model
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            need(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
+        need(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
         need(m.hidden_size % m.num_heads == 0, f"model.hidden_size={m.hidden_size} is not a multiple of "
                                                f"model.num_heads={m.num_heads}")
         need(d.seq_len <= 512 or m.init_from is None, f"data.seq_len={d.seq_len}: BERT checkpoints have 512 "
                                                       "positions")
+        f = self.finetune
+        need(f.num_labels >= 1, f"finetune.num_labels={f.num_labels} must be >= 1 (1: regression)")
+        need(f.max_len is None or f.max_len >= 8, f"finetune.max_len={f.max_len} is too short (>= 8)")
+        need(f.stride >= 0, f"finetune.stride={f.stride} must be >= 0")
+        for name in ("epochs", "search_epochs"):
+            need(getattr(f, name) is None or getattr(f, name) > 0, f"finetune.{name}={getattr(f, name)} must be > 0")
+        need(f.warmup_fraction is None or 0 <= f.warmup_fraction < 1,
+             f"finetune.warmup_fraction={f.warmup_fraction} must be in [0, 1)")
         if e.enabled:
             for name in ("head_ratio", "ffn_ratio"):
                 r = getattr(e, name)
                 need(0 <= r < 1, f"earlybert.{name}={r}: a pruning ratio must be in [0, 1)")
             need(e.epsilon > 0, f"earlybert.epsilon={e.epsilon}: the mask-distance threshold must be > 0")
+            for name in ("l1_heads", "l1_ffn"):
+                need(getattr(e, name) >= 0, f"earlybert.{name}={getattr(e, name)}: an L1 coefficient must be >= 0")
             need(e.window >= 1, f"earlybert.window={e.window} must be >= 1")
             need(e.detect_every >= 1, f"earlybert.detect_every={e.detect_every} must be >= 1")
             need(e.ffn_multiple >= 1, f"earlybert.ffn_multiple={e.ffn_multiple} must be >= 1")

@@ -62,3 +62,13 @@ def test_round_trip_and_file_formats(tmp_path):
 
 def test_every_field_has_help():
     assert all(f.metadata.get("help") for f in all_fields().values() if not dataclasses.is_dataclass(f.type))
+
+
+@pytest.mark.parametrize("key, value", [("model.num_heads", 0), ("model.hidden_size", -8), ("model.dropout", 1.0),
+                                        ("data.vocab_size", 0), ("train.seed", -1), ("train.eps", 0.0),
+                                        ("earlybert.l1_ffn", -1e-4), ("finetune.epochs", 0.0),
+                                        ("finetune.num_labels", 0), ("finetune.warmup_fraction", 1.0)])
+def test_out_of_range_values_name_their_field(key, value):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"^{key}={value}"):
+        RunConfig.from_dict({section: {name: value}})
