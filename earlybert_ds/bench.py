@@ -527,7 +527,7 @@ def finetune(args: argparse.Namespace) -> dict:
 def _print_finetune(result: dict) -> None:
     runs, counts = result["runs"], result["data"]["counts"]
     full = runs.get("full")
-    print(f"\nclasses (train/dev paragraphs): "
+    print("\nclasses (train/dev paragraphs): "
           + ", ".join(f"{s} {c['train']}/{c['dev']}" for s, c in counts.items()))
     print(f"{'run':<16}{'ticket':>7}{'FLOP ratio':>11}{'wall s':>8}{'CPU s':>7}{'CPU vs full':>12}{'dev acc':>9}"
           f"{'acc vs full':>12}")

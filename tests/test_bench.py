@@ -68,7 +68,7 @@ def _docs_tree(root):
         for page in range(3):
             paras = [f"Paragraph {i} of {section} page {page} says :func:`~os.{section}` and ``code`` in plain words "
                      "long enough to count as prose here." for i in range(4)]
-            text = f"Title\n=====\n\n.. note::\n\n   indented\n\n" + "\n\n".join(paras) + "\n\n   >>> code\n"
+            text = "Title\n=====\n\n.. note::\n\n   indented\n\n" + "\n\n".join(paras) + "\n\n   >>> code\n"
             path = root / section / f"p{page}.rst.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)

@@ -79,7 +79,6 @@ def test_regression_learns(minilm_dir, tmp_path):
 
 
 def test_squad_qa_learns(minilm_dir, tmp_path):
-    rng = random.Random(5)
     cities = ["paris", "rome", "madrid", "berlin", "vienna", "lisbon", "oslo", "dublin", "prague", "warsaw"]
     names = ["anna", "boris", "clara", "david", "elena", "felix", "greta", "hugo", "irene", "jonas", "karl", "lena"]
 

@@ -21,7 +21,7 @@ import torch
 
 from earlybert_ds.ticket import Ticket
 
-from conftest import REPO, VENV_BIN, free_port, tiny_run_args
+from conftest import REPO, free_port, tiny_run_args
 
 STEPS = 16
 ARGS = {"train.zero_stage": 2, "train.precision": "fp32", "train.steps": STEPS, "earlybert.max_search_steps": 12,
@@ -121,7 +121,7 @@ def two_nodes():
 @pytest.mark.slow
 def test_two_nodes_without_ssh(corpus, tmp_path, two_nodes):
     """Each "node" started with launch/multinode_nossh.sh (`deepspeed --no_ssh --node_rank R`), as a cluster user
-    would, its own data cache; GLOO_SOCKET_IFNAME names the link between the namespaces."""
+    would, its own data cache; between namespaces GLOO_SOCKET_IFNAME names the link."""
     hostfile, out, master = _hostfile(tmp_path / "hostfile"), tmp_path / "run", two_nodes[0][2]
     caches = [tmp_path / f"cache{r}" for r in (0, 1)]
     cmds = [[*prefix, "bash", "launch/multinode_nossh.sh", *tiny_run_args(corpus[0], caches[r], out, **ARGS)]
