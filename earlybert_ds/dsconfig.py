@@ -20,11 +20,12 @@ from torch import nn
 
 from .config import RunConfig
 from .gates import is_gate
+from .hardware import auto_precision, cpu_info
 from .optim import make_client_optimizer
 
 # make_client_optimizer is re-exported: it must agree with build_ds_config on who builds the optimizer.
-__all__ = ["DEFAULT_DS_CONFIG", "DEFAULT_DS_DICT", "KNOWN_KEYS", "DSConfigError", "build_ds_config", "load_ds_config",
-           "make_client_optimizer", "param_groups", "lr_lambda"]
+__all__ = ["DEFAULT_DS_CONFIG", "DEFAULT_DS_DICT", "KNOWN_KEYS", "DSConfigError", "build_ds_config",
+           "describe_precision", "load_ds_config", "make_client_optimizer", "param_groups", "lr_lambda"]
 
 AUTO = "auto"
 
@@ -226,19 +227,31 @@ def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
     return cfg
 
 
-def _resolve_precision(cfg: dict, run_precision: str | None, source: str, on_cuda: bool) -> str:
-    """bf16/fp16/fp32 from --train.precision, else the JSON's explicit choice, else bf16 on CUDA and fp32 on CPU
-    (CPUs without AVX512-BF16/AMX emulate bf16 matmuls ~100x slower than fp32); writes it back."""
+def precision_choice(cfg: dict, run_precision: str | None, source: str, on_cuda: bool) -> tuple[str, str]:
+    """bf16/fp16/fp32 and why: --train.precision, else the JSON's explicit choice, else ``auto``: bf16 on CUDA and
+    on CPUs with bf16 matrix units, fp32 on other CPUs (which emulate bf16 matmuls ~100x slower than fp32)."""
     explicit = {k: v for k in ("bf16", "fp16")
                 if isinstance(v := _get(cfg, f"{k}.enabled", "bool", source), bool)}
     if explicit.get("bf16") and explicit.get("fp16"):
         raise DSConfigError(f"{source}: bf16.enabled=true and fp16.enabled=true: enable at most one")
     if run_precision is not None:
-        precision = run_precision
-    elif any(explicit.values()):
-        precision = next(k for k, v in explicit.items() if v)
-    else:
-        precision = "bf16" if on_cuda and explicit.get("bf16") is not False else "fp32"
+        return run_precision, "train.precision"
+    if any(explicit.values()):
+        return next(k for k, v in explicit.items() if v), source
+    precision, why = auto_precision(on_cuda, cpu_info()["flags"])
+    if precision == "bf16" and explicit.get("bf16") is False:
+        return "fp32", f"{source} disables bf16"
+    return precision, f"auto: {why}"
+
+
+def describe_precision(run: RunConfig, on_cuda: bool) -> str:
+    """One line for the log: the precision this run trains in and why."""
+    cfg, source = load_ds_config(run.deepspeed)
+    return "precision %s (%s)" % precision_choice(cfg, run.train.precision, source, on_cuda)
+
+
+def _resolve_precision(cfg: dict, run_precision: str | None, source: str, on_cuda: bool) -> str:
+    precision, _ = precision_choice(cfg, run_precision, source, on_cuda)
     for k in ("bf16", "fp16"):
         _fill(cfg, f"{k}.enabled", "bool", precision == k, f"train.precision={precision}", source)
     return precision

@@ -39,7 +39,7 @@ from . import distributed as dist
 from .atomic import atomic_directory, atomic_write_text, fault_active, fault_point
 from .config import ConfigError, RunConfig, save_config
 from .data import ShardedBatches
-from .dsconfig import build_ds_config
+from .dsconfig import build_ds_config, describe_precision
 from .engine import Engine
 from .flops import count_parameters
 from .gates import GateValues, read_gates
@@ -479,6 +479,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
     torch.manual_seed(cfg.train.seed + rank)
     build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
+    logger.info(describe_precision(cfg, dist.on_cuda()))
     with _claim_output_dir(cfg, resume or bool(resume_from)) as out:
         start, error = None, ""
         if rank == 0:  # decided once, so that no file-system view can split the ranks across stages

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -22,6 +21,7 @@ from earlybert_ds.dsconfig import (  # noqa: E402
     DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config, lr_lambda, make_client_optimizer,
     param_groups,
 )
+from earlybert_ds.hardware import auto_precision, cpu_info  # noqa: E402
 from earlybert_ds.modeling import EarlyBertConfig, EarlyBertForPreTraining  # noqa: E402
 from earlybert_ds.optim import Lamb  # noqa: E402
 
@@ -68,8 +68,10 @@ def test_shipped_configs_build_on_cpu(path):
     assert cfg["train_batch_size"] == 32 and cfg["optimizer"]["type"] == "AdamW"
     offload = "offload_optimizer" in cfg["zero_optimization"]
     assert cfg["optimizer"]["params"].get("torch_adam", False) is not offload  # offload keeps DeepSpeedCPUAdam
-    # cpu.json leaves precision to the machine (fp32 on CPU); the named configs pin theirs
-    assert cfg["bf16"]["enabled"] is ("bf16" in path.name or "offload" in path.name)
+    # cpu.json leaves precision to the machine (bf16 where the CPU has bf16 units); the named configs pin theirs
+    machine_bf16 = auto_precision(False, cpu_info()["flags"])[0] == "bf16"
+    assert cfg["bf16"]["enabled"] is ("bf16" in path.name or "offload" in path.name or
+                                      (path.name == "cpu.json" and machine_bf16))
 
 
 def test_known_keys_are_the_ones_deepspeed_reads():
@@ -124,7 +126,8 @@ def test_auto_fields_filled(world_size):
     assert cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-7,
                                                             "weight_decay": 0.05, "torch_adam": True}}
-    assert cfg["bf16"] == {"enabled": False} and cfg["fp16"] == {"enabled": False}  # unset + auto on CPU: fp32
+    bf16 = auto_precision(False, cpu_info()["flags"])[0] == "bf16"  # unset + auto on CPU: as its bf16 units allow
+    assert cfg["bf16"] == {"enabled": bf16} and cfg["fp16"] == {"enabled": False}
     on_gpu = build_ds_config(run, world_size, on_cuda=True)
     assert on_gpu["bf16"] == {"enabled": True} and on_gpu["fp16"] == {"enabled": False}  # ... and bf16 on CUDA
     assert cfg["zero_optimization"] == {"stage": 0}
@@ -333,24 +336,6 @@ def test_lamb_trains_regression():
 
 
 # ---- a real engine --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def distributed():
-    """A one-process gloo group, set up as every run sets it up."""
-    import deepspeed
-
-    from earlybert_ds import distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        for k, v in env.items():
-            mp.setenv(k, v)
-        dist.init()
-        yield deepspeed
-
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
 def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from earlybert_ds.atomic import FAULT_ENV, atomic_directory, atomic_write_text
 
@@ -72,10 +73,12 @@ def test_divergence_stops_with_a_clear_message_and_the_last_good_checkpoint(corp
 
 @pytest.mark.slow
 def test_fp16_overflow_steps_are_skipped_and_counted(corpus, tmp_path):
+    """A whole fp16 run where DeepSpeed accepts fp16 on this machine (CUDA, AVX512-FP16 CPUs)."""
     from deepspeed.accelerator import get_accelerator
 
     if not get_accelerator().is_fp16_supported():  # the check DeepSpeed's engine makes before it refuses fp16
-        pytest.skip("DeepSpeed refuses fp16 on this CPU (no AVX512-FP16); runs on CUDA and AVX512-FP16 CPUs")
+        pytest.skip("DeepSpeed refuses fp16 on this CPU (no AVX512-FP16): "
+                    "test_fp16_loss_scale_accounting covers the accounting here")
     ds = tmp_path / "fp16.json"
     ds.write_text(json.dumps({"fp16": {"enabled": True, "initial_scale_power": 40, "loss_scale_window": 1000},
                               "zero_optimization": {"stage": 1}}))
@@ -85,9 +88,68 @@ def test_fp16_overflow_steps_are_skipped_and_counted(corpus, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss_scale" in r]
-    assert train[0]["loss_scale"] < 2.0**40 and train[0]["skipped_steps"] >= 1  # 2^40 overflows: skipped, halved
+    # 2^40 overflows: the first step is skipped and counted; the scale (hysteresis 2) halves from the second on
+    assert train[0]["skipped_steps"] >= 1 and train[-1]["loss_scale"] < 2.0**40
     scales = [r["loss_scale"] for r in train]
     assert scales == sorted(scales, reverse=True) and train[-1]["skipped_steps"] >= train[0]["skipped_steps"]
+
+
+@pytest.fixture
+def fp16_anywhere(monkeypatch):
+    """DeepSpeed's fp16 path on any CPU: its CPU accelerator reports fp16 unsupported without AVX512-FP16, yet
+    torch computes fp16 everywhere (slowly, by conversion), so only that capability gate is lifted; the engine,
+    its loss scaler and the ZeRO optimizer stay DeepSpeed's own."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
+
+
+def _fp16_engine(tmp_path: Path, scale_power: int):
+    from earlybert_ds.config import RunConfig
+    from earlybert_ds.engine import Engine
+    from earlybert_ds.modeling import EarlyBertForPreTraining
+
+    from conftest import tiny_config
+
+    ds = tmp_path / f"fp16_{scale_power}.json"
+    ds.write_text(json.dumps({"fp16": {"enabled": True, "initial_scale_power": scale_power, "hysteresis": 1,
+                                       "loss_scale_window": 1000}, "zero_optimization": {"stage": 1}}))
+    run = RunConfig()
+    run.deepspeed, run.train.precision, run.train.steps, run.train.warmup_steps = str(ds), "fp16", 20, 0
+    torch.manual_seed(0)
+    return Engine(EarlyBertForPreTraining(tiny_config()), run)
+
+
+def _mlm_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 120, (4, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
+
+
+def test_fp16_loss_scale_accounting(distributed, fp16_anywhere, tmp_path):
+    """What the training loop reports under fp16 (``loss_scale``, ``skipped_steps``), on every machine: at 2^40
+    every step overflows, is skipped (weights untouched, same loss) and halves the scale (hysteresis 1); at 2^8
+    nothing overflows and the model learns."""
+    batch = _mlm_batch()
+    engine = _fp16_engine(tmp_path, 40)
+    try:
+        before = engine.full_state_dict()
+        rows = [engine.train_step([batch]) for _ in range(4)]
+        assert [r["skipped_steps"] for r in rows] == [1, 2, 3, 4]
+        assert [r["loss_scale"] for r in rows] == [2.0**39, 2.0**38, 2.0**37, 2.0**36]
+        assert len({r["loss"] for r in rows}) == 1  # nothing applied: the same weights, the same loss
+        after = engine.full_state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    finally:
+        engine.destroy()
+    engine = _fp16_engine(tmp_path, 8)
+    try:
+        rows = [engine.train_step([batch]) for _ in range(6)]
+        assert [r["skipped_steps"] for r in rows] == [0] * 6 and {r["loss_scale"] for r in rows} == {2.0**8}
+        assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, [r["loss"] for r in rows]
+    finally:
+        engine.destroy()
 
 
 def _write_in_a_child(target: Path, kind: str, fault: bool) -> int | None:

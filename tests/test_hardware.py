@@ -1,0 +1,55 @@
+"""The machine facts that decide ``auto`` precision and the peak behind MFU, on the three CPU kinds this project
+runs on (flags as ``/proc/cpuinfo`` lists them there) and on this machine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from earlybert_ds.config import RunConfig
+from earlybert_ds.dsconfig import build_ds_config, describe_precision
+from earlybert_ds.hardware import auto_precision, cpu_info, device_summary, peak_flops
+
+_COMMON = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 bmi2"
+KINDS = {  # lscpu model name -> flags of the kinds seen (shared/NOTES.md)
+    "AMD EPYC (AVX2 only)": _COMMON,
+    "AMD EPYC Zen 4 (AVX512-BF16, no AMX)": _COMMON + " avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16",
+    "Intel Xeon Sapphire Rapids (AMX)": _COMMON + " avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 "
+                                                  "amx_tile amx_int8",
+}
+
+
+@pytest.mark.parametrize("kind,want", [("AMD EPYC (AVX2 only)", "fp32"),
+                                       ("AMD EPYC Zen 4 (AVX512-BF16, no AMX)", "bf16"),
+                                       ("Intel Xeon Sapphire Rapids (AMX)", "bf16")])
+def test_auto_precision_follows_the_cpus_bf16_units(kind, want):
+    precision, why = auto_precision(False, frozenset(KINDS[kind].split()))
+    assert precision == want
+    assert ("no bf16 matrix units" in why) if want == "fp32" else ("avx512_bf16" in why)
+    if "amx_bf16" in KINDS[kind]:
+        assert "amx_bf16" in why
+
+
+def test_auto_precision_is_bf16_on_cuda_whatever_the_cpu():
+    assert auto_precision(True, frozenset(KINDS["AMD EPYC (AVX2 only)"].split()))[0] == "bf16"
+
+
+def test_the_run_trains_in_the_precision_auto_chose_and_says_why():
+    """cpu.json leaves precision "auto": the DeepSpeed config and the log line agree with the decision."""
+    want, why = auto_precision(False, cpu_info()["flags"])
+    cfg = build_ds_config(RunConfig(), 1, on_cuda=False)
+    assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (want == "bf16", False)
+    assert describe_precision(RunConfig(), on_cuda=False) == f"precision {want} (auto: {why})"
+    run = RunConfig()
+    run.train.precision = "fp32"  # an explicit choice wins, and the log says whose it was
+    assert describe_precision(run, on_cuda=False) == "precision fp32 (train.precision)"
+
+
+def test_peak_is_measured_on_this_machine():
+    summary = device_summary()
+    assert summary["cpu"] and isinstance(summary["cpu_flags"], list)
+    torch.set_num_threads(1)
+    fp32 = peak_flops("fp32", seconds=0.2)
+    assert math.isfinite(fp32) and 1e9 < fp32 < 1e13  # 1 GFLOP/s to 10 TFLOP/s on one core
