@@ -63,9 +63,10 @@ def auto_precision(on_cuda: bool, cpu_flags: frozenset[str] | set[str]) -> tuple
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def peak_flops(precision: str, device: torch.device | str = "cpu", seconds: float = 0.5) -> float:
+def peak_flops(precision: str, device: torch.device | str = "cpu", seconds: float = 0.5, clock: str = "wall") -> float:
     """This machine's matmul rate in FLOP/s for ``precision`` on ``device``, with the current torch threads: the
-    best of repeated ``PEAK_SHAPE`` matmuls over about ``seconds`` (the denominator of MFU)."""
+    best of repeated ``PEAK_SHAPE`` matmuls over about ``seconds`` (the denominator of MFU). ``clock="cpu"`` times
+    by the process's CPU time, for single-threaded benchmarks on a shared machine."""
     m, k, n = PEAK_SHAPE
     device = torch.device(device)
     dtype = DTYPES[precision]
@@ -74,14 +75,15 @@ def peak_flops(precision: str, device: torch.device | str = "cpu", seconds: floa
     b = torch.randn(k, n, device=device, generator=g).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reps = 20 if device.type == "cuda" else 1  # a GPU matmul is too short to time alone
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     best, spent = float("inf"), 0.0
     for i in range(1000):
         sync()
-        t0 = time.perf_counter()
+        t0 = timer()
         for _ in range(reps):
             a @ b
         sync()
-        dt = (time.perf_counter() - t0) / reps
+        dt = (timer() - t0) / reps
         if i:  # the first call pays for kernel selection and allocation
             best = min(best, dt)
         spent += dt * reps

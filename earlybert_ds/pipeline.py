@@ -42,6 +42,7 @@ from .data import ShardedBatches
 from .dsconfig import build_ds_config, describe_precision
 from .engine import Engine
 from .flops import count_parameters
+from .hardware import peak_flops
 from .gates import GateValues, read_gates
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, hf_bert_config, load_hf_bert
 from .monitor import Monitor
@@ -127,6 +128,7 @@ class Run:
     search_log: list[dict[str, float]] = field(default_factory=list)
     last_eval: tuple[int, dict[str, float]] | None = None
     ticket: Ticket | None = None  # this rank's copy, once drawn or loaded
+    peak_flops: float = 0.0  # all ranks' measured matmul rate in the run's precision (FLOP/s): MFU's denominator
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Validate now unless this step was already validated; logs and returns the metrics."""
@@ -253,6 +255,15 @@ def _is_hf_bert(path: str) -> bool:
         raise ConfigError(f"model.init_from={path}: not a model directory with a readable config.json ({e})") from e
 
 
+def _peak_flops(ds_config: dict) -> float:
+    """The job's matmul peak in its precision: every rank measures its own device at once (as they train: side by
+    side, each with its threads), summed over ranks."""
+    precision = next((k for k in ("bf16", "fp16") if ds_config[k]["enabled"]), "fp32")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.on_cuda() else torch.device("cpu")
+    dist.barrier()
+    return dist.all_reduce_sum([peak_flops(precision, device)], device)[0]
+
+
 # ---- the training loop shared by all stages -------------------------------------------------------------------
 
 def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, extra_state=None) -> bool:
@@ -282,7 +293,7 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
         if run.step % t.log_every == 0 or run.step == last_step or bad:  # a non-finite step is always logged
             tps = interval_tokens / interval_s
             m.update(tokens_per_s=tps, samples_per_s=interval_samples / interval_s, tflops=tps * flops / 1e12,
-                     epoch=run.task.epoch)
+                     mfu=tps * flops / run.peak_flops, epoch=run.task.epoch)
             run.monitor.log(run.step, m)
             interval_s, interval_tokens, interval_samples = 0.0, 0.0, 0
         if bad >= t.max_nonfinite:
@@ -478,7 +489,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     rank, _ = dist.init()
     random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
     torch.manual_seed(cfg.train.seed + rank)
-    build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
+    ds_config = build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad config fails before any work
     logger.info(describe_precision(cfg, dist.on_cuda()))
     with _claim_output_dir(cfg, resume or bool(resume_from)) as out:
         start, error = None, ""
@@ -497,7 +508,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
             _check_prunable(cfg, full_config)
         if dist.rank() == 0:  # from here on the directory holds this run
             save_config(cfg, out / RUN_CONFIG)
-        run = Run(cfg, out, task)
+        run = Run(cfg, out, task, peak_flops=_peak_flops(ds_config))
         run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
         try:
             return _run_stages(run, start, full_config)
@@ -537,8 +548,8 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
     if dist.rank() == 0:
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
         run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        logger.info("done: ticket %s, summary %s, final model %s", summary["paths"]["ticket"], out / SUMMARY,
-                    summary["paths"]["final_model"])
+        logger.info("done: ticket %s, summary %s, final model %s\n%s", summary["paths"]["ticket"], out / SUMMARY,
+                    summary["paths"]["final_model"], stage_table(summary))
     return summary
 
 
@@ -587,8 +598,16 @@ def _export(run: Run, engine: Engine) -> None:
 def _summary(run: Run, ticket: Ticket | None, full_config: EarlyBertConfig, final_config: EarlyBertConfig,
              final_eval: dict) -> dict:
     full_flops, final_flops = run.task.flops_per_token(full_config), run.task.flops_per_token(final_config)
-    stages = {name: {**s, "tokens_per_s": s["tokens"] / s["train_s"] if s["train_s"] else 0.0}
-              for name, s in run.stages.items()}
+    stages = {}
+    for name, s in run.stages.items():
+        tps = s["tokens"] / s["train_s"] if s["train_s"] else 0.0
+        flops = final_flops if name == "efficient" else full_flops
+        stages[name] = {**s, "tokens_per_s": tps, "train_flops_per_token": flops, "mfu": tps * flops / run.peak_flops}
+    speed = {}
+    if stages.get("search", {}).get("tokens_per_s") and stages.get("efficient", {}).get("tokens_per_s"):
+        realized = stages["efficient"]["tokens_per_s"] / stages["search"]["tokens_per_s"]
+        speed = {"speedup_efficient_vs_search": realized, "speedup_flop_limit": full_flops / final_flops,
+                 "speedup_realized_over_limit": realized * final_flops / full_flops}
     return {
         "steps": run.step,
         "ticket": None if ticket is None else {
@@ -598,10 +617,26 @@ def _summary(run: Run, ticket: Ticket | None, full_config: EarlyBertConfig, fina
         "params_final": count_parameters(final_config, run.task.model_class),
         "train_flops_per_token_full": full_flops, "train_flops_per_token_final": final_flops,
         "flop_ratio": final_flops / full_flops,
+        "peak_flops": run.peak_flops,
         "stages": stages,
+        **speed,
         "wall_s": sum(s["wall_s"] for s in run.stages.values()),
         **{f"final_{k}": v for k, v in final_eval.items()},
         "mask_distances": run.search_log,
         "paths": {"ticket": str(run.out / TICKET_DIR) if ticket else None, "final_model": str(run.out / FINAL_DIR),
                   "metrics": str(run.out / "metrics.jsonl"), "wandb": str(run.monitor.wandb_file or "")},
     }
+
+
+def stage_table(summary: dict) -> str:
+    """The summary's time and speed per stage, as a person reads it at the end of a job."""
+    rows = [f"{'stage':<10}{'steps':>7}{'wall s':>9}{'tokens/s':>10}{'GFLOP/token':>13}{'MFU':>7}"]
+    for name, s in summary["stages"].items():
+        rows.append(f"{name:<10}{s['steps']:>7}{s['wall_s']:>9.1f}{s['tokens_per_s']:>10.0f}"
+                    f"{s['train_flops_per_token'] / 1e9:>13.4g}{s['mfu']:>7.1%}")
+    if "speedup_efficient_vs_search" in summary:
+        rows.append(f"efficient vs search: {summary['speedup_efficient_vs_search']:.2f}x tokens/s against a FLOP "
+                    f"limit of {summary['speedup_flop_limit']:.2f}x (realized/limit "
+                    f"{summary['speedup_realized_over_limit']:.2f}); MFU against the measured peak of "
+                    f"{summary['peak_flops'] / 1e9:.0f} GFLOP/s")
+    return "\n".join(rows)

@@ -68,6 +68,13 @@ def _check_pipeline(out: Path) -> dict:
     assert last < first - 0.2, (first, last)  # ln(600) = 6.4 at the start
     assert summary["final_val_loss"] < loss[1]
     assert summary["flop_ratio"] < 0.9
+    # speed against the FLOP limit and against the machine's measured peak (MFU)
+    assert summary["speedup_flop_limit"] == pytest.approx(1 / summary["flop_ratio"])
+    eff, search = summary["stages"]["efficient"], summary["stages"]["search"]
+    assert summary["speedup_efficient_vs_search"] == pytest.approx(eff["tokens_per_s"] / search["tokens_per_s"])
+    for s in (eff, search):
+        assert 0 < s["mfu"] < 1 and s["mfu"] == pytest.approx(s["tokens_per_s"] * s["train_flops_per_token"]
+                                                              / summary["peak_flops"])
     return summary
 
 
