@@ -41,7 +41,7 @@ from .data import prepare_corpus, tokenizer_for
 from .engine import Engine
 from .flops import forward_flops_per_token, train_flops_per_token
 from .gates import GateValues
-from .hardware import PEAK_SHAPE, auto_precision, cpu_info, device_summary, peak_flops
+from .hardware import PEAK_SHAPES, auto_precision, cpu_info, device_summary, peak_flops
 from .modeling import EarlyBertConfig, EarlyBertForPreTraining, PreTrainingOutput
 from .plots import plot_curves
 from .shrink import shrink, shrunk_config
@@ -221,6 +221,7 @@ def _flops(shape: Shape, tickets: dict[str, Ticket]) -> dict[str, float]:
 def throughput(args: argparse.Namespace) -> dict:
     precision = args.precision or auto_precision(torch.cuda.is_available(), cpu_info()["flags"])[0]
     result: dict[str, Any] = {"suite": "throughput", "machine": _machine(), "precision": precision,
+                              "device": "cuda" if torch.cuda.is_available() else "cpu",
                               "clock": args.clock, "args": _run_args(args), "shapes": {}}
     for name in args.shapes.split(","):
         shape = SHAPES[name]
@@ -290,7 +291,7 @@ def _print_throughput(result: dict) -> None:
                   f"{flops[v] / 1e9:>10.3f}{flops[v] / flops['a']:>13.3f}{s['gflops_per_s'][v]:>8.1f}"
                   f"{s['mfu'][v]:>7.1%}{s['peak_mem_mb'][v]:>8.0f}")
         print(f"MFU against this machine's {result['precision']} matmul peak, measured in each process after its "
-              f"steps: median {s['peak_flops']['a'] / 1e9:.0f} GFLOP/s ({'x'.join(map(str, PEAK_SHAPE))})")
+              f"steps: median {s['peak_flops']['a'] / 1e9:.0f} GFLOP/s (matmul {'x'.join(map(str, PEAK_SHAPES[result['device']]))})")
         for v, ratio in s["realized_over_theoretical"].items():
             print(f"({v}): FLOP ratio {s['flop_ratio'][v]:.3f} -> theoretical speedup {1 / s['flop_ratio'][v]:.3f}, "
                   f"realized {s['speedup'][v]:.3f}, realized/theoretical {ratio:.3f} (target >= 0.95)")

@@ -21,9 +21,9 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 #: Flags worth recording beside a measurement: they decide which kernels run.
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
 
-#: The shape of the peak measurement: BERT-base's FFN matmul at 1024 tokens, large enough to reach the kernel's
-#: rate, small enough to take well under a second.
-PEAK_SHAPE = (1024, 768, 3072)
+#: The shape of the peak measurement per device type: on CPU BERT-base's FFN matmul at 1024 tokens (large enough
+#: to reach the kernel's rate, well under a second); on a GPU one large enough to fill it (8192^3).
+PEAK_SHAPES = {"cpu": (1024, 768, 3072), "cuda": (8192, 8192, 8192)}
 
 
 @cache
@@ -67,8 +67,8 @@ def peak_flops(precision: str, device: torch.device | str = "cpu", seconds: floa
     """This machine's matmul rate in FLOP/s for ``precision`` on ``device``, with the current torch threads: the
     best of repeated ``PEAK_SHAPE`` matmuls over about ``seconds`` (the denominator of MFU). ``clock="cpu"`` times
     by the process's CPU time, for single-threaded benchmarks on a shared machine."""
-    m, k, n = PEAK_SHAPE
     device = torch.device(device)
+    m, k, n = PEAK_SHAPES[device.type]
     dtype = DTYPES[precision]
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(m, k, device=device, generator=g).to(dtype)

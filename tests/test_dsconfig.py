@@ -125,7 +125,8 @@ def test_auto_fields_filled(world_size):
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-7,
-                                                            "weight_decay": 0.05, "torch_adam": True}}
+                                                            "weight_decay": 0.05, "torch_adam": True,
+                                                                "fused": True}}
     bf16 = auto_precision(False, cpu_info()["flags"])[0] == "bf16"  # unset + auto on CPU: as its bf16 units allow
     assert cfg["bf16"] == {"enabled": bf16} and cfg["fp16"] == {"enabled": False}
     on_gpu = build_ds_config(run, world_size, on_cuda=True)
@@ -350,6 +351,8 @@ def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run)), config=copy.deepcopy(cfg))
     try:
         assert type(engine.basic_optimizer) is (Lamb if optimizer == "lamb" else torch.optim.AdamW)
+        if optimizer == "adamw":  # torch's fused CPU kernel, not its per-op loop
+            assert engine.basic_optimizer.defaults["fused"] is True
         assert engine.zero_optimization_stage() == 1 and engine.bfloat16_enabled()
         x = torch.randn(32, 8)
         y = x.sum(dim=1, keepdim=True)
@@ -361,5 +364,34 @@ def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
             losses.append(loss.item())
         assert engine.get_lr() == [pytest.approx(5e-2)] * len(engine.get_lr())
         assert losses[-1] < 0.5 * losses[0], losses
+    finally:
+        engine.destroy()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_gates_are_read_from_fp32_masters_under_bf16(distributed, stage):
+    """Under bf16 (auto's choice on CPUs with bf16 units) the gates move by less than bf16's spacing near 1 (2^-7)
+    for many steps: the masks must come from the optimizer's fp32 master copies, not the rounded module weights."""
+    from earlybert_ds.engine import Engine
+    from earlybert_ds.gates import read_gates
+
+    from conftest import tiny_config
+
+    run = _run(zero_stage=stage, precision="bf16", lr=1e-4, warmup_steps=0, steps=10)
+    torch.manual_seed(0)
+    model = EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2))
+    engine = Engine(model, run)
+    try:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(5, 120, (4, 16), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+                 "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
+        for _ in range(3):
+            engine.train_step([batch])
+        gates = read_gates(engine.module, engine.optimizer)
+        module = [m.head_gates for m in engine.module.modules() if getattr(m, "head_gates", None) is not None]
+        assert all(p.dtype == torch.bfloat16 and torch.all(p == 1.0) for p in module)  # rounded: still 1
+        moved = np.concatenate(gates.heads + gates.ffn)
+        assert moved.dtype == np.float32 and 1e-5 < np.abs(moved - 1).max() < 2**-9  # fp32 masters: moved
     finally:
         engine.destroy()
