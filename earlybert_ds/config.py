@@ -68,7 +68,8 @@ class TrainArgs:
     eps: float = _f(1e-6, "Adam/LAMB epsilon")
     clip_grad: float = _f(1.0, "global gradient-norm clipping (0: off)")
     precision: Literal["fp32", "bf16", "fp16"] | None = _f(None, "mixed precision; unset: as the DeepSpeed config "
-                                                                 "says ('auto': bf16 on CUDA, fp32 on CPU)")
+                                                                 "says ('auto': bf16 on CUDA and on CPUs with bf16 "
+                                                                 "units (AMX-BF16, AVX512-BF16), else fp32)")
     zero_stage: int | None = _f(None, "ZeRO stage 0-3; unset: as the DeepSpeed config says (0 if 'auto')")
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass")
     seed: int = _f(42, "random seed (model init, masking, data order)")
