@@ -8,6 +8,7 @@ deleted only after that. DeepSpeed checkpoints are pickles: load only checkpoint
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import shutil
@@ -19,6 +20,8 @@ import torch
 from . import distributed as dist
 from .atomic import atomic_write_text, fault_point
 from .engine import Engine
+
+logger = logging.getLogger("earlybert_ds")
 
 LATEST = "latest"
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -47,16 +50,45 @@ def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_las
     """Save on every rank (collective); returns the checkpoint's directory. ``rank_state`` is what this rank alone
     knows (beside its RNG state), written to ``rankR.pt``."""
     tag = f"global_step{step}"
+    dist.on_rank0(_abandon_from, ckpt_dir, step)
     engine.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save({"rng": _rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
     fault_point(f"checkpoint:{tag}")  # every shard written, `latest` not yet moved
     dist.barrier()
     if dist.rank() == 0:
         atomic_write_text(ckpt_dir / LATEST, tag)
-        for old in sorted(_tags(ckpt_dir))[:-keep_last]:
+        for old in sorted(_tags(ckpt_dir))[:-keep_last]:  # `step` is the highest tag now: never deleted
             shutil.rmtree(ckpt_dir / f"global_step{old}", ignore_errors=True)
     dist.barrier()
     return ckpt_dir / tag
+
+
+def _abandon_from(ckpt_dir: Path, step: int) -> None:
+    """Before saving ``step``: delete the checkpoints of steps >= ``step`` (rank 0).
+
+    They are an unfinished save of this step or a branch this run has left (it resumed from an earlier checkpoint
+    or from the ticket): kept, they would be overwritten in place (a crash then leaves ``latest`` on a torn
+    checkpoint, or mixes shards of two world sizes) and outrank the new checkpoint when older ones are pruned.
+    When ``latest`` names one of them it first moves back to the newest checkpoint before ``step`` (removed when
+    there is none), so that it always names a complete checkpoint.
+    """
+    later = sorted(t for t in _tags(ckpt_dir) if t >= step) if ckpt_dir.is_dir() else []
+    if not later:
+        return
+    latest = ckpt_dir / LATEST
+    named = _TAG.match(latest.read_text().strip()) if latest.is_file() else None
+    if named and int(named.group(1)) >= step:
+        earlier = [t for t in _tags(ckpt_dir) if t < step]
+        if earlier:
+            atomic_write_text(latest, f"global_step{max(earlier)}")
+        else:
+            latest.unlink()
+    names = [f"global_step{t}" for t in later]
+    logger.warning("%s: deleting %s before saving step %d: left by an earlier attempt (an unfinished save, or "
+                   "later steps of a branch this run has left by resuming from an earlier point)", ckpt_dir,
+                   ", ".join(names), step)
+    for name in names:
+        shutil.rmtree(ckpt_dir / name)
 
 
 def _tags(ckpt_dir: Path) -> list[int]:

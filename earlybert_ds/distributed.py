@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -181,6 +182,31 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class RankFailure(ValueError):
+    """Raised on every other rank when rank 0 failed in :func:`on_rank0`; the message is rank 0's error."""
+
+
+def on_rank0(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on rank 0 alone, its result on every rank (a collective: every rank must call it).
+
+    An exception on rank 0, of any type, is re-raised there and reaches every other rank as a
+    :class:`RankFailure` with rank 0's message, so that no rank waits in the next collective for a rank 0 that has
+    failed (under ``--no_ssh`` or SLURM, the other nodes would otherwise wait out ``EARLYBERT_DIST_TIMEOUT``).
+    """
+    result, error, failure = None, "", None
+    if rank() == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure, error = e, str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+    result, error = broadcast_object((result, error))
+    if failure is not None:
+        raise failure
+    if error:
+        raise RankFailure(f"rank 0 failed: {error}")
+    return result
 
 
 def all_gather_object(obj: Any) -> list[Any]:

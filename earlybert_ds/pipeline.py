@@ -127,6 +127,7 @@ class Run:
     search_log: list[dict[str, float]] = field(default_factory=list)
     last_eval: tuple[int, dict[str, float]] | None = None
     ticket: Ticket | None = None  # this rank's copy, once drawn or loaded
+    saved_step: int | None = None  # the step of the checkpoint this run last saved or loaded
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Validate now unless this step was already validated; logs and returns the metrics."""
@@ -286,10 +287,8 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
             run.monitor.log(run.step, m)
             interval_s, interval_tokens, interval_samples = 0.0, 0.0, 0
         if bad >= t.max_nonfinite:
-            latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
-            where = latest.read_text().strip() if latest.is_file() else "none yet"
             raise NonFiniteLossError(f"the loss was non-finite for {bad} consecutive steps (up to step {run.step}); "
-                                     f"stopping. Last good checkpoint: {where}. Lower train.lr or use bf16.")
+                                     f"stopping. {_last_good(run)}")
         if t.eval_every and run.step % t.eval_every == 0:
             run.evaluate(engine)
         if on_step is not None and on_step(run.step):
@@ -306,11 +305,18 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
     return ended_early
 
 
+def _last_good(run: Run) -> str:
+    latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
+    where = latest.read_text().strip() if latest.is_file() else "none yet"
+    return f"Last good checkpoint: {where}. Lower train.lr or use bf16."
+
+
 def _save(run: Run, engine: Engine, phase: str, extra_state=None) -> None:
     extra = extra_state() if extra_state else {}
     rank_state = {"ticket": run.ticket.digest()} if run.ticket else {}
     checkpoint.save(engine, run.out / CHECKPOINTS, run.step, run.client_state(phase, **extra), run.cfg.train.keep_last,
                     rank_state)
+    run.saved_step = run.step
 
 
 def _load(run: Run, engine: Engine, path: Path) -> dict:
@@ -318,6 +324,8 @@ def _load(run: Run, engine: Engine, path: Path) -> dict:
     if run.ticket is not None and rank_state.get("ticket", run.ticket.digest()) != run.ticket.digest():
         raise checkpoint.CheckpointError(f"{path}: written for another ticket than {run.out / TICKET_DIR}")
     run.restore(state)
+    if checkpoint.resolve(path)[0].resolve() == (run.out / CHECKPOINTS).resolve():  # not one of another run's
+        run.saved_step = run.step
     return state
 
 
@@ -526,7 +534,7 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
     if start.checkpoint is not None and start.phase != "search":
         _load(run, engine, start.checkpoint)
     _train(run, engine, phase, cfg.train.steps)
-    if not cfg.train.save_every or run.step % cfg.train.save_every:
+    if run.saved_step != run.step:  # a resumed finished run has its checkpoint: never rewrite it in place
         _save(run, engine, phase)
     final_eval = run.evaluate(engine)
     _export(run, engine)

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -333,24 +332,6 @@ def test_lamb_trains_regression():
 
 
 # ---- a real engine --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def distributed():
-    """A one-process gloo group, set up as every run sets it up."""
-    import deepspeed
-
-    from earlybert_ds import distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        for k, v in env.items():
-            mp.setenv(k, v)
-        dist.init()
-        yield deepspeed
-
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
 def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
