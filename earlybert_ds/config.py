@@ -144,6 +144,11 @@ class RunConfig:
     finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
     log: LogArgs = field(default_factory=LogArgs)
 
+    def __post_init__(self) -> None:
+        #: The ``section.field`` keys set by a config file or the command line (not by a command's defaults):
+        #: what a resume from a ticket must not silently ignore. Not a field: it is not saved with the run.
+        self.given: set[str] = set()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -301,6 +306,8 @@ def _apply(cfg: RunConfig, flat: dict[str, Any], source: str) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: unknown field '{key}'{hint}")
         value = _coerce(key, value, hints[key], source)
+        if source != "defaults":
+            cfg.given.add(key)
         target = cfg
         *path, name = key.split(".")
         for p in path:

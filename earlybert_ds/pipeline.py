@@ -38,7 +38,7 @@ from . import checkpoint
 from . import distributed as dist
 from .atomic import atomic_directory, atomic_write_text, fault_active, fault_point
 from .config import ConfigError, RunConfig, save_config
-from .data import ShardedBatches
+from .data import DataError, ShardedBatches, load_tokenizer, tokenizer_digest
 from .dsconfig import build_ds_config
 from .engine import Engine
 from .flops import count_parameters
@@ -499,6 +499,8 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
             raise checkpoint.CheckpointError(error)
         task = make_task(cfg)  # may settle derived fields of cfg (e.g. steps from epochs)
         cfg.validate()
+        if start.phase == "efficient":
+            dist.on_rank0(_check_ticket_fits, cfg, task, _ticket_dir_of(start))
         full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)
         if start.phase == "search":
             _check_prunable(cfg, full_config)
@@ -512,12 +514,49 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
             run.monitor.close()
 
 
+def _ticket_dir_of(start: Start) -> Path:
+    """The ticket an efficient-stage start trains: the one given, or the one beside the checkpoints."""
+    return start.ticket_dir or checkpoint.resolve(start.checkpoint)[0].parent / TICKET_DIR
+
+
+#: The run-config fields that decide the unpruned model's shape and dropout, by their name in its configuration.
+_MODEL_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "intermediate_size": "intermediate_size", "dropout": "hidden_dropout_prob"}
+
+
+def _check_ticket_fits(cfg: RunConfig, task: Task, ticket_dir: Path) -> None:
+    """Refuse a ticket whose model this run could not train faithfully: a vocabulary other than the run's tokenizer
+    (same size, other words: every embedding row would mean another word) or ``--model.*`` options that differ
+    from the model the ticket was drawn from (the ticket's shape wins; they would be ignored)."""
+    full = _ticket_state(ticket_dir).get("full_config")
+    if not isinstance(full, dict):
+        raise checkpoint.CheckpointError(f"{ticket_dir / STATE}: no 'full_config' (not written by earlybert_ds?)")
+    for name, key in _MODEL_FIELDS.items():
+        if f"model.{name}" in cfg.given and getattr(cfg.model, name) != full.get(key):
+            raise ConfigError(f"model.{name}={getattr(cfg.model, name)} differs from the model of the ticket "
+                              f"{ticket_dir} ({key}={full.get(key)}); a ticket trains the model it was drawn from: "
+                              f"drop --model.{name}, or start a new run")
+    if (ticket_dir / TOKENIZER_DIR).is_dir():
+        try:
+            theirs = load_tokenizer(ticket_dir / TOKENIZER_DIR)
+        except DataError as e:
+            raise checkpoint.CheckpointError(f"{ticket_dir}: unreadable ticket tokenizer ({e})") from e
+        if tokenizer_digest(theirs) != tokenizer_digest(task.tokenizer):
+            ours = f"data.tokenizer={cfg.data.tokenizer}" if cfg.data.tokenizer else "this run's tokenizer"
+            raise ConfigError(f"the ticket {ticket_dir} was drawn with the tokenizer in {ticket_dir / TOKENIZER_DIR} "
+                              f"({len(theirs)} tokens); {ours} ({len(task.tokenizer)} tokens) gives other token "
+                              f"ids: pass --data.tokenizer {ticket_dir / TOKENIZER_DIR}")
+    elif full.get("vocab_size") != len(task.tokenizer):
+        raise ConfigError(f"the ticket {ticket_dir} has a vocabulary of {full.get('vocab_size')}, this run's "
+                          f"tokenizer {len(task.tokenizer)}")
+
+
 def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
     cfg, out = run.cfg, run.out
     if start.phase == "search":
         ticket, model = _search_and_draw(run, start, full_config)
     elif start.phase == "efficient":
-        ticket_dir = start.ticket_dir or checkpoint.resolve(start.checkpoint)[0].parent / TICKET_DIR
+        ticket_dir = _ticket_dir_of(start)
         if start.checkpoint is None and ticket_dir.resolve() != (out / TICKET_DIR).resolve() and dist.rank() == 0:
             with atomic_directory(out / TICKET_DIR) as tmp:  # the run directory stays self-contained
                 shutil.copytree(ticket_dir, tmp, dirs_exist_ok=True)

@@ -76,3 +76,41 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(corpus, tmp_pat
     _ok(run_single(args + ["--resume"]))
     assert _files(ckpts) == before
     assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
+
+
+@pytest.fixture(scope="module")
+def ticket_run(corpus, tmp_path_factory) -> Path:
+    """A finished tiny run with a random ticket drawn at step 0 (the cheapest run that writes a ticket)."""
+    out = tmp_path_factory.mktemp("ticket") / "run"
+    _ok(run_single(tiny_run_args(*corpus, out, **{"earlybert.draw": "random", "train.steps": 4,
+                                                  "earlybert.max_search_steps": 2, "train.eval_every": 0})))
+    return out
+
+
+def _refused(capsys, argv: list[str], *needles: str) -> None:
+    from earlybert_ds.cli import main
+
+    assert main(["pretrain", *argv]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corpus, ticket_run, tmp_path):
+    """Resuming from a ticket with a tokenizer of the same size but other words, or with ``--model.*`` options that
+    differ from the ticket's model, fails naming the mismatch, before anything is written."""
+    from earlybert_ds.data import train_wordpiece
+
+    text = corpus[0].read_text(encoding="utf-8")
+    other = train_wordpiece([" ".join(w[::-1] for w in text.split())], 600)  # reversed words: other pieces
+    other.save_pretrained(tmp_path / "other-tokenizer")
+    assert len(other) == 600
+    out = tmp_path / "run"
+    ticket = ticket_run / "ticket"
+    _refused(capsys, tiny_run_args(*corpus, out, **{"data.tokenizer": tmp_path / "other-tokenizer"})
+             + ["--resume-from", str(ticket)],
+             f"the ticket {ticket} was drawn with the tokenizer in {ticket / 'tokenizer'} (600 tokens)",
+             f"data.tokenizer={tmp_path / 'other-tokenizer'} (600 tokens) gives other token ids")
+    _refused(capsys, tiny_run_args(*corpus, out, **{"model.hidden_size": 64}) + ["--resume-from", str(ticket)],
+             f"model.hidden_size=64 differs from the model of the ticket {ticket} (hidden_size=32)")
+    assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
