@@ -31,14 +31,15 @@ class CheckpointError(ValueError):
     """A path that is not a usable checkpoint; the message says what was expected."""
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (dropout draws from them): what an exact resume restores."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -52,7 +53,7 @@ def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_las
     tag = f"global_step{step}"
     dist.on_rank0(_abandon_from, ckpt_dir, step)
     engine.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save({"rng": _rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
+    torch.save({"rng": rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
     fault_point(f"checkpoint:{tag}")  # every shard written, `latest` not yet moved
     dist.barrier()
     if dist.rank() == 0:
@@ -146,5 +147,5 @@ def load(engine: Engine, path: str | Path) -> tuple[dict, dict]:
     rank_state = {}
     if (root / tag / rank_file()).is_file():
         rank_state = torch.load(root / tag / rank_file(), weights_only=True)
-        _set_rng_state(rank_state.pop("rng"))
+        set_rng_state(rank_state.pop("rng"))
     return client["earlybert"], rank_state

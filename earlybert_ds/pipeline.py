@@ -61,7 +61,7 @@ from .ticket import (
 logger = logging.getLogger("earlybert_ds")
 
 CHECKPOINTS, TICKET_DIR, FINAL_DIR, TOKENIZER_DIR = "checkpoints", "ticket", "final", "tokenizer"
-RUN_CONFIG, SUMMARY, STATE = "run_config.json", "summary.json", "state.json"
+RUN_CONFIG, SUMMARY, STATE, RNG_FILE = "run_config.json", "summary.json", "state.json", "rng.pt"
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -128,6 +128,7 @@ class Run:
     last_eval: tuple[int, dict[str, float]] | None = None
     ticket: Ticket | None = None  # this rank's copy, once drawn or loaded
     saved_step: int | None = None  # the step of the checkpoint this run last saved or loaded
+    nonfinite: int = 0  # consecutive non-finite steps at the end of the last stage trained
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Validate now unless this step was already validated; logs and returns the metrics."""
@@ -302,6 +303,7 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
                 next(engine.module.parameters()).fill_(float("nan"))
     stage["wall_s"] += time.perf_counter() - wall0
     stage["last_step"] = run.step
+    run.nonfinite = bad
     return ended_early
 
 
@@ -417,17 +419,37 @@ def _shrunk_model(run: Run, ticket: Ticket, searched: dict[str, torch.Tensor] | 
 
 def write_ticket(run: Run, ticket: Ticket, model: EarlyBertPreTrainedModel, full_config: EarlyBertConfig) -> Path:
     """``OUTPUT/ticket/``, written atomically by rank 0: the ticket, the model the efficient stage starts from
-    (Hugging Face format), the tokenizer and the run's position — all a fresh launch on any world size needs."""
+    (Hugging Face format), the tokenizer, the run's position and every rank's random state — all a fresh launch on
+    any world size needs (and, on the same number of ranks, to continue exactly)."""
     path = run.out / TICKET_DIR
+    rng = dist.all_gather_object(checkpoint.rng_state())
     if dist.rank() == 0:
         with atomic_directory(path) as tmp:
             ticket.save(tmp / TICKET_FILE)
+            torch.save(rng, tmp / RNG_FILE)
             model.save_pretrained(tmp / "model")
             run.task.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             state = {**run.client_state("efficient")["earlybert"], "full_config": full_config.to_dict()}
             atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
     dist.barrier()
     return path
+
+
+def _copy_ticket(src: Path, dst: Path) -> None:
+    with atomic_directory(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
+def _restore_ticket_rng(ticket_dir: Path) -> None:
+    """Every rank's random state as the ticket was written, so that a resume through the ticket on the same number
+    of ranks draws the same dropout masks as the uninterrupted run (on another number it cannot)."""
+    path = ticket_dir / RNG_FILE
+    states = torch.load(path, weights_only=True) if path.is_file() else []
+    if len(states) == dist.world_size():
+        checkpoint.set_rng_state(states[dist.rank()])
+    elif dist.rank() == 0:
+        logger.info("%s: random states of %d rank(s), this run has %d: dropout draws differ from the run that drew "
+                    "the ticket", ticket_dir, len(states), dist.world_size())
 
 
 def _load_ticket_dir(path: Path, task: Task) -> tuple[Ticket, EarlyBertPreTrainedModel, dict]:
@@ -557,12 +579,12 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
         ticket, model = _search_and_draw(run, start, full_config)
     elif start.phase == "efficient":
         ticket_dir = _ticket_dir_of(start)
-        if start.checkpoint is None and ticket_dir.resolve() != (out / TICKET_DIR).resolve() and dist.rank() == 0:
-            with atomic_directory(out / TICKET_DIR) as tmp:  # the run directory stays self-contained
-                shutil.copytree(ticket_dir, tmp, dirs_exist_ok=True)
+        if ticket_dir.resolve() != (out / TICKET_DIR).resolve():  # the run directory stays self-contained
+            dist.on_rank0(_copy_ticket, ticket_dir, out / TICKET_DIR)
         ticket, model, state = _load_ticket_dir(ticket_dir, run.task)
         if start.checkpoint is None:
             run.restore(state)
+            _restore_ticket_rng(ticket_dir)
         full_config = EarlyBertConfig.from_dict(state["full_config"])
     else:  # the full-model baseline
         ticket, model = None, initial_model(cfg, run.task, gates=False)
@@ -573,6 +595,9 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
     if start.checkpoint is not None and start.phase != "search":
         _load(run, engine, start.checkpoint)
     _train(run, engine, phase, cfg.train.steps)
+    if run.nonfinite:  # fewer than train.max_nonfinite, but nothing may be saved or exported from them
+        raise NonFiniteLossError(f"the last {run.nonfinite} step(s), up to step {run.step}, had a non-finite loss: "
+                                 f"no checkpoint or model was written from them. {_last_good(run)}")
     if run.saved_step != run.step:  # a resumed finished run has its checkpoint: never rewrite it in place
         _save(run, engine, phase)
     final_eval = run.evaluate(engine)

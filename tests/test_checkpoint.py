@@ -78,12 +78,14 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(corpus, tmp_pat
     assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
 
 
+TICKET_RUN = {"earlybert.draw": "fixed", "earlybert.fixed_step": 3, "train.steps": 8, "train.eval_every": 0}
+
+
 @pytest.fixture(scope="module")
 def ticket_run(corpus, tmp_path_factory) -> Path:
-    """A finished tiny run with a random ticket drawn at step 0 (the cheapest run that writes a ticket)."""
+    """A finished tiny run (dropout 0.1) whose ticket is drawn at step 3 of 8; checkpoints at steps 4 and 8."""
     out = tmp_path_factory.mktemp("ticket") / "run"
-    _ok(run_single(tiny_run_args(*corpus, out, **{"earlybert.draw": "random", "train.steps": 4,
-                                                  "earlybert.max_search_steps": 2, "train.eval_every": 0})))
+    _ok(run_single(tiny_run_args(*corpus, out, **TICKET_RUN)))
     return out
 
 
@@ -114,3 +116,37 @@ def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corp
     _refused(capsys, tiny_run_args(*corpus, out, **{"model.hidden_size": 64}) + ["--resume-from", str(ticket)],
              f"model.hidden_size=64 differs from the model of the ticket {ticket} (hidden_size=32)")
     assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_resuming_through_the_ticket_is_bit_identical(corpus, ticket_run, tmp_path):
+    """From the ticket into a new directory on as many ranks: the losses of the uninterrupted run, bit for bit
+    (the ticket holds every rank's random state; dropout is on)."""
+    out = tmp_path / "via-ticket"
+    _ok(run_single(tiny_run_args(*corpus, out, **TICKET_RUN) + ["--resume-from", str(ticket_run / "ticket")]))
+    ref = losses(ticket_run)
+    assert losses(out) == {s: ref[s] for s in range(4, 9)}
+
+
+def test_resuming_from_another_runs_checkpoints_brings_its_ticket(corpus, ticket_run, tmp_path):
+    """From another run's efficient-stage checkpoint into a new directory: the ticket comes along, so that a later
+    ``--resume`` there works."""
+    other = tmp_path / "via-checkpoint"
+    _ok(run_single(tiny_run_args(*corpus, other, **TICKET_RUN)
+                   + ["--resume-from", str(ticket_run / "checkpoints" / "global_step4")]))
+    assert (other / "ticket" / "ticket.json").read_text() == (ticket_run / "ticket" / "ticket.json").read_text()
+    ref = losses(ticket_run)
+    assert losses(other) == {s: ref[s] for s in range(5, 9)}
+    _ok(run_single(tiny_run_args(*corpus, other, **TICKET_RUN) + ["--resume"]))
+    assert json.loads((other / "summary.json").read_text())["steps"] == 8
+
+
+def test_non_finite_last_steps_are_not_saved_or_exported(corpus, tmp_path):
+    """Two non-finite steps at the very end (fewer than train.max_nonfinite = 3) must not become the final
+    checkpoint or model: the run fails, naming the last good checkpoint."""
+    out = tmp_path / "run"
+    proc = run_single(tiny_run_args(*corpus, out, **TICKET_RUN), env={"EARLYBERT_FAULT": "diverge:6"})
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the last 2 step(s), up to step 8, had a non-finite loss" in proc.stderr
+    assert "Last good checkpoint: global_step4" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "global_step4"
+    assert not (out / "checkpoints" / "global_step8").exists() and not (out / "final").exists()
