@@ -56,12 +56,15 @@ def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_las
     torch.save({"rng": rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
     fault_point(f"checkpoint:{tag}")  # every shard written, `latest` not yet moved
     dist.barrier()
-    if dist.rank() == 0:
-        atomic_write_text(ckpt_dir / LATEST, tag)
-        for old in sorted(_tags(ckpt_dir))[:-keep_last]:  # `step` is the highest tag now: never deleted
-            shutil.rmtree(ckpt_dir / f"global_step{old}", ignore_errors=True)
-    dist.barrier()
+    dist.on_rank0(_complete, ckpt_dir, tag, keep_last)
     return ckpt_dir / tag
+
+
+def _complete(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    """Rank 0, once every rank has written its part: ``latest`` names ``tag``, the oldest beyond ``keep_last`` go."""
+    atomic_write_text(ckpt_dir / LATEST, tag)
+    for old in sorted(_tags(ckpt_dir))[:-keep_last]:  # `tag` is the highest one now: never deleted
+        shutil.rmtree(ckpt_dir / f"global_step{old}", ignore_errors=True)
 
 
 def _abandon_from(ckpt_dir: Path, step: int) -> None:
@@ -118,9 +121,12 @@ def peek_client_state(path: str | Path) -> dict:
     files = sorted((root / tag).glob("*model_states.pt"))
     if not files:
         raise CheckpointError(f"{root / tag}: no model states file")
-    # DeepSpeed's checkpoint holds arbitrary pickles (trusted input only: your own runs).
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    if "earlybert" not in state:
+    try:  # DeepSpeed's checkpoint holds arbitrary pickles (trusted input only: your own runs)
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways inside torch.load
+        raise CheckpointError(f"{files[0]}: unreadable ({type(e).__name__}: {e}); resume from another checkpoint "
+                              "or from the ticket") from e
+    if not isinstance(state, dict) or "earlybert" not in state:
         raise CheckpointError(f"{root / tag}: not an earlybert_ds checkpoint (no 'earlybert' client state)")
     return state["earlybert"]
 

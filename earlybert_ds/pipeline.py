@@ -153,28 +153,32 @@ def _claim_output_dir(cfg: RunConfig, resuming: bool) -> Iterator[Path]:
     """Hold the output directory for this run: refuse one that holds another run (unless resuming) or that a live
     run is using (an flock on ``OUTPUT/.lock``, released when this run ends, however it ends)."""
     out = Path(cfg.output_dir)
-    problem, lock, token = "", None, f"{socket.gethostname()}:{os.getpid()}"
-    if dist.rank() == 0:
+    held: list[Any] = []  # rank 0's open lock file
+
+    def claim() -> tuple[str, str]:
+        token = f"{socket.gethostname()}:{os.getpid()}"
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")  # noqa: SIM115 - closed below
+        held.append(lock := open(out / ".lock", "a+"))  # noqa: SIM115 - closed below
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.seek(0), lock.truncate(), lock.write(token), lock.flush()
             os.fsync(lock.fileno())  # other nodes read it next
         except BlockingIOError:
             lock.seek(0)
-            problem = f"{out} is in use by a live run ({lock.read().strip() or '?'}); choose another --output-dir"
-        if not problem and (out / RUN_CONFIG).exists() and not resuming:
-            problem = (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
-                       "(nothing was changed)")
+            return f"{out} is in use by a live run ({lock.read().strip() or '?'}); choose another --output-dir", token
+        if (out / RUN_CONFIG).exists() and not resuming:
+            return (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
+                    "(nothing was changed)"), token
+        return "", token
+
     try:
-        problem, token = dist.broadcast_object((problem, token))
+        problem, token = dist.on_rank0(claim)
         if problem:
             raise ConfigError(problem)
         _check_shared(out, token)
         yield out
     finally:
-        if lock is not None:
+        for lock in held:
             lock.close()
 
 
@@ -361,28 +365,32 @@ def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
         if step % e.detect_every and step < limit:
             return False
         gates = read_gates(engine.module, engine.optimizer)  # collective under ZeRO: every rank takes part
-        decision = None
-        if dist.rank() == 0:  # the coordinator
-            masks = draw_masks(gates, spec)
-            distance = detector.update(masks)
-            sparsity = gates.sparsity()
-            metrics = {"gate_sparsity/heads": sparsity["heads"], "gate_sparsity/ffn": sparsity["ffn"]}
-            if distance is not None:
-                run.search_log.append({"step": step, **distance})
-                metrics.update({"mask_distance/heads": distance["heads"], "mask_distance/ffn": distance["ffn"]})
-            run.monitor.log(step, metrics)
-            reason = ("converged" if e.draw == "earlybird" and detector.converged else
-                      None if step < limit else "fixed" if e.draw == "fixed" else "max_steps")
-            if reason == "max_steps":
-                logger.warning("no early-bird ticket by step %d (max_search_steps): drawing from the current gates",
-                               step)
-            if reason:
-                decision = Ticket.from_masks(masks, step, reason, spec, engine.module.config)
-                _plot_search(run, gates, masks, decision)
-        decision = dist.broadcast_object(decision)  # every rank switches at the same step with the same ticket
+        # the coordinator decides; every rank switches at the same step with the same ticket
+        decision = dist.on_rank0(coordinate, step, gates)
         if decision is not None:
             drawn["ticket"] = decision
         return decision is not None
+
+    def coordinate(step: int, gates: GateValues) -> Ticket | None:
+        """Rank 0: masks, their distance to the last ones, and the decision (a ticket or None)."""
+        masks = draw_masks(gates, spec)
+        distance = detector.update(masks)
+        sparsity = gates.sparsity()
+        metrics = {"gate_sparsity/heads": sparsity["heads"], "gate_sparsity/ffn": sparsity["ffn"]}
+        if distance is not None:
+            run.search_log.append({"step": step, **distance})
+            metrics.update({"mask_distance/heads": distance["heads"], "mask_distance/ffn": distance["ffn"]})
+        run.monitor.log(step, metrics)
+        reason = ("converged" if e.draw == "earlybird" and detector.converged else
+                  None if step < limit else "fixed" if e.draw == "fixed" else "max_steps")
+        if reason == "max_steps":
+            logger.warning("no early-bird ticket by step %d (max_search_steps): drawing from the current gates",
+                           step)
+        if not reason:
+            return None
+        decision = Ticket.from_masks(masks, step, reason, spec, engine.module.config)
+        _plot_search(run, gates, masks, decision)
+        return decision
 
     _train(run, engine, "search", run.cfg.train.steps, on_step=check,
            extra_state=lambda: {"detector": detector.state_dict()})
@@ -423,7 +431,8 @@ def write_ticket(run: Run, ticket: Ticket, model: EarlyBertPreTrainedModel, full
     any world size needs (and, on the same number of ranks, to continue exactly)."""
     path = run.out / TICKET_DIR
     rng = dist.all_gather_object(checkpoint.rng_state())
-    if dist.rank() == 0:
+
+    def write() -> None:
         with atomic_directory(path) as tmp:
             ticket.save(tmp / TICKET_FILE)
             torch.save(rng, tmp / RNG_FILE)
@@ -431,7 +440,8 @@ def write_ticket(run: Run, ticket: Ticket, model: EarlyBertPreTrainedModel, full
             run.task.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             state = {**run.client_state("efficient")["earlybert"], "full_config": full_config.to_dict()}
             atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
-    dist.barrier()
+
+    dist.on_rank0(write)
     return path
 
 
@@ -466,7 +476,14 @@ def _load_ticket_dir(path: Path, task: Task) -> tuple[Ticket, EarlyBertPreTraine
 def _ticket_state(path: Path) -> dict:
     if not (path / STATE).is_file():
         raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no {STATE} written by earlybert_ds)")
-    return json.loads((path / STATE).read_text())
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise checkpoint.CheckpointError(f"{path / STATE}: not valid JSON ({e})") from e
+    missing = [k for k in ("step", "data", "full_config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise checkpoint.CheckpointError(f"{path / STATE}: no field {missing[0]!r} (not written by earlybert_ds?)")
+    return state
 
 
 # ---- the whole pipeline -----------------------------------------------------------------------------------------
@@ -510,15 +527,8 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     torch.manual_seed(cfg.train.seed + rank)
     build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad DeepSpeed config fails before any work
     with _claim_output_dir(cfg, resume or bool(resume_from)) as out:
-        start, error = None, ""
-        if rank == 0:  # decided once, so that no file-system view can split the ranks across stages
-            try:
-                start = _where_to_start(cfg, out, resume, resume_from)
-            except (ValueError, OSError) as e:
-                error = str(e)
-        start, error = dist.broadcast_object((start, error))
-        if error:
-            raise checkpoint.CheckpointError(error)
+        # decided once, so that no file-system view can split the ranks across stages
+        start = dist.on_rank0(_where_to_start, cfg, out, resume, resume_from)
         task = make_task(cfg)  # may settle derived fields of cfg (e.g. steps from epochs)
         cfg.validate()
         if start.phase == "efficient":
@@ -526,8 +536,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
         full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)
         if start.phase == "search":
             _check_prunable(cfg, full_config)
-        if dist.rank() == 0:  # from here on the directory holds this run
-            save_config(cfg, out / RUN_CONFIG)
+        dist.on_rank0(save_config, cfg, out / RUN_CONFIG)  # from here on the directory holds this run
         run = Run(cfg, out, task)
         run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
         try:
@@ -550,9 +559,7 @@ def _check_ticket_fits(cfg: RunConfig, task: Task, ticket_dir: Path) -> None:
     """Refuse a ticket whose model this run could not train faithfully: a vocabulary other than the run's tokenizer
     (same size, other words: every embedding row would mean another word) or ``--model.*`` options that differ
     from the model the ticket was drawn from (the ticket's shape wins; they would be ignored)."""
-    full = _ticket_state(ticket_dir).get("full_config")
-    if not isinstance(full, dict):
-        raise checkpoint.CheckpointError(f"{ticket_dir / STATE}: no 'full_config' (not written by earlybert_ds?)")
+    full = _ticket_state(ticket_dir)["full_config"]
     for name, key in _MODEL_FIELDS.items():
         if f"model.{name}" in cfg.given and getattr(cfg.model, name) != full.get(key):
             raise ConfigError(f"model.{name}={getattr(cfg.model, name)} differs from the model of the ticket "
@@ -605,12 +612,15 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
     run.task.finish(engine, out)
     summary = _summary(run, ticket, full_config, engine.module.config, final_eval)
     engine.destroy()
-    if dist.rank() == 0:
-        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
-        run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        logger.info("done: ticket %s, summary %s, final model %s", summary["paths"]["ticket"], out / SUMMARY,
-                    summary["paths"]["final_model"])
+    dist.on_rank0(_write_summary, run, summary)
     return summary
+
+
+def _write_summary(run: Run, summary: dict) -> None:
+    atomic_write_text(run.out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    logger.info("done: ticket %s, summary %s, final model %s", summary["paths"]["ticket"], run.out / SUMMARY,
+                summary["paths"]["final_model"])
 
 
 def _search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tuple[Ticket, EarlyBertPreTrainedModel]:
@@ -645,14 +655,16 @@ def _search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tu
 def _export(run: Run, engine: Engine) -> None:
     """``OUTPUT/final/``: the trained model in Hugging Face format (safetensors) with its tokenizer."""
     state = engine.full_state_dict()  # collective
-    if dist.rank() == 0:
+
+    def write() -> None:
         model = run.task.model_class(engine.module.config)
         model.load_state_dict(state, strict=False)
         model.tie_weights()
         with atomic_directory(run.out / FINAL_DIR) as tmp:
             model.save_pretrained(tmp)
             run.task.tokenizer.save_pretrained(tmp)
-    dist.barrier()
+
+    dist.on_rank0(write)
 
 
 def _summary(run: Run, ticket: Ticket | None, full_config: EarlyBertConfig, final_config: EarlyBertConfig,
