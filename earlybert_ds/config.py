@@ -114,7 +114,10 @@ class FinetuneArgs:
     text_a: str = _f("sentence1", "custom task: column of the first text")
     text_b: str | None = _f(None, "custom task: column of the second text (pairs)")
     label_column: str = _f("label", "custom task: column of the label")
-    num_labels: int = _f(2, "custom task: number of classes (1: regression)")
+    num_labels: int = _f(2, "custom task: number of classes (1: regression); with class names, their number")
+    label_list: str | None = _f(None, "custom task: the class labels in id order, comma-separated (e.g. "
+                                      "negative,positive); unset: from the training file, integers as they are, "
+                                      "names in sorted order")
     max_len: int | None = _f(None, "maximum tokens per example (default: 128; 384 for SQuAD)")
     stride: int = _f(128, "SQuAD: overlap of the windows over long contexts")
     epochs: float | None = _f(3.0, "training epochs; sets train.steps (none: use train.steps)")

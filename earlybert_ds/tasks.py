@@ -146,16 +146,38 @@ def load_task_split(task: str | TaskSpec, source: str | Path, split: str) -> lis
         path = _glue_file(spec, path, split)
     elif not path.is_file():
         raise TaskDataError(f"{path}: no such file or directory (nor 'hub')")
+    return _parse_rows(spec, path, _rows(path, spec.headerless_columns if labelled else None), labelled)
+
+
+def _rows(path: Path, headerless: tuple[str, ...] | None = None) -> "_Rows":
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        rows = _tsv_rows(path, spec.headerless_columns if labelled else None)
-    elif suffix == ".csv":
-        rows = _csv_rows(path)
-    elif suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    else:
-        raise TaskDataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl")
-    return _parse_rows(spec, path, rows, labelled)
+        return _tsv_rows(path, headerless)
+    if suffix == ".csv":
+        return _csv_rows(path)
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    raise TaskDataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl")
+
+
+def infer_label_list(path: str | Path, label_column: str) -> tuple[str, ...]:
+    """The distinct class labels of a custom task's training file, sorted: numbered in this order, the same file
+    always gives the same ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"{path}: no such file")
+    names: set[str] = set()
+    for lineno, row in _rows(path):
+        if label_column not in row:
+            raise TaskDataError(f"{path}:{lineno}: missing column {label_column!r}; found {list(row)}")
+        value = row[label_column]
+        if isinstance(value, (bool, float)) or value is None or not str(value).strip():
+            raise TaskDataError(f"{path}:{lineno}: {label_column} {value!r} is not a class label (a name or an "
+                                "integer; --finetune.num_labels 1 for regression)")
+        names.add(str(value).strip())
+    if not names:
+        raise TaskDataError(f"{path}: no examples")
+    return tuple(sorted(names))
 
 
 def _glue_file(spec: TaskSpec, root: Path, split: str) -> Path:
