@@ -436,7 +436,7 @@ def write_ticket(run: Run, ticket: Ticket, model: EarlyBertPreTrainedModel, full
         with atomic_directory(path) as tmp:
             ticket.save(tmp / TICKET_FILE)
             torch.save(rng, tmp / RNG_FILE)
-            model.save_pretrained(tmp / "model")
+            model.save_pretrained(tmp)  # at the top, as in final/: AutoModel*.from_pretrained(OUTPUT/ticket)
             run.task.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             state = {**run.client_state("efficient")["earlybert"], "full_config": full_config.to_dict()}
             atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
@@ -464,9 +464,12 @@ def _restore_ticket_rng(ticket_dir: Path) -> None:
 
 def _load_ticket_dir(path: Path, task: Task) -> tuple[Ticket, EarlyBertPreTrainedModel, dict]:
     ticket, state = Ticket.load(path / TICKET_FILE), _ticket_state(path)
-    if not (path / "model" / "config.json").is_file():
-        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no model/ written by earlybert_ds)")
-    model = task.model_class.from_pretrained(path / "model")
+    # the model sits beside ticket.json (in model/ in tickets written before 2026-12)
+    model_dir = next((d for d in (path, path / "model") if (d / "config.json").is_file()), None)
+    if model_dir is None:
+        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no model config.json written by "
+                                         "earlybert_ds)")
+    model = task.model_class.from_pretrained(model_dir)
     if model.config.heads_per_layer != ticket.heads_per_layer or \
             model.config.intermediate_sizes != ticket.intermediate_sizes:
         raise checkpoint.CheckpointError(f"{path}: the model in model/ does not have the ticket's shape")

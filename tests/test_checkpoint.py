@@ -118,6 +118,18 @@ def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corp
     assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
 
 
+def test_the_ticket_directory_loads_with_the_auto_classes(ticket_run):
+    """README: ``ticket/`` holds the shrunk model: ``AutoModelForMaskedLM.from_pretrained(OUTPUT/ticket)`` loads it
+    with the ticket's shape, and its tokenizer is in ``ticket/tokenizer``."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    ticket = json.loads((ticket_run / "ticket" / "ticket.json").read_text())
+    model = AutoModelForMaskedLM.from_pretrained(ticket_run / "ticket")
+    assert model.config.heads_per_layer == ticket["heads_per_layer"]
+    assert model.config.intermediate_sizes == ticket["intermediate_sizes"]
+    assert len(AutoTokenizer.from_pretrained(ticket_run / "ticket" / "tokenizer")) == model.config.vocab_size == 600
+
+
 def test_resuming_through_the_ticket_is_bit_identical(corpus, ticket_run, tmp_path):
     """From the ticket into a new directory on as many ranks: the losses of the uninterrupted run, bit for bit
     (the ticket holds every rank's random state; dropout is on)."""

@@ -119,7 +119,7 @@ def test_custom_task_with_label_names(minilm_dir, tmp_path):
     _finetune(["--task", "custom", "--model", str(minilm_dir), "--finetune.text_a", "text",
                *[x for kv in files.items() for x in kv], "--train.micro_batch_size", "16", "--finetune.epochs", "1",
                "--finetune.max_len", "32"], tmp_path / "run")
-    for saved in ("final", "ticket/model"):
+    for saved in ("final", "ticket"):
         config = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / saved).config
         assert config.id2label == names and config.label2id == {"negative": 0, "positive": 1}, saved
     lines = (tmp_path / "run" / "predictions" / "custom.tsv").read_text().splitlines()
