@@ -359,3 +359,18 @@ def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
         assert losses[-1] < 0.5 * losses[0], losses
     finally:
         engine.destroy()
+
+
+def test_deepspeed_requirement_is_the_tested_range():
+    """The code reads DeepSpeed 0.19's private internals and config keys (ZeRO-3 coordinator caches, the shm op,
+    fp32 master copies): pyproject.toml admits the tested version and its patch releases only."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(r.specifier for r in map(Requirement, deps) if r.name == "deepspeed")
+    assert version("deepspeed") in spec
+    assert "0.19.8" in spec and "0.19.9" in spec
+    assert "0.14.0" not in spec and "0.19.7" not in spec and "0.20.0" not in spec
