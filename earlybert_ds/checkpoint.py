@@ -8,6 +8,7 @@ deleted only after that. DeepSpeed checkpoints are pickles: load only checkpoint
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import shutil
@@ -20,6 +21,8 @@ from . import distributed as dist
 from .atomic import atomic_write_text, fault_point
 from .engine import Engine
 
+logger = logging.getLogger("earlybert_ds")
+
 LATEST = "latest"
 _TAG = re.compile(r"^global_step(\d+)$")
 
@@ -28,14 +31,15 @@ class CheckpointError(ValueError):
     """A path that is not a usable checkpoint; the message says what was expected."""
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (dropout draws from them): what an exact resume restores."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -47,16 +51,48 @@ def save(engine: Engine, ckpt_dir: Path, step: int, client_state: dict, keep_las
     """Save on every rank (collective); returns the checkpoint's directory. ``rank_state`` is what this rank alone
     knows (beside its RNG state), written to ``rankR.pt``."""
     tag = f"global_step{step}"
+    dist.on_rank0(_abandon_from, ckpt_dir, step)
     engine.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save({"rng": _rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
+    torch.save({"rng": rng_state(), **(rank_state or {})}, ckpt_dir / tag / rank_file())
     fault_point(f"checkpoint:{tag}")  # every shard written, `latest` not yet moved
     dist.barrier()
-    if dist.rank() == 0:
-        atomic_write_text(ckpt_dir / LATEST, tag)
-        for old in sorted(_tags(ckpt_dir))[:-keep_last]:
-            shutil.rmtree(ckpt_dir / f"global_step{old}", ignore_errors=True)
-    dist.barrier()
+    dist.on_rank0(_complete, ckpt_dir, tag, keep_last)
     return ckpt_dir / tag
+
+
+def _complete(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    """Rank 0, once every rank has written its part: ``latest`` names ``tag``, the oldest beyond ``keep_last`` go."""
+    atomic_write_text(ckpt_dir / LATEST, tag)
+    for old in sorted(_tags(ckpt_dir))[:-keep_last]:  # `tag` is the highest one now: never deleted
+        shutil.rmtree(ckpt_dir / f"global_step{old}", ignore_errors=True)
+
+
+def _abandon_from(ckpt_dir: Path, step: int) -> None:
+    """Before saving ``step``: delete the checkpoints of steps >= ``step`` (rank 0).
+
+    They are an unfinished save of this step or a branch this run has left (it resumed from an earlier checkpoint
+    or from the ticket): kept, they would be overwritten in place (a crash then leaves ``latest`` on a torn
+    checkpoint, or mixes shards of two world sizes) and outrank the new checkpoint when older ones are pruned.
+    When ``latest`` names one of them it first moves back to the newest checkpoint before ``step`` (removed when
+    there is none), so that it always names a complete checkpoint.
+    """
+    later = sorted(t for t in _tags(ckpt_dir) if t >= step) if ckpt_dir.is_dir() else []
+    if not later:
+        return
+    latest = ckpt_dir / LATEST
+    named = _TAG.match(latest.read_text().strip()) if latest.is_file() else None
+    if named and int(named.group(1)) >= step:
+        earlier = [t for t in _tags(ckpt_dir) if t < step]
+        if earlier:
+            atomic_write_text(latest, f"global_step{max(earlier)}")
+        else:
+            latest.unlink()
+    names = [f"global_step{t}" for t in later]
+    logger.warning("%s: deleting %s before saving step %d: left by an earlier attempt (an unfinished save, or "
+                   "later steps of a branch this run has left by resuming from an earlier point)", ckpt_dir,
+                   ", ".join(names), step)
+    for name in names:
+        shutil.rmtree(ckpt_dir / name)
 
 
 def _tags(ckpt_dir: Path) -> list[int]:
@@ -85,9 +121,12 @@ def peek_client_state(path: str | Path) -> dict:
     files = sorted((root / tag).glob("*model_states.pt"))
     if not files:
         raise CheckpointError(f"{root / tag}: no model states file")
-    # DeepSpeed's checkpoint holds arbitrary pickles (trusted input only: your own runs).
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    if "earlybert" not in state:
+    try:  # DeepSpeed's checkpoint holds arbitrary pickles (trusted input only: your own runs)
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways inside torch.load
+        raise CheckpointError(f"{files[0]}: unreadable ({type(e).__name__}: {e}); resume from another checkpoint "
+                              "or from the ticket") from e
+    if not isinstance(state, dict) or "earlybert" not in state:
         raise CheckpointError(f"{root / tag}: not an earlybert_ds checkpoint (no 'earlybert' client state)")
     return state["earlybert"]
 
@@ -114,5 +153,5 @@ def load(engine: Engine, path: str | Path) -> tuple[dict, dict]:
     rank_state = {}
     if (root / tag / rank_file()).is_file():
         rank_state = torch.load(root / tag / rank_file(), weights_only=True)
-        _set_rng_state(rank_state.pop("rng"))
+        set_rng_state(rank_state.pop("rng"))
     return client["earlybert"], rank_state

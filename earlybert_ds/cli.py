@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import shutdown
 
         shutdown()
-    except (ValueError, FileNotFoundError, ArithmeticError) as e:  # bad input; a diverged run (NonFiniteLossError)
+    except (ValueError, OSError, ArithmeticError) as e:  # bad input, a file system's refusal, a diverged run
         logging.getLogger("earlybert_ds").error("%s", e)
         print(f"earlybert-ds: error: {e}", file=sys.stderr)
         return 2

@@ -115,7 +115,10 @@ class FinetuneArgs:
     text_a: str = _f("sentence1", "custom task: column of the first text")
     text_b: str | None = _f(None, "custom task: column of the second text (pairs)")
     label_column: str = _f("label", "custom task: column of the label")
-    num_labels: int = _f(2, "custom task: number of classes (1: regression)")
+    num_labels: int = _f(2, "custom task: number of classes (1: regression); with class names, their number")
+    label_list: str | None = _f(None, "custom task: the class labels in id order, comma-separated (e.g. "
+                                      "negative,positive); unset: from the training file, integers as they are, "
+                                      "names in sorted order")
     max_len: int | None = _f(None, "maximum tokens per example (default: 128; 384 for SQuAD)")
     stride: int = _f(128, "SQuAD: overlap of the windows over long contexts")
     epochs: float | None = _f(3.0, "training epochs; sets train.steps (none: use train.steps)")
@@ -144,6 +147,11 @@ class RunConfig:
     earlybert: EarlyBertArgs = field(default_factory=EarlyBertArgs)
     finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
     log: LogArgs = field(default_factory=LogArgs)
+
+    def __post_init__(self) -> None:
+        #: The ``section.field`` keys set by a config file or the command line (not by a command's defaults):
+        #: what a resume from a ticket must not silently ignore. Not a field: it is not saved with the run.
+        self.given: set[str] = set()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -302,6 +310,8 @@ def _apply(cfg: RunConfig, flat: dict[str, Any], source: str) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: unknown field '{key}'{hint}")
         value = _coerce(key, value, hints[key], source)
+        if source != "defaults":
+            cfg.given.add(key)
         target = cfg
         *path, name = key.split(".")
         for p in path:

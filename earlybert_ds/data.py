@@ -1,7 +1,7 @@
 """Pre-training data: corpus loading, WordPiece tokenizers, packed-sequence caches, MLM masking and sharded sampling.
 
 Everything random here is a pure function of ``(seed, what, index)`` rather than of a generator's running state:
-the validation split of ``seed``, the order of epoch ``e``, the masks of sample ``i``. That is what makes a
+the validation split of ``seed``, the order of epoch ``e``, the masks of sample ``i`` in epoch ``e``. That is what makes a
 resumed run bit-exact, whatever the world size, batch composition or restart point.
 
 The flow on each rank::
@@ -13,8 +13,8 @@ The flow on each rank::
     packed = load_packed(prepare_corpus(data_args, tokenizer, seed))   # cache hit: no corpus work
     batches = ShardedBatches(len(packed.train), micro, accum, world, rank, seed)
     masker = MLMMasker.from_tokenizer(tokenizer, data_args.mlm_probability, data_args.whole_word_mask)
-    for idx in batches.next_step():
-        batch = collate(packed.train, idx, masker, seed)
+    for idx, epochs in batches.next_step_epochs():
+        batch = collate(packed.train, idx, masker, seed, epochs)
 """
 
 from __future__ import annotations
@@ -390,8 +390,9 @@ def load_packed(cache: str | Path) -> PackedCorpus:
 # ---- masking ----------------------------------------------------------------------------------------------------
 
 class MLMMasker:
-    """BERT's masked-LM corruption, a pure function of (seed, sample index): a sample is masked identically
-    whatever the world size, batch composition or resume point.
+    """BERT's masked-LM corruption, a pure function of (seed, sample index, epoch): a sample is masked identically
+    whatever the world size, batch composition or resume point, and anew in every epoch (BERT used 10 masks per
+    sequence; RoBERTa re-masks every epoch). Epoch 0's masks, and validation's, do not depend on the epoch.
 
     Per row, round(p * #non-special tokens) tokens (at least one) are chosen; with ``whole_word_mask``, whole
     words (a start token plus the continuation pieces after it) up to that many tokens; of those 80% become
@@ -440,20 +441,23 @@ class MLMMasker:
         out[pos[swap]] = random_tokens[swap]
         return out, labels
 
-    def __call__(self, input_ids: torch.Tensor, sample_indices: torch.Tensor | np.ndarray,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, sample_indices: torch.Tensor | np.ndarray, seed: int,
+                 epochs: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rows = input_ids.cpu().numpy()
-        pairs = [self._mask_row(row, np.random.default_rng([seed, _MASK, int(i)]))
-                 for row, i in zip(rows, np.asarray(sample_indices))]
+        epochs = np.zeros(len(rows), dtype=np.int64) if epochs is None else np.asarray(epochs)
+        pairs = [self._mask_row(row, np.random.default_rng([seed, _MASK, int(i)] + ([int(e)] if e else [])))
+                 for row, i, e in zip(rows, np.asarray(sample_indices), epochs)]
         return (torch.from_numpy(np.stack([p[0] for p in pairs])).long(),
                 torch.from_numpy(np.stack([p[1] for p in pairs])).long())
 
 
-def collate(packed: np.ndarray, indices: np.ndarray, masker: MLMMasker, seed: int) -> dict[str, torch.Tensor]:
-    """A masked micro-batch of the packed rows ``indices`` (no padding: the attention mask is all ones)."""
+def collate(packed: np.ndarray, indices: np.ndarray, masker: MLMMasker, seed: int,
+            epochs: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """A masked micro-batch of the packed rows ``indices`` seen in ``epochs`` (default 0); no padding: the attention
+    mask is all ones."""
     indices = np.asarray(indices, dtype=np.int64)
     ids = torch.from_numpy(np.asarray(packed[indices], dtype=np.int64))
-    masked, labels = masker(ids, indices, seed)
+    masked, labels = masker(ids, indices, seed, epochs)
     return {"input_ids": masked, "attention_mask": torch.ones_like(masked), "labels": labels,
             "sample_idx": torch.from_numpy(indices)}
 
@@ -488,21 +492,26 @@ class ShardedBatches:
     def epoch(self) -> int:
         return self.consumed // self.num_samples
 
-    def _stream(self, start: int, stop: int) -> np.ndarray:
+    def _stream(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         pos = np.arange(start, stop)
         epochs = pos // self.num_samples
         out = np.empty(len(pos), dtype=np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
             out[sel] = _epoch_order(self.num_samples, self.seed, int(e))[pos[sel] % self.num_samples]
-        return out
+        return out, epochs
+
+    def next_step_epochs(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This rank's ``grad_accum`` micro-batches for the next optimizer step: (sample indices, the epoch each
+        one is drawn in), the epoch being what masking needs to mask a sample anew every time it comes round."""
+        start = self.consumed + self.rank * self.micro * self.accum
+        mine, epochs = self._stream(start, start + self.micro * self.accum)
+        self.consumed += self.global_batch
+        return list(zip(np.split(mine, self.accum), np.split(epochs, self.accum)))
 
     def next_step(self) -> list[np.ndarray]:
         """This rank's ``grad_accum`` micro-batches of sample indices for the next optimizer step."""
-        start = self.consumed + self.rank * self.micro * self.accum
-        mine = self._stream(start, start + self.micro * self.accum)
-        self.consumed += self.global_batch
-        return np.split(mine, self.accum)
+        return [idx for idx, _ in self.next_step_epochs()]
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed": self.consumed}

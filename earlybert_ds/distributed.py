@@ -6,17 +6,22 @@ the usual ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` variables are set for us.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import shutil
 import socket
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("earlybert_ds")
 
 #: How long a collective (and the rendezvous) may wait before the job fails instead of hanging.
 #: Override with EARLYBERT_DIST_TIMEOUT (seconds). Measured with torch 2.13 (gloo): a rank that cannot reach
@@ -28,16 +33,13 @@ DEFAULT_TIMEOUT_S = 600
 
 #: DeepSpeed's CPU communication op, compiled on first use by every CPU ``init_distributed``.
 SHM_OP = "deepspeed_shm_comm"
-#: A JIT-build lock older than this was left by a build that was killed (a build takes about a minute).
-STALE_BUILD_LOCK_S = 600
+#: Beside torch's bare ``lock`` in the op's build directory: the lock every earlybert_ds process holds while it
+#: builds or loads an op. An flock is released by the kernel when its holder dies, however it dies.
+BUILD_FLOCK = "earlybert_build.flock"
 
 
 class RendezvousError(ValueError):
     """The ranks could not meet at MASTER_ADDR:MASTER_PORT in time; the message says where and what to check."""
-
-
-class BuildLockError(ValueError):
-    """A lock left behind by a killed build of DeepSpeed's CPU communication op would make this job wait forever."""
 
 
 def _free_port() -> int:
@@ -60,7 +62,7 @@ def init() -> tuple[int, int]:
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         _jit_build_environment()
         if not on_cuda():
-            _check_build_lock(SHM_OP)
+            build_cpu_ops()  # init_distributed then finds the op loaded (DeepSpeed keeps loaded ops)
         import deepspeed
 
         timeout = timedelta(seconds=float(os.environ.get("EARLYBERT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
@@ -92,31 +94,44 @@ def _jit_build_environment() -> None:
 
 
 def build_cpu_ops() -> None:
-    """Compile DeepSpeed's CPU communication op now (``launch/setup.sh``), not in the first job."""
+    """Compile (or load) DeepSpeed's CPU communication op under :func:`build_guard`: in ``launch/setup.sh``, so that
+    the first job does not pay the build, and in every CPU :func:`init`, before the ranks meet."""
     _jit_build_environment()
-    _check_build_lock(SHM_OP)
     from deepspeed.comm.torch import build_shm_op
 
-    build_shm_op()
+    with build_guard(SHM_OP):
+        build_shm_op()
 
 
-def _check_build_lock(op: str) -> None:
-    """Fail, naming the file, where torch's build lock of ``op`` is stale.
+@contextlib.contextmanager
+def build_guard(op: str) -> Iterator[None]:
+    """Hold this environment's build lock of ``op`` (an flock on ``BUILD_FLOCK``) while DeepSpeed builds or loads it.
 
-    torch guards a just-in-time build with a bare lock file and waits, silently and forever, while it exists; a
-    process killed during the build (the first start of a job, on a new machine) leaves it behind.
+    torch guards a just-in-time build with a bare ``lock`` file and waits for it to vanish, silently and forever; a
+    process killed during the build leaves it behind. Every earlybert_ds process builds under the flock, which dies
+    with its holder, so a torch lock found while holding it was left by a killed build, whatever its age: it is
+    removed, saying so. Waiting for a live builder says whom it waits for.
     """
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_BUILD_LOCK_S:
-        raise BuildLockError(f"{lock} is {age / 60:.0f} minutes old: a build of DeepSpeed's {op} op was killed and "
-                             "left its lock behind, and every job would wait on it forever. Remove the file (if no "
-                             "build is running) and start again")
+    build_dir = Path(_get_build_directory(op, verbose=False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / BUILD_FLOCK, "a+") as guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            guard.seek(0)
+            logger.warning("waiting for %s, which is building DeepSpeed's %s op in %s (a build takes about a "
+                           "minute)", guard.read().strip() or "another process", op, build_dir)
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        guard.seek(0), guard.truncate(), guard.write(f"process {os.getpid()} on {socket.gethostname()}")
+        guard.flush()
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("%s: removed, left by a build of DeepSpeed's %s op that was killed (no live earlybert_ds "
+                           "build holds %s); torch would have waited on it forever", stale, op, BUILD_FLOCK)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def _unlink_shm_segment() -> None:
@@ -181,6 +196,31 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class RankFailure(ValueError):
+    """Raised on every other rank when rank 0 failed in :func:`on_rank0`; the message is rank 0's error."""
+
+
+def on_rank0(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on rank 0 alone, its result on every rank (a collective: every rank must call it).
+
+    An exception on rank 0, of any type, is re-raised there and reaches every other rank as a
+    :class:`RankFailure` with rank 0's message, so that no rank waits in the next collective for a rank 0 that has
+    failed (under ``--no_ssh`` or SLURM, the other nodes would otherwise wait out ``EARLYBERT_DIST_TIMEOUT``).
+    """
+    result, error, failure = None, "", None
+    if rank() == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure, error = e, str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+    result, error = broadcast_object((result, error))
+    if failure is not None:
+        raise failure
+    if error:
+        raise RankFailure(f"rank 0 failed: {error}")
+    return result
 
 
 def all_gather_object(obj: Any) -> list[Any]:

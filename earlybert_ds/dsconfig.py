@@ -21,7 +21,7 @@ from torch import nn
 from .config import RunConfig
 from .gates import is_gate
 from .hardware import auto_precision, cpu_info
-from .optim import make_client_optimizer
+from .optim import cuda_op_available, make_client_optimizer, uses_own_lamb
 
 # make_client_optimizer is re-exported: it must agree with build_ds_config on who builds the optimizer.
 __all__ = ["DEFAULT_DS_CONFIG", "DEFAULT_DS_DICT", "KNOWN_KEYS", "DSConfigError", "build_ds_config",
@@ -169,8 +169,9 @@ def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
     """The DeepSpeed config for this run: the JSON (run.deepspeed, or the default) with every "auto" filled.
 
     Raises DSConfigError for a missing or malformed file, unknown or wrongly typed fields, and any field that
-    contradicts the run config. On CPU, AdamW is torch's (DeepSpeed's FusedAdam would be compiled for minutes)
-    and LAMB is ours: the optimizer section is then dropped and ``optim.make_client_optimizer`` builds it.
+    contradicts the run config. On CPU, and on CUDA where DeepSpeed's fused kernels are neither built in nor
+    buildable (no nvcc: a pip-only install), AdamW is torch's (FusedAdam would be compiled for minutes, or fail) and
+    LAMB is ours: the optimizer section is then dropped and ``optim.make_client_optimizer`` builds it.
     """
     cfg, source = load_ds_config(run.deepspeed)
     t = run.train
@@ -282,14 +283,16 @@ def _fill_optimizer(cfg: dict, run: RunConfig, source: str, on_cuda: bool, offlo
                                 "or remove the offload")
         if stage > 0:  # DeepSpeed lists neither FusedLamb nor ours as ZeRO-tested
             cfg.setdefault("zero_allow_untested_optimizer", True)
-        if not on_cuda:  # FusedLamb needs CUDA: optim.make_client_optimizer gives our Lamb instead
+        if uses_own_lamb(run, on_cuda):  # no FusedLamb kernel: optim.make_client_optimizer gives our Lamb
             extra = sorted(set(params) - _HYPER)
             if extra:
-                raise DSConfigError(f"{source}: optimizer.params.{extra[0]} is not used on CPU, where earlybert_ds's "
-                                    "own Lamb (FusedLamb's defaults) replaces DeepSpeed's CUDA-only FusedLamb")
+                raise DSConfigError(f"{source}: optimizer.params.{extra[0]} is not used where earlybert_ds's "
+                                    "own Lamb (FusedLamb's defaults) replaces DeepSpeed's FusedLamb (on CPU, or on "
+                                    "CUDA without nvcc)")
             del cfg["optimizer"]
-    elif not on_cuda and not offload:  # with offload, DeepSpeed must pick DeepSpeedCPUAdam: torch_adam would win
-        # torch's AdamW, fused: one kernel per tensor steps BERT-base 7x faster on CPU than its per-op loop
+    elif not offload and not (on_cuda and cuda_op_available("fused_adam")):
+        # torch's AdamW where DeepSpeed's FusedAdam could not be built (CPU; CUDA without nvcc, a pip-only install);
+        # with offload, DeepSpeed must pick DeepSpeedCPUAdam: torch_adam would win
         params.setdefault("torch_adam", True)
         params.setdefault("fused", True)
 

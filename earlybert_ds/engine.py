@@ -7,6 +7,7 @@ stage and released completely before the next one (``destroy``): old engines oth
 from __future__ import annotations
 
 import gc
+import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import distributed as dist
 from .config import RunConfig
 from .dsconfig import build_ds_config, lr_lambda, make_client_optimizer, param_groups
+
+logger = logging.getLogger("earlybert_ds")
 
 
 class Engine:
@@ -39,6 +42,10 @@ class Engine:
         )
         self.device = self.engine.device
         self.tokens_per_micro_batch = 0
+        opt = type(self.engine.basic_optimizer)
+        self.optimizer_name = f"{opt.__module__}.{opt.__qualname__}"
+        if dist.rank() == 0:  # which implementation ran: DeepSpeed's fused kernels, torch's, or ours
+            logger.info("optimizer: %s", self.optimizer_name)
 
     @property
     def module(self) -> torch.nn.Module:

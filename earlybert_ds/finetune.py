@@ -22,7 +22,16 @@ from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
 from .pipeline import ShardedTask, run_earlybert
 from .squad import load_squad, postprocess, prepare_features, squad_metrics
-from .tasks import compute_metrics, custom_task, encode, get_task, load_task_split, write_predictions
+from .tasks import (
+    TaskSpec,
+    compute_metrics,
+    custom_task,
+    encode,
+    get_task,
+    infer_label_list,
+    load_task_split,
+    write_predictions,
+)
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -68,6 +77,26 @@ def _sharded_outputs(engine: Engine, n: int, batch_of, micro: int, keys: tuple[s
     return local
 
 
+def _custom_spec(cfg: RunConfig) -> TaskSpec:
+    """A custom task's spec; its class labels given (``finetune.label_list``) or read from the training file."""
+    f = cfg.finetune
+    if f.label_list is not None:
+        labels = tuple(x.strip() for x in f.label_list.split(","))
+    elif f.num_labels > 1 and f.train_file:
+        labels = infer_label_list(f.train_file, f.label_column)
+    else:
+        labels = ()
+    if f.num_labels == 1 or not labels or (f.label_list is None and all(x.isdigit() for x in labels)):
+        return custom_task(f.num_labels, f.text_a, f.text_b, f.label_column)  # ids 0 .. num_labels-1 as written
+    if "finetune.num_labels" in cfg.given and f.num_labels != len(labels):
+        raise ConfigError(f"finetune.num_labels={f.num_labels}, but the labels are {list(labels)} "
+                          f"({'finetune.label_list' if f.label_list is not None else f.train_file})")
+    try:
+        return custom_task(len(labels), f.text_a, f.text_b, f.label_column, labels)
+    except ValueError as e:
+        raise ConfigError(f"finetune.label_list={f.label_list!r}: {e}") from e
+
+
 class ClassificationTask(ShardedTask):
     """A GLUE task or a user's CSV/JSON-lines task: sequence classification, or regression with one label."""
 
@@ -76,9 +105,11 @@ class ClassificationTask(ShardedTask):
     def __init__(self, cfg: RunConfig):
         f, t = cfg.finetune, cfg.train
         self.cfg = cfg
-        self.spec = custom_task(f.num_labels, f.text_a, f.text_b, f.label_column) if f.task == "custom" \
-            else get_task(f.task)
+        self.spec = _custom_spec(cfg) if f.task == "custom" else get_task(f.task)
         self.model_overrides = {"num_labels": self.spec.num_labels}
+        if not self.spec.is_regression:  # the label names travel with the model, as run_glue's do
+            self.model_overrides.update(id2label=dict(enumerate(self.spec.label_list)),
+                                        label2id={name: i for i, name in enumerate(self.spec.label_list)})
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.init_from)
         self.max_len = f.max_len or 128
         train_src, dev_src = f.train_file or f.data, f.dev_file or f.data

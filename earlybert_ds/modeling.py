@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +238,25 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
     base_model_prefix = "bert"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Layer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """As ``PreTrainedModel.from_pretrained``, except that a local Hugging Face BERT directory (``model_type``
+        "bert") is converted with :func:`load_hf_bert`: loaded as it is, none of its weights would match this
+        model's names, and every one would be random-initialised with only a warning."""
+        config_file = Path(pretrained_model_name_or_path) / "config.json"
+        try:
+            is_bert = json.loads(config_file.read_text()).get("model_type") == "bert"
+        except (OSError, ValueError, AttributeError):
+            is_bert = False
+        if not is_bert:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if args or kwargs:
+            raise ValueError(f"{pretrained_model_name_or_path} is a Hugging Face BERT checkpoint (model_type 'bert'): "
+                             f"{cls.__name__}.from_pretrained converts it only without further arguments (got "
+                             f"{', '.join([*map(repr, args), *kwargs])}); use earlybert_ds.modeling.load_hf_bert(path, "
+                             f"{cls.__name__}, **config_overrides)")
+        return load_hf_bert(pretrained_model_name_or_path, cls)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

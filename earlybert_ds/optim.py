@@ -9,6 +9,7 @@ GPU without changing its optimizer.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterable
 
 import torch
@@ -78,12 +79,30 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+def cuda_op_available(op: str) -> bool:
+    """Whether DeepSpeed can provide its CUDA kernel ``op`` (``fused_adam``, ``fused_lamb``): built into the installed
+    wheel (``DS_BUILD_*``), or buildable just in time, which needs ``nvcc`` (``CUDA_HOME``). A pip-only CUDA torch
+    has neither, and ``deepspeed.initialize`` would fail trying to build it."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return bool(installed_ops.get(op)) or (CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "bin",
+                                                                                                 "nvcc")))
+
+
+def uses_own_lamb(run: RunConfig, on_cuda: bool) -> bool:
+    """LAMB runs as this module's :class:`Lamb` where DeepSpeed's FusedLamb cannot: on CPU, and on CUDA without the
+    fused_lamb kernel (see :func:`cuda_op_available`)."""
+    return run.train.optimizer == "lamb" and not (on_cuda and cuda_op_available("fused_lamb"))
+
+
 def make_client_optimizer(run: RunConfig, param_groups: list[dict], on_cuda: bool) -> torch.optim.Optimizer | None:
-    """The optimizer to hand ``deepspeed.initialize``: our Lamb for LAMB on CPU, else None (DeepSpeed builds it).
+    """The optimizer to hand ``deepspeed.initialize``: our Lamb where :func:`uses_own_lamb`, else None (DeepSpeed
+    builds it).
 
     Must agree with ``dsconfig.build_ds_config``, which drops the config's optimizer section in exactly that case.
     """
     t = run.train
-    if t.optimizer == "lamb" and not on_cuda:
+    if uses_own_lamb(run, on_cuda):
         return Lamb(param_groups, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     return None

@@ -38,7 +38,7 @@ from . import checkpoint
 from . import distributed as dist
 from .atomic import atomic_directory, atomic_write_text, fault_active, fault_point
 from .config import ConfigError, RunConfig, save_config
-from .data import ShardedBatches
+from .data import DataError, ShardedBatches, load_tokenizer, tokenizer_digest
 from .dsconfig import build_ds_config, describe_precision
 from .engine import Engine
 from .flops import count_parameters
@@ -62,7 +62,7 @@ from .ticket import (
 logger = logging.getLogger("earlybert_ds")
 
 CHECKPOINTS, TICKET_DIR, FINAL_DIR, TOKENIZER_DIR = "checkpoints", "ticket", "final", "tokenizer"
-RUN_CONFIG, SUMMARY, STATE = "run_config.json", "summary.json", "state.json"
+RUN_CONFIG, SUMMARY, STATE, RNG_FILE = "run_config.json", "summary.json", "state.json", "rng.pt"
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -129,6 +129,8 @@ class Run:
     last_eval: tuple[int, dict[str, float]] | None = None
     ticket: Ticket | None = None  # this rank's copy, once drawn or loaded
     peak_flops: float = 0.0  # all ranks' measured matmul rate in the run's precision (FLOP/s): MFU's denominator
+    saved_step: int | None = None  # the step of the checkpoint this run last saved or loaded
+    nonfinite: int = 0  # consecutive non-finite steps at the end of the last stage trained
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Validate now unless this step was already validated; logs and returns the metrics."""
@@ -153,28 +155,32 @@ def _claim_output_dir(cfg: RunConfig, resuming: bool) -> Iterator[Path]:
     """Hold the output directory for this run: refuse one that holds another run (unless resuming) or that a live
     run is using (an flock on ``OUTPUT/.lock``, released when this run ends, however it ends)."""
     out = Path(cfg.output_dir)
-    problem, lock, token = "", None, f"{socket.gethostname()}:{os.getpid()}"
-    if dist.rank() == 0:
+    held: list[Any] = []  # rank 0's open lock file
+
+    def claim() -> tuple[str, str]:
+        token = f"{socket.gethostname()}:{os.getpid()}"
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")  # noqa: SIM115 - closed below
+        held.append(lock := open(out / ".lock", "a+"))  # noqa: SIM115 - closed below
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.seek(0), lock.truncate(), lock.write(token), lock.flush()
             os.fsync(lock.fileno())  # other nodes read it next
         except BlockingIOError:
             lock.seek(0)
-            problem = f"{out} is in use by a live run ({lock.read().strip() or '?'}); choose another --output-dir"
-        if not problem and (out / RUN_CONFIG).exists() and not resuming:
-            problem = (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
-                       "(nothing was changed)")
+            return f"{out} is in use by a live run ({lock.read().strip() or '?'}); choose another --output-dir", token
+        if (out / RUN_CONFIG).exists() and not resuming:
+            return (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
+                    "(nothing was changed)"), token
+        return "", token
+
     try:
-        problem, token = dist.broadcast_object((problem, token))
+        problem, token = dist.on_rank0(claim)
         if problem:
             raise ConfigError(problem)
         _check_shared(out, token)
         yield out
     finally:
-        if lock is not None:
+        for lock in held:
             lock.close()
 
 
@@ -297,10 +303,8 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
             run.monitor.log(run.step, m)
             interval_s, interval_tokens, interval_samples = 0.0, 0.0, 0
         if bad >= t.max_nonfinite:
-            latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
-            where = latest.read_text().strip() if latest.is_file() else "none yet"
             raise NonFiniteLossError(f"the loss was non-finite for {bad} consecutive steps (up to step {run.step}); "
-                                     f"stopping. Last good checkpoint: {where}. Lower train.lr or use bf16.")
+                                     f"stopping. {_last_good(run)}")
         if t.eval_every and run.step % t.eval_every == 0:
             run.evaluate(engine)
         if on_step is not None and on_step(run.step):
@@ -314,7 +318,14 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
                 next(engine.module.parameters()).fill_(float("nan"))
     stage["wall_s"] += time.perf_counter() - wall0
     stage["last_step"] = run.step
+    run.nonfinite = bad
     return ended_early
+
+
+def _last_good(run: Run) -> str:
+    latest = Path(run.out, CHECKPOINTS, checkpoint.LATEST)
+    where = latest.read_text().strip() if latest.is_file() else "none yet"
+    return f"Last good checkpoint: {where}. Lower train.lr or use bf16."
 
 
 def _save(run: Run, engine: Engine, phase: str, extra_state=None) -> None:
@@ -322,6 +333,7 @@ def _save(run: Run, engine: Engine, phase: str, extra_state=None) -> None:
     rank_state = {"ticket": run.ticket.digest()} if run.ticket else {}
     checkpoint.save(engine, run.out / CHECKPOINTS, run.step, run.client_state(phase, **extra), run.cfg.train.keep_last,
                     rank_state)
+    run.saved_step = run.step
 
 
 def _load(run: Run, engine: Engine, path: Path) -> dict:
@@ -329,6 +341,8 @@ def _load(run: Run, engine: Engine, path: Path) -> dict:
     if run.ticket is not None and rank_state.get("ticket", run.ticket.digest()) != run.ticket.digest():
         raise checkpoint.CheckpointError(f"{path}: written for another ticket than {run.out / TICKET_DIR}")
     run.restore(state)
+    if checkpoint.resolve(path)[0].resolve() == (run.out / CHECKPOINTS).resolve():  # not one of another run's
+        run.saved_step = run.step
     return state
 
 
@@ -362,28 +376,32 @@ def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
         if step % e.detect_every and step < limit:
             return False
         gates = read_gates(engine.module, engine.optimizer)  # collective under ZeRO: every rank takes part
-        decision = None
-        if dist.rank() == 0:  # the coordinator
-            masks = draw_masks(gates, spec)
-            distance = detector.update(masks)
-            sparsity = gates.sparsity()
-            metrics = {"gate_sparsity/heads": sparsity["heads"], "gate_sparsity/ffn": sparsity["ffn"]}
-            if distance is not None:
-                run.search_log.append({"step": step, **distance})
-                metrics.update({"mask_distance/heads": distance["heads"], "mask_distance/ffn": distance["ffn"]})
-            run.monitor.log(step, metrics)
-            reason = ("converged" if e.draw == "earlybird" and detector.converged else
-                      None if step < limit else "fixed" if e.draw == "fixed" else "max_steps")
-            if reason == "max_steps":
-                logger.warning("no early-bird ticket by step %d (max_search_steps): drawing from the current gates",
-                               step)
-            if reason:
-                decision = Ticket.from_masks(masks, step, reason, spec, engine.module.config)
-                _plot_search(run, gates, masks, decision)
-        decision = dist.broadcast_object(decision)  # every rank switches at the same step with the same ticket
+        # the coordinator decides; every rank switches at the same step with the same ticket
+        decision = dist.on_rank0(coordinate, step, gates)
         if decision is not None:
             drawn["ticket"] = decision
         return decision is not None
+
+    def coordinate(step: int, gates: GateValues) -> Ticket | None:
+        """Rank 0: masks, their distance to the last ones, and the decision (a ticket or None)."""
+        masks = draw_masks(gates, spec)
+        distance = detector.update(masks)
+        sparsity = gates.sparsity()
+        metrics = {"gate_sparsity/heads": sparsity["heads"], "gate_sparsity/ffn": sparsity["ffn"]}
+        if distance is not None:
+            run.search_log.append({"step": step, **distance})
+            metrics.update({"mask_distance/heads": distance["heads"], "mask_distance/ffn": distance["ffn"]})
+        run.monitor.log(step, metrics)
+        reason = ("converged" if e.draw == "earlybird" and detector.converged else
+                  None if step < limit else "fixed" if e.draw == "fixed" else "max_steps")
+        if reason == "max_steps":
+            logger.warning("no early-bird ticket by step %d (max_search_steps): drawing from the current gates",
+                           step)
+        if not reason:
+            return None
+        decision = Ticket.from_masks(masks, step, reason, spec, engine.module.config)
+        _plot_search(run, gates, masks, decision)
+        return decision
 
     _train(run, engine, "search", run.cfg.train.steps, on_step=check,
            extra_state=lambda: {"detector": detector.state_dict()})
@@ -420,24 +438,49 @@ def _shrunk_model(run: Run, ticket: Ticket, searched: dict[str, torch.Tensor] | 
 
 def write_ticket(run: Run, ticket: Ticket, model: EarlyBertPreTrainedModel, full_config: EarlyBertConfig) -> Path:
     """``OUTPUT/ticket/``, written atomically by rank 0: the ticket, the model the efficient stage starts from
-    (Hugging Face format), the tokenizer and the run's position — all a fresh launch on any world size needs."""
+    (Hugging Face format), the tokenizer, the run's position and every rank's random state — all a fresh launch on
+    any world size needs (and, on the same number of ranks, to continue exactly)."""
     path = run.out / TICKET_DIR
-    if dist.rank() == 0:
+    rng = dist.all_gather_object(checkpoint.rng_state())
+
+    def write() -> None:
         with atomic_directory(path) as tmp:
             ticket.save(tmp / TICKET_FILE)
-            model.save_pretrained(tmp / "model")
+            torch.save(rng, tmp / RNG_FILE)
+            model.save_pretrained(tmp)  # at the top, as in final/: AutoModel*.from_pretrained(OUTPUT/ticket)
             run.task.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
             state = {**run.client_state("efficient")["earlybert"], "full_config": full_config.to_dict()}
             atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
-    dist.barrier()
+
+    dist.on_rank0(write)
     return path
+
+
+def _copy_ticket(src: Path, dst: Path) -> None:
+    with atomic_directory(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
+def _restore_ticket_rng(ticket_dir: Path) -> None:
+    """Every rank's random state as the ticket was written, so that a resume through the ticket on the same number
+    of ranks draws the same dropout masks as the uninterrupted run (on another number it cannot)."""
+    path = ticket_dir / RNG_FILE
+    states = torch.load(path, weights_only=True) if path.is_file() else []
+    if len(states) == dist.world_size():
+        checkpoint.set_rng_state(states[dist.rank()])
+    elif dist.rank() == 0:
+        logger.info("%s: random states of %d rank(s), this run has %d: dropout draws differ from the run that drew "
+                    "the ticket", ticket_dir, len(states), dist.world_size())
 
 
 def _load_ticket_dir(path: Path, task: Task) -> tuple[Ticket, EarlyBertPreTrainedModel, dict]:
     ticket, state = Ticket.load(path / TICKET_FILE), _ticket_state(path)
-    if not (path / "model" / "config.json").is_file():
-        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no model/ written by earlybert_ds)")
-    model = task.model_class.from_pretrained(path / "model")
+    # the model sits beside ticket.json (in model/ in tickets written before 2026-12)
+    model_dir = next((d for d in (path, path / "model") if (d / "config.json").is_file()), None)
+    if model_dir is None:
+        raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no model config.json written by "
+                                         "earlybert_ds)")
+    model = task.model_class.from_pretrained(model_dir)
     if model.config.heads_per_layer != ticket.heads_per_layer or \
             model.config.intermediate_sizes != ticket.intermediate_sizes:
         raise checkpoint.CheckpointError(f"{path}: the model in model/ does not have the ticket's shape")
@@ -447,7 +490,14 @@ def _load_ticket_dir(path: Path, task: Task) -> tuple[Ticket, EarlyBertPreTraine
 def _ticket_state(path: Path) -> dict:
     if not (path / STATE).is_file():
         raise checkpoint.CheckpointError(f"{path}: not a ticket checkpoint (no {STATE} written by earlybert_ds)")
-    return json.loads((path / STATE).read_text())
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise checkpoint.CheckpointError(f"{path / STATE}: not valid JSON ({e})") from e
+    missing = [k for k in ("step", "data", "full_config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise checkpoint.CheckpointError(f"{path / STATE}: no field {missing[0]!r} (not written by earlybert_ds?)")
+    return state
 
 
 # ---- the whole pipeline -----------------------------------------------------------------------------------------
@@ -492,22 +542,16 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     ds_config = build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad config fails before any work
     logger.info(describe_precision(cfg, dist.on_cuda()))
     with _claim_output_dir(cfg, resume or bool(resume_from)) as out:
-        start, error = None, ""
-        if rank == 0:  # decided once, so that no file-system view can split the ranks across stages
-            try:
-                start = _where_to_start(cfg, out, resume, resume_from)
-            except (ValueError, OSError) as e:
-                error = str(e)
-        start, error = dist.broadcast_object((start, error))
-        if error:
-            raise checkpoint.CheckpointError(error)
+        # decided once, so that no file-system view can split the ranks across stages
+        start = dist.on_rank0(_where_to_start, cfg, out, resume, resume_from)
         task = make_task(cfg)  # may settle derived fields of cfg (e.g. steps from epochs)
         cfg.validate()
+        if start.phase == "efficient":
+            dist.on_rank0(_check_ticket_fits, cfg, task, _ticket_dir_of(start))
         full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)
         if start.phase == "search":
             _check_prunable(cfg, full_config)
-        if dist.rank() == 0:  # from here on the directory holds this run
-            save_config(cfg, out / RUN_CONFIG)
+        dist.on_rank0(save_config, cfg, out / RUN_CONFIG)  # from here on the directory holds this run
         run = Run(cfg, out, task, peak_flops=_peak_flops(ds_config))
         run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
         try:
@@ -516,18 +560,53 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
             run.monitor.close()
 
 
+def _ticket_dir_of(start: Start) -> Path:
+    """The ticket an efficient-stage start trains: the one given, or the one beside the checkpoints."""
+    return start.ticket_dir or checkpoint.resolve(start.checkpoint)[0].parent / TICKET_DIR
+
+
+#: The run-config fields that decide the unpruned model's shape and dropout, by their name in its configuration.
+_MODEL_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "intermediate_size": "intermediate_size", "dropout": "hidden_dropout_prob"}
+
+
+def _check_ticket_fits(cfg: RunConfig, task: Task, ticket_dir: Path) -> None:
+    """Refuse a ticket whose model this run could not train faithfully: a vocabulary other than the run's tokenizer
+    (same size, other words: every embedding row would mean another word) or ``--model.*`` options that differ
+    from the model the ticket was drawn from (the ticket's shape wins; they would be ignored)."""
+    full = _ticket_state(ticket_dir)["full_config"]
+    for name, key in _MODEL_FIELDS.items():
+        if f"model.{name}" in cfg.given and getattr(cfg.model, name) != full.get(key):
+            raise ConfigError(f"model.{name}={getattr(cfg.model, name)} differs from the model of the ticket "
+                              f"{ticket_dir} ({key}={full.get(key)}); a ticket trains the model it was drawn from: "
+                              f"drop --model.{name}, or start a new run")
+    if (ticket_dir / TOKENIZER_DIR).is_dir():
+        try:
+            theirs = load_tokenizer(ticket_dir / TOKENIZER_DIR)
+        except DataError as e:
+            raise checkpoint.CheckpointError(f"{ticket_dir}: unreadable ticket tokenizer ({e})") from e
+        if tokenizer_digest(theirs) != tokenizer_digest(task.tokenizer):
+            ours = f"data.tokenizer={cfg.data.tokenizer}" if cfg.data.tokenizer else "this run's tokenizer"
+            raise ConfigError(f"the ticket {ticket_dir} was drawn with the tokenizer in {ticket_dir / TOKENIZER_DIR} "
+                              f"({len(theirs)} tokens); {ours} ({len(task.tokenizer)} tokens) gives other token "
+                              f"ids: pass --data.tokenizer {ticket_dir / TOKENIZER_DIR}")
+    elif full.get("vocab_size") != len(task.tokenizer):
+        raise ConfigError(f"the ticket {ticket_dir} has a vocabulary of {full.get('vocab_size')}, this run's "
+                          f"tokenizer {len(task.tokenizer)}")
+
+
 def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
     cfg, out = run.cfg, run.out
     if start.phase == "search":
         ticket, model = _search_and_draw(run, start, full_config)
     elif start.phase == "efficient":
-        ticket_dir = start.ticket_dir or checkpoint.resolve(start.checkpoint)[0].parent / TICKET_DIR
-        if start.checkpoint is None and ticket_dir.resolve() != (out / TICKET_DIR).resolve() and dist.rank() == 0:
-            with atomic_directory(out / TICKET_DIR) as tmp:  # the run directory stays self-contained
-                shutil.copytree(ticket_dir, tmp, dirs_exist_ok=True)
+        ticket_dir = _ticket_dir_of(start)
+        if ticket_dir.resolve() != (out / TICKET_DIR).resolve():  # the run directory stays self-contained
+            dist.on_rank0(_copy_ticket, ticket_dir, out / TICKET_DIR)
         ticket, model, state = _load_ticket_dir(ticket_dir, run.task)
         if start.checkpoint is None:
             run.restore(state)
+            _restore_ticket_rng(ticket_dir)
         full_config = EarlyBertConfig.from_dict(state["full_config"])
     else:  # the full-model baseline
         ticket, model = None, initial_model(cfg, run.task, gates=False)
@@ -538,19 +617,25 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
     if start.checkpoint is not None and start.phase != "search":
         _load(run, engine, start.checkpoint)
     _train(run, engine, phase, cfg.train.steps)
-    if not cfg.train.save_every or run.step % cfg.train.save_every:
+    if run.nonfinite:  # fewer than train.max_nonfinite, but nothing may be saved or exported from them
+        raise NonFiniteLossError(f"the last {run.nonfinite} step(s), up to step {run.step}, had a non-finite loss: "
+                                 f"no checkpoint or model was written from them. {_last_good(run)}")
+    if run.saved_step != run.step:  # a resumed finished run has its checkpoint: never rewrite it in place
         _save(run, engine, phase)
     final_eval = run.evaluate(engine)
     _export(run, engine)
     run.task.finish(engine, out)
     summary = _summary(run, ticket, full_config, engine.module.config, final_eval)
     engine.destroy()
-    if dist.rank() == 0:
-        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
-        run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        logger.info("done: ticket %s, summary %s, final model %s\n%s", summary["paths"]["ticket"], out / SUMMARY,
-                    summary["paths"]["final_model"], stage_table(summary))
+    dist.on_rank0(_write_summary, run, summary)
     return summary
+
+
+def _write_summary(run: Run, summary: dict) -> None:
+    atomic_write_text(run.out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    run.monitor.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    logger.info("done: ticket %s, summary %s, final model %s\n%s", summary["paths"]["ticket"], run.out / SUMMARY,
+                summary["paths"]["final_model"], stage_table(summary))
 
 
 def _search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tuple[Ticket, EarlyBertPreTrainedModel]:
@@ -585,14 +670,16 @@ def _search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tu
 def _export(run: Run, engine: Engine) -> None:
     """``OUTPUT/final/``: the trained model in Hugging Face format (safetensors) with its tokenizer."""
     state = engine.full_state_dict()  # collective
-    if dist.rank() == 0:
+
+    def write() -> None:
         model = run.task.model_class(engine.module.config)
         model.load_state_dict(state, strict=False)
         model.tie_weights()
         with atomic_directory(run.out / FINAL_DIR) as tmp:
             model.save_pretrained(tmp)
             run.task.tokenizer.save_pretrained(tmp)
-    dist.barrier()
+
+    dist.on_rank0(write)
 
 
 def _summary(run: Run, ticket: Ticket | None, full_config: EarlyBertConfig, final_config: EarlyBertConfig,

@@ -57,7 +57,8 @@ class MLMTask(ShardedTask):
                         len(self.packed.train), len(self.packed.val), d.seq_len, len(self.tokenizer))
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        return [collate(self.packed.train, idx, self.masker, self.seed) for idx in self.batches.next_step()]
+        return [collate(self.packed.train, idx, self.masker, self.seed, epochs)
+                for idx, epochs in self.batches.next_step_epochs()]
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Held-out MLM loss (token-weighted over ranks), perplexity and accuracy."""

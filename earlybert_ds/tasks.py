@@ -2,7 +2,9 @@
 
 Data comes from a local GLUE directory in the standard TSV layout, a local ``.csv``/``.jsonl`` file with named
 columns, or (online only) the Hugging Face hub. Bad rows fail with a :class:`TaskDataError` naming the file and the
-line, because a silently skipped or mislabelled row corrupts a fine-tuning result without any other sign.
+line, because a silently skipped or mislabelled row corrupts a fine-tuning result without any other sign. The one
+exception: TSV rows with the wrong number of fields, which GLUE's own files hold (QQP), are skipped and counted in
+the log while they are a small share of the file.
 Metrics are plain numpy (scipy and scikit-learn are not dependencies of this package).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +23,12 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_text
+
+
+logger = logging.getLogger("earlybert_ds")
+
+#: The share of a TSV file's rows that may be malformed (and are then skipped) before the file is refused.
+MAX_MALFORMED_SHARE = 0.01
 
 
 class TaskDataError(ValueError):
@@ -146,16 +155,38 @@ def load_task_split(task: str | TaskSpec, source: str | Path, split: str) -> lis
         path = _glue_file(spec, path, split)
     elif not path.is_file():
         raise TaskDataError(f"{path}: no such file or directory (nor 'hub')")
+    return _parse_rows(spec, path, _rows(path, spec.headerless_columns if labelled else None), labelled)
+
+
+def _rows(path: Path, headerless: tuple[str, ...] | None = None) -> "_Rows":
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        rows = _tsv_rows(path, spec.headerless_columns if labelled else None)
-    elif suffix == ".csv":
-        rows = _csv_rows(path)
-    elif suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    else:
-        raise TaskDataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl")
-    return _parse_rows(spec, path, rows, labelled)
+        return _tsv_rows(path, headerless)
+    if suffix == ".csv":
+        return _csv_rows(path)
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    raise TaskDataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl")
+
+
+def infer_label_list(path: str | Path, label_column: str) -> tuple[str, ...]:
+    """The distinct class labels of a custom task's training file, sorted: numbered in this order, the same file
+    always gives the same ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"{path}: no such file")
+    names: set[str] = set()
+    for lineno, row in _rows(path):
+        if label_column not in row:
+            raise TaskDataError(f"{path}:{lineno}: missing column {label_column!r}; found {list(row)}")
+        value = row[label_column]
+        if isinstance(value, (bool, float)) or value is None or not str(value).strip():
+            raise TaskDataError(f"{path}:{lineno}: {label_column} {value!r} is not a class label (a name or an "
+                                "integer; --finetune.num_labels 1 for regression)")
+        names.add(str(value).strip())
+    if not names:
+        raise TaskDataError(f"{path}: no examples")
+    return tuple(sorted(names))
 
 
 def _glue_file(spec: TaskSpec, root: Path, split: str) -> Path:
@@ -175,7 +206,12 @@ _Rows = Iterator[tuple[int, dict[str, Any]]]
 
 
 def _tsv_rows(path: Path, headerless: tuple[str, ...] | None) -> _Rows:
+    """Rows of a TSV file. GLUE's files as distributed hold a few malformed rows (QQP's training file: questions
+    broken over lines), which the official loaders skip: so are they here, counted in the log, as long as they are
+    at most ``MAX_MALFORMED_SHARE`` of the rows; a file with more is refused, naming the first ones."""
     # GLUE TSVs contain unbalanced quotes (MNLI, QQP), so fields are split on tabs only, never csv-unquoted.
+    bad: list[tuple[int, int]] = []  # (line, fields)
+    rows = 0
     with open(path, encoding="utf-8-sig", newline="") as f:
         columns = headerless
         for lineno, line in enumerate(f, 1):
@@ -186,10 +222,20 @@ def _tsv_rows(path: Path, headerless: tuple[str, ...] | None) -> _Rows:
             if columns is None:
                 columns = tuple(fields)
                 continue
+            rows += 1
             if len(fields) != len(columns):
-                raise TaskDataError(f"{path}:{lineno}: expected {len(columns)} tab-separated fields "
-                                    f"({', '.join(columns)}), got {len(fields)}")
+                bad.append((lineno, len(fields)))
+                continue
             yield lineno, dict(zip(columns, fields))
+    if not bad:
+        return
+    where = ", ".join(f"line {n} ({k} fields)" for n, k in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    if len(bad) > MAX_MALFORMED_SHARE * rows:
+        raise TaskDataError(f"{path}:{bad[0][0]}: expected {len(columns)} tab-separated fields ({', '.join(columns)}), "
+                            f"got {bad[0][1]}; {len(bad)} of {rows} rows are malformed, more than the "
+                            f"{MAX_MALFORMED_SHARE:.0%} that are skipped: {where}")
+    logger.warning("%s: skipped %d malformed row(s) of %d (not %d tab-separated fields), as the official GLUE loaders "
+                   "do: %s", path, len(bad), rows, len(columns), where)
 
 
 def _csv_rows(path: Path) -> _Rows:

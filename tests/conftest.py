@@ -107,19 +107,19 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: fl
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-@pytest.fixture(scope="module")
-def distributed():
-    """A one-process gloo group, set up as every run sets it up (for real engines inside the test process)."""
+@pytest.fixture
+def distributed(monkeypatch):
+    """A one-process gloo group in this process, set up as every run sets it up (kept for later tests: an
+    in-process run ends it with ``shutdown``, and the next test makes a new one)."""
     import deepspeed
 
     from earlybert_ds import distributed as dist
 
-    with pytest.MonkeyPatch.context() as mp:
-        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        for k, v in env.items():
-            mp.setenv(k, v)
-        dist.init()
-        yield deepspeed
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    dist.init()
+    yield deepspeed
 
 
 def metrics(out: Path) -> list[dict]:

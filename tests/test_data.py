@@ -357,3 +357,39 @@ def test_resume_and_world_size_change_continue_the_same_stream():
     one, two, four = _steps(97, 8, 2, 1, 15), _steps(97, 4, 2, 2, 15), _steps(97, 4, 1, 4, 15)
     assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(one, two, four))
     assert not np.array_equal(np.concatenate(one), np.concatenate(_steps(97, 8, 2, 1, 15, seed=1)))
+
+
+def test_every_epoch_masks_a_sequence_anew_and_deterministically(corpus):
+    """The pre-training task masks the same sequence differently in each epoch (BERT: 10 masks per sequence), yet as
+    a pure function of (seed, sample, epoch): a resume in epoch 1 and 2 ranks give the same batches."""
+    from earlybert_ds.config import RunConfig
+    from earlybert_ds.pretrain import MLMTask
+
+    cfg = RunConfig()
+    cfg.data.corpus, cfg.data.cache_dir, cfg.data.vocab_size, cfg.data.seq_len = str(corpus[0]), str(corpus[1]), 600, 32
+    cfg.train.micro_batch_size = 64
+    task = MLMTask(cfg)
+    n = len(task.packed.train)
+    seen: dict[tuple[int, int], np.ndarray] = {}
+    while task.batches.consumed < 2 * n + 64:
+        state = task.state_dict()
+        for mb in task.next_step():
+            for i, labels, epoch in zip(mb["sample_idx"].tolist(), mb["labels"].numpy(),
+                                        [(state["consumed"] + k) // n for k in range(len(mb["labels"]))]):
+                seen[(epoch, i)] = labels != IGNORE_INDEX
+        if state["consumed"] < n <= state["consumed"] + 64:  # the step that crosses into epoch 1
+            crossing = state
+    same = [np.array_equal(seen[(0, i)], seen[(1, i)]) for i in range(n)]
+    assert sum(same) < 0.02 * n, f"{sum(same)} of {n} sequences masked alike in epochs 0 and 1"
+    again = MLMTask(cfg)  # a resume just before epoch 1
+    again.load_state_dict(crossing)
+    task.load_state_dict(crossing)
+    assert all(torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+               for a, b in zip(again.next_step(), task.next_step()))
+    one = ShardedBatches(n, 8, 1, 1, 0, seed=3)
+    two = [ShardedBatches(n, 4, 1, 2, r, seed=3) for r in (0, 1)]
+    for s in (one, *two):
+        s.load_state_dict({"consumed": n - 4})  # a global step that straddles epochs 0 and 1
+    want = [collate(task.packed.train, i, task.masker, 3, e) for i, e in one.next_step_epochs()][0]
+    got = [collate(task.packed.train, i, task.masker, 3, e) for s in two for i, e in s.next_step_epochs()]
+    assert torch.equal(torch.cat([g["labels"] for g in got]), want["labels"])

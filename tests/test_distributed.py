@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,14 +35,51 @@ def test_ops_are_built_with_this_environments_ninja(monkeypatch, tmp_path):
     assert os.environ["PATH"] == path
 
 
-def test_a_stale_build_lock_fails_with_its_path_instead_of_hanging(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / dist.SHM_OP / "lock"
-    lock.parent.mkdir()
-    lock.touch()
-    dist._check_build_lock(dist.SHM_OP)  # a build in progress: wait for it as torch does
-    old = time.time() - dist.STALE_BUILD_LOCK_S - 60
-    os.utime(lock, (old, old))
-    with pytest.raises(dist.BuildLockError, match=f"{lock} is 11 minutes old: a build of DeepSpeed's "
-                                                  f"{dist.SHM_OP} op was killed"):
-        dist.build_cpu_ops()
+def _build_dir() -> Path:
+    """This environment's build directory of the CPU communication op (built by launch/setup.sh)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    dist._jit_build_environment()
+    return Path(_get_build_directory(dist.SHM_OP, verbose=False))
+
+
+def _build_in_a_child() -> subprocess.Popen:
+    code = "from earlybert_ds.distributed import build_cpu_ops; build_cpu_ops()"
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_at_once_whatever_its_age():
+    """A build killed a minute ago left torch's bare lock behind: the next job must not sleep on it (torch would,
+    silently and forever) but remove it at once, naming it."""
+    lock = _build_dir() / "lock"
+    lock.touch()  # fresh: a minute-old or ten-minute-old lock is as stale when its builder is dead
+    try:
+        child = _build_in_a_child()
+        try:
+            _, err = child.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            pytest.fail(f"the build waited on {lock} for 2 minutes")
+        assert child.returncode == 0, err
+        assert f"{lock}: removed, left by a build of DeepSpeed's {dist.SHM_OP} op that was killed" in err
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def test_a_job_waiting_for_a_live_build_says_for_whom_and_goes_on_when_it_ends():
+    """While another process holds the build lock, a job waits for it, saying whom it waits for; when the holder
+    ends (here: releases it) the job goes on."""
+    with open(_build_dir() / dist.BUILD_FLOCK, "a+") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        guard.seek(0), guard.truncate(), guard.write("process 4242 on builder-node"), guard.flush()
+        child = _build_in_a_child()
+        time.sleep(15)  # the child imports torch and DeepSpeed, then waits
+        assert child.poll() is None, child.communicate()
+        fcntl.flock(guard, fcntl.LOCK_UN)
+        _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert (f"waiting for process 4242 on builder-node, which is building DeepSpeed's {dist.SHM_OP} op in "
+            f"{_build_dir()}") in err

@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 
 from earlybert_ds import dsconfig  # noqa: E402
 from earlybert_ds.config import RunConfig  # noqa: E402
+from earlybert_ds.engine import Engine  # noqa: E402
 from earlybert_ds.dsconfig import (  # noqa: E402
     DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config, lr_lambda, make_client_optimizer,
     param_groups,
@@ -157,15 +158,28 @@ def test_agreeing_values_are_accepted(tmp_path):
     assert cfg["optimizer"]["type"] == "AdamW" and cfg["gradient_clipping"] == 1.0
 
 
-def test_optimizer_section_on_cpu_and_cuda():
-    assert "torch_adam" not in build_ds_config(RunConfig(), 1, on_cuda=True)["optimizer"]["params"]  # FusedAdam
+def test_optimizer_section_on_cpu():
+    assert build_ds_config(RunConfig(), 1, on_cuda=False)["optimizer"]["params"]["torch_adam"] is True
     lamb = _run(optimizer="lamb", zero_stage=1)
     cpu = build_ds_config(lamb, 1, on_cuda=False)
     assert "optimizer" not in cpu and cpu["zero_allow_untested_optimizer"] is True
     assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], False), Lamb)
-    cuda = build_ds_config(lamb, 1, on_cuda=True)
-    assert cuda["optimizer"]["type"] == "Lamb" and "torch_adam" not in cuda["optimizer"]["params"]
-    assert make_client_optimizer(lamb, [], True) is None and make_client_optimizer(RunConfig(), [], False) is None
+    assert make_client_optimizer(RunConfig(), [], False) is None
+
+
+def test_cuda_without_nvcc_uses_optimizers_that_need_no_build():
+    """A pip-only CUDA install has no nvcc: DeepSpeed's FusedAdam/FusedLamb would be JIT-built and fail at
+    deepspeed.initialize. This machine is such an install (no nvcc, no prebuilt ops): on CUDA it must get torch's
+    AdamW and our Lamb, as on CPU."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if installed_ops.get("fused_adam") or installed_ops.get("fused_lamb") or CUDA_HOME is not None:
+        pytest.skip("this machine can build DeepSpeed's fused CUDA ops (CUDA_HOME found, or prebuilt)")
+    assert build_ds_config(RunConfig(), 1, on_cuda=True)["optimizer"]["params"]["torch_adam"] is True
+    lamb = _run(optimizer="lamb", zero_stage=1)
+    assert "optimizer" not in build_ds_config(lamb, 1, on_cuda=True)
+    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], True), Lamb)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -353,6 +367,9 @@ def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
         assert type(engine.basic_optimizer) is (Lamb if optimizer == "lamb" else torch.optim.AdamW)
         if optimizer == "adamw":  # torch's fused CPU kernel, not its per-op loop
             assert engine.basic_optimizer.defaults["fused"] is True
+        ours = Engine(nn.Linear(4, 1), run)  # says which implementation ran
+        assert ours.optimizer_name == ("earlybert_ds.optim.Lamb" if optimizer == "lamb" else "torch.optim.adamw.AdamW")
+        ours.destroy()
         assert engine.zero_optimization_stage() == 1 and engine.bfloat16_enabled()
         x = torch.randn(32, 8)
         y = x.sum(dim=1, keepdim=True)
@@ -395,3 +412,18 @@ def test_gates_are_read_from_fp32_masters_under_bf16(distributed, stage):
         assert moved.dtype == np.float32 and 1e-5 < np.abs(moved - 1).max() < 2**-9  # fp32 masters: moved
     finally:
         engine.destroy()
+
+
+def test_deepspeed_requirement_is_the_tested_range():
+    """The code reads DeepSpeed 0.19's private internals and config keys (ZeRO-3 coordinator caches, the shm op,
+    fp32 master copies): pyproject.toml admits the tested version and its patch releases only."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(r.specifier for r in map(Requirement, deps) if r.name == "deepspeed")
+    assert version("deepspeed") in spec
+    assert "0.19.8" in spec and "0.19.9" in spec
+    assert "0.14.0" not in spec and "0.19.7" not in spec and "0.20.0" not in spec

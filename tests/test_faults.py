@@ -185,3 +185,21 @@ def test_atomic_writes_are_whole_or_absent(tmp_path, kind):
     new = target.read_text() if kind == "file" else (target / "model.safetensors").read_text()
     assert new == ("new" * 100000 if kind == "file" else "x" * 10**6)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left behind
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank0_before_the_start_reaches_every_rank(corpus, tmp_path):
+    """Rank 0 alone reads the checkpoint to decide where the run starts; a corrupt one (an error of no particular
+    type inside torch.load) must reach rank 1 with its message instead of leaving it waiting in the broadcast."""
+    tag = tmp_path / "ckpt" / "global_step4"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x04truncated")
+    t0 = time.monotonic()
+    proc = launch(tiny_run_args(*corpus, tmp_path / "run") + ["--resume-from", str(tag)],
+                  env={"EARLYBERT_DIST_TIMEOUT": "300"})
+    assert proc.returncode != 0 and time.monotonic() - t0 < 120
+    lines = (proc.stdout + proc.stderr).splitlines()
+    for rank in (0, 1):
+        mine = [line for line in lines if f"[rank{rank}] ERROR" in line]
+        assert any(f"{tag / 'mp_rank_00_model_states.pt'}: unreadable" in line for line in mine), (rank, lines[-30:])
+    assert any("rank 0 failed:" in line for line in lines if "[rank1] ERROR" in line)

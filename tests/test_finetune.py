@@ -106,3 +106,39 @@ def test_squad_qa_learns(minilm_dir, tmp_path):
     preds = json.loads((tmp_path / "run" / "predictions" / "dev_predictions.json").read_text())
     assert len(preds) == 40
     AutoModelForQuestionAnswering.from_pretrained(tmp_path / "run" / "final")
+
+
+def test_custom_task_with_label_names(minilm_dir, tmp_path):
+    """A JSON-lines task whose labels are names: ids in sorted order of the names, ``id2label``/``label2id`` in the
+    saved models' configs, predictions written with the names."""
+    names = {0: "negative", 1: "positive"}
+    for split, n, seed in (("train", 64, 0), ("dev", 32, 1), ("test", 16, 2)):
+        rows = [{"text": s, **({"label": names[y]} if split != "test" else {})} for s, y in _sentiment(n, seed)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = {f"--finetune.{k}_file": str(tmp_path / f"{k}.jsonl") for k in ("train", "dev", "test")}
+    _finetune(["--task", "custom", "--model", str(minilm_dir), "--finetune.text_a", "text",
+               *[x for kv in files.items() for x in kv], "--train.micro_batch_size", "16", "--finetune.epochs", "1",
+               "--finetune.max_len", "32"], tmp_path / "run")
+    for saved in ("final", "ticket"):
+        config = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / saved).config
+        assert config.id2label == names and config.label2id == {"negative": 0, "positive": 1}, saved
+    lines = (tmp_path / "run" / "predictions" / "custom.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 17
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"negative", "positive"}
+
+
+def test_custom_label_list_flag_and_its_errors(tmp_path):
+    from earlybert_ds.config import ConfigError, RunConfig
+    from earlybert_ds.finetune import _custom_spec
+
+    (tmp_path / "train.jsonl").write_text('{"sentence1": "a b", "label": "yes"}\n{"sentence1": "c", "label": "no"}\n'
+                                          '{"sentence1": "d", "label": "maybe"}\n')
+    cfg = RunConfig.from_dict({"finetune": {"task": "custom", "train_file": str(tmp_path / "train.jsonl")}})
+    assert _custom_spec(cfg).label_list == ("maybe", "no", "yes")  # inferred, sorted: 3 classes
+    cfg = RunConfig.from_dict({"finetune": {"task": "custom", "train_file": str(tmp_path / "train.jsonl"),
+                                            "label_list": "yes, no, maybe"}})
+    assert _custom_spec(cfg).label_list == ("yes", "no", "maybe")  # given: that order
+    cfg = RunConfig.from_dict({"finetune": {"task": "custom", "train_file": str(tmp_path / "train.jsonl"),
+                                            "num_labels": 2}})
+    with pytest.raises(ConfigError, match=r"finetune.num_labels=2, but the labels are \['maybe', 'no', 'yes'\]"):
+        _custom_spec(cfg)

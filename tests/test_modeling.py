@@ -43,6 +43,20 @@ def test_parity_with_transformers_on_minilm_weights(minilm_dir, attn):
     assert (ref.pooler_output - out.pooler_output).abs().max() < 1e-5
 
 
+def test_from_pretrained_converts_a_hugging_face_bert_directory(minilm_dir):
+    """``EarlyBertModel.from_pretrained(<HF BERT dir>)`` gives the BERT's own outputs (it used to random-initialise
+    every weight, with only a warning: max difference 10.5 on MiniLM)."""
+    hf = BertModel.from_pretrained(minilm_dir).eval()
+    ours = EarlyBertModel.from_pretrained(minilm_dir).eval()
+    ids, mask, types = _inputs(30000)
+    with torch.no_grad():
+        ref, out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types), ours(ids, mask, types)
+    assert (ref.last_hidden_state - out.last_hidden_state)[mask.bool()].abs().max() < 1e-5
+    with pytest.raises(ValueError, match=r"is a Hugging Face BERT checkpoint \(model_type 'bert'\).*"
+                                         r"load_hf_bert\(path, EarlyBertForSequenceClassification"):
+        EarlyBertForSequenceClassification.from_pretrained(minilm_dir, num_labels=3)
+
+
 def test_parity_with_transformers_mlm_random_weights(tmp_path):
     torch.manual_seed(1)
     cfg = BertConfig(vocab_size=200, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -333,3 +334,23 @@ def test_write_predictions(tmp_path: Path) -> None:
     assert (tmp_path / "SST-2.tsv").read_text() == "index\tprediction\n0\t1\n"
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         write_predictions(tmp_path / "x.tsv", "rte", [2])
+
+
+def test_glue_tsv_with_a_few_malformed_rows_loads_and_too_many_are_refused(tmp_path: Path, caplog) -> None:
+    """QQP's training file as distributed holds rows broken over lines (the official loaders skip them): a few are
+    skipped with a count in the log; a file where more than 1% of the rows are malformed is refused."""
+    header = tsv("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
+    good = [tsv(str(i), str(2 * i), str(2 * i + 1), f"How do I learn {i}?", f"What is {i}?", str(i % 2))
+            for i in range(300)]
+    broken = [tsv("9001", "1", "2", "How do I"), "cook rice?\tWhat is rice?\t0"]  # one question over two lines
+    path = write(tmp_path / "QQP" / "train.tsv", [header, *good[:150], *broken, *good[150:]])
+    with caplog.at_level(logging.WARNING, logger="earlybert_ds"):
+        examples = load_task_split("qqp", tmp_path, "train")
+    assert len(examples) == 300 and examples[150].text_a == "How do I learn 150?"
+    assert f"{path}: skipped 2 malformed row(s) of 302 (not 6 tab-separated fields)" in caplog.text
+    assert "line 152 (4 fields), line 153 (3 fields)" in caplog.text
+    path = write(tmp_path / "QQP" / "train.tsv", [header, *good[:100], *broken * 2])
+    with pytest.raises(TaskDataError, match=rf"{path}:102: expected 6 tab-separated fields \(id, qid1, qid2, "
+                                            r"question1, question2, is_duplicate\), got 4; 4 of 104 rows are "
+                                            r"malformed, more than the 1% that are skipped"):
+        load_task_split("qqp", tmp_path, "train")

@@ -1,0 +1,164 @@
+"""Checkpoints across attempts: resuming from an earlier point into the same directory, resuming a finished run,
+resuming through the ticket — real DeepSpeed engines and in-process runs of the real command (one rank)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from earlybert_ds import checkpoint
+from earlybert_ds.config import RunConfig
+from earlybert_ds.engine import Engine
+from earlybert_ds.modeling import EarlyBertForPreTraining
+
+from conftest import losses, run_single, tiny_config, tiny_run_args
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def _engine() -> Engine:
+    run = RunConfig()
+    run.train.steps, run.train.warmup_steps = 10, 1
+    torch.manual_seed(0)
+    return Engine(EarlyBertForPreTraining(tiny_config()), run)
+
+
+def _save(engine: Engine, ckpts: Path, step: int, keep_last: int = 2) -> Path:
+    return checkpoint.save(engine, ckpts, step, {"earlybert": {"phase": "efficient", "step": step}}, keep_last)
+
+
+def _files(path: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_save_after_resuming_from_an_earlier_point_is_kept_and_named_by_latest(distributed, tmp_path):
+    """An earlier attempt left checkpoints of later steps (16, 20, 24) in the directory; this attempt resumed from
+    the ticket at step 10 and saves step 12: that checkpoint must survive pruning and ``latest`` must name it."""
+    engine = _engine()
+    ckpts = tmp_path / "checkpoints"
+    try:
+        for step in (16, 20, 24):
+            _save(engine, ckpts, step, keep_last=3)
+        _save(engine, ckpts, 12)
+        assert checkpoint.resolve(ckpts) == (ckpts, "global_step12")
+        assert checkpoint.peek_client_state(ckpts)["step"] == 12
+        assert sorted(p.name for p in ckpts.glob("global_step*")) == ["global_step12"]  # the abandoned branch: gone
+        _save(engine, ckpts, 16)
+        assert sorted(p.name for p in ckpts.glob("global_step*")) == ["global_step12", "global_step16"]
+        assert checkpoint.resolve(ckpts) == (ckpts, "global_step16")
+        # a save of the step `latest` names (resumed from step 12 into a branch that had already saved 16) is a new
+        # directory, never a rewrite in place; `latest` names the complete step 12 while it is written
+        before = _files(ckpts / "global_step16")
+        _save(engine, ckpts, 16)
+        after = _files(ckpts / "global_step16")
+        assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
+        assert checkpoint.resolve(ckpts) == (ckpts, "global_step16")
+    finally:
+        engine.destroy()
+
+
+def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(corpus, tmp_path):
+    """``--resume`` of a finished run (its last step not a multiple of save_every) only re-exports: the checkpoint
+    that ``latest`` names is not rewritten (a kill during a rewrite would leave ``latest`` on a torn one)."""
+    out = tmp_path / "run"
+    args = tiny_run_args(*corpus, out, **{"train.steps": 14, "earlybert.max_search_steps": 8,
+                                          "train.eval_every": 0})
+    _ok(run_single(args))
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step14"
+    before = _files(ckpts)
+    summary = json.loads((out / "summary.json").read_text())
+    _ok(run_single(args + ["--resume"]))
+    assert _files(ckpts) == before
+    assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
+
+
+TICKET_RUN = {"earlybert.draw": "fixed", "earlybert.fixed_step": 3, "train.steps": 8, "train.eval_every": 0}
+
+
+@pytest.fixture(scope="module")
+def ticket_run(corpus, tmp_path_factory) -> Path:
+    """A finished tiny run (dropout 0.1) whose ticket is drawn at step 3 of 8; checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("ticket") / "run"
+    _ok(run_single(tiny_run_args(*corpus, out, **TICKET_RUN)))
+    return out
+
+
+def _refused(capsys, argv: list[str], *needles: str) -> None:
+    from earlybert_ds.cli import main
+
+    assert main(["pretrain", *argv]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corpus, ticket_run, tmp_path):
+    """Resuming from a ticket with a tokenizer of the same size but other words, or with ``--model.*`` options that
+    differ from the ticket's model, fails naming the mismatch, before anything is written."""
+    from earlybert_ds.data import train_wordpiece
+
+    text = corpus[0].read_text(encoding="utf-8")
+    other = train_wordpiece([" ".join(w[::-1] for w in text.split())], 600)  # reversed words: other pieces
+    other.save_pretrained(tmp_path / "other-tokenizer")
+    assert len(other) == 600
+    out = tmp_path / "run"
+    ticket = ticket_run / "ticket"
+    _refused(capsys, tiny_run_args(*corpus, out, **{"data.tokenizer": tmp_path / "other-tokenizer"})
+             + ["--resume-from", str(ticket)],
+             f"the ticket {ticket} was drawn with the tokenizer in {ticket / 'tokenizer'} (600 tokens)",
+             f"data.tokenizer={tmp_path / 'other-tokenizer'} (600 tokens) gives other token ids")
+    _refused(capsys, tiny_run_args(*corpus, out, **{"model.hidden_size": 64}) + ["--resume-from", str(ticket)],
+             f"model.hidden_size=64 differs from the model of the ticket {ticket} (hidden_size=32)")
+    assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_the_ticket_directory_loads_with_the_auto_classes(ticket_run):
+    """README: ``ticket/`` holds the shrunk model: ``AutoModelForMaskedLM.from_pretrained(OUTPUT/ticket)`` loads it
+    with the ticket's shape, and its tokenizer is in ``ticket/tokenizer``."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    ticket = json.loads((ticket_run / "ticket" / "ticket.json").read_text())
+    model = AutoModelForMaskedLM.from_pretrained(ticket_run / "ticket")
+    assert model.config.heads_per_layer == ticket["heads_per_layer"]
+    assert model.config.intermediate_sizes == ticket["intermediate_sizes"]
+    assert len(AutoTokenizer.from_pretrained(ticket_run / "ticket" / "tokenizer")) == model.config.vocab_size == 600
+
+
+def test_resuming_through_the_ticket_is_bit_identical(corpus, ticket_run, tmp_path):
+    """From the ticket into a new directory on as many ranks: the losses of the uninterrupted run, bit for bit
+    (the ticket holds every rank's random state; dropout is on)."""
+    out = tmp_path / "via-ticket"
+    _ok(run_single(tiny_run_args(*corpus, out, **TICKET_RUN) + ["--resume-from", str(ticket_run / "ticket")]))
+    ref = losses(ticket_run)
+    assert losses(out) == {s: ref[s] for s in range(4, 9)}
+
+
+def test_resuming_from_another_runs_checkpoints_brings_its_ticket(corpus, ticket_run, tmp_path):
+    """From another run's efficient-stage checkpoint into a new directory: the ticket comes along, so that a later
+    ``--resume`` there works."""
+    other = tmp_path / "via-checkpoint"
+    _ok(run_single(tiny_run_args(*corpus, other, **TICKET_RUN)
+                   + ["--resume-from", str(ticket_run / "checkpoints" / "global_step4")]))
+    assert (other / "ticket" / "ticket.json").read_text() == (ticket_run / "ticket" / "ticket.json").read_text()
+    ref = losses(ticket_run)
+    assert losses(other) == {s: ref[s] for s in range(5, 9)}
+    _ok(run_single(tiny_run_args(*corpus, other, **TICKET_RUN) + ["--resume"]))
+    assert json.loads((other / "summary.json").read_text())["steps"] == 8
+
+
+def test_non_finite_last_steps_are_not_saved_or_exported(corpus, tmp_path):
+    """Two non-finite steps at the very end (fewer than train.max_nonfinite = 3) must not become the final
+    checkpoint or model: the run fails, naming the last good checkpoint."""
+    out = tmp_path / "run"
+    proc = run_single(tiny_run_args(*corpus, out, **TICKET_RUN), env={"EARLYBERT_FAULT": "diverge:6"})
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the last 2 step(s), up to step 8, had a non-finite loss" in proc.stderr
+    assert "Last good checkpoint: global_step4" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "global_step4"
+    assert not (out / "checkpoints" / "global_step8").exists() and not (out / "final").exists()
