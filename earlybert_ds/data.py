@@ -428,6 +428,16 @@ def _tokenise(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, workers:
                   cache_file_name=str(work_dir / "ids.arrow"), desc="tokenising")
 
 
+def _record_batches(ds: datasets.Dataset) -> Iterator[pa.RecordBatch]:
+    """The record batches of a dataset's Arrow cache files, in order, read (not memory-mapped) one at a time: the
+    pages of a memory-mapped file stay resident in the process once read, and a large corpus's would add up."""
+    if not ds.cache_files:  # held in memory
+        yield from ds.data.to_batches()
+    for cache in ds.cache_files:
+        with pa.OSFile(cache["filename"]) as f, pa.ipc.open_stream(f) as reader:
+            yield from reader
+
+
 def _smallest_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(next(t for t in (np.uint8, np.uint16, np.uint32) if vocab_size <= np.iinfo(t).max + 1))
 
@@ -435,10 +445,9 @@ def _smallest_dtype(vocab_size: int) -> np.dtype:
 def _pack(ids: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, data_args: DataArgs, seed: int,
           out: Path) -> dict:
     """Cut the token stream into rows of [CLS] + seq_len-2 tokens + [SEP] (the last partial row dropped), hold out
-    ``val_fraction`` of them (at least one) chosen by ``seed``, and write ``train.npy``/``val.npy`` into ``out`` as
-    memory-mapped arrays of the smallest integer type the vocabulary allows, one Arrow chunk at a time."""
-    column = ids.data.column("ids")
-    total = int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+    ``val_fraction`` of them (at least one) chosen by ``seed``, and write ``train.npy``/``val.npy`` into ``out`` in
+    the smallest integer type the vocabulary allows, one Arrow record batch at a time."""
+    total = int(pc.sum(pc.list_value_length(ids.data.column("ids"))).as_py() or 0)
     width = data_args.seq_len - 2
     n = total // width
     if n < 2:
@@ -447,25 +456,29 @@ def _pack(ids: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, data_args: 
     n_val = min(n - 1, max(1, round(data_args.val_fraction * n)))
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng([seed, _SPLIT]).choice(n, n_val, replace=False)] = True
-    dest = np.where(is_val, np.cumsum(is_val) - 1, np.cumsum(~is_val) - 1)  # each row's place in its split
     dtype = _smallest_dtype(len(tokenizer))
-    arrays = {split: np.lib.format.open_memmap(out / f"{split}.npy", "w+", dtype, (rows, data_args.seq_len))
-              for split, rows in (("train", n - n_val), ("val", n_val))}
-    for a in arrays.values():
-        a[:, 0], a[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    files = {}
+    for split, rows in (("train", n - n_val), ("val", n_val)):  # .npy files written front to back, never mapped
+        files[split] = open(out / f"{split}.npy", "wb")  # noqa: SIM115 - closed below
+        np.lib.format.write_array_header_1_0(files[split], {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                            "fortran_order": False, "shape": (rows, data_args.seq_len)})
     row, carry = 0, np.zeros(0, dtype=np.int64)
-    for chunk in column.chunks:
-        if row == n:
-            break
-        stream = np.concatenate([carry, pc.list_flatten(chunk).to_numpy(zero_copy_only=False)])
-        k = min(len(stream) // width, n - row)
-        rows = stream[: k * width].reshape(k, width).astype(dtype)
-        sel = is_val[row:row + k]
-        arrays["val"][dest[row:row + k][sel], 1:-1] = rows[sel]
-        arrays["train"][dest[row:row + k][~sel], 1:-1] = rows[~sel]
-        row, carry = row + k, stream[k * width:]
-    for a in arrays.values():
-        a.flush()
+    try:
+        for batch in _record_batches(ids):
+            if row == n:
+                break
+            stream = np.concatenate([carry, pc.list_flatten(batch.column("ids")).to_numpy(zero_copy_only=False)])
+            k = min(len(stream) // width, n - row)
+            rows = np.empty((k, data_args.seq_len), dtype=dtype)
+            rows[:, 0], rows[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+            rows[:, 1:-1] = stream[: k * width].reshape(k, width)
+            sel = is_val[row:row + k]  # rows keep corpus order within each split
+            files["val"].write(rows[sel].tobytes())
+            files["train"].write(rows[~sel].tobytes())
+            row, carry = row + k, stream[k * width:]
+    finally:
+        for f in files.values():
+            f.close()
     special = {name: getattr(tokenizer, f"{name}_token_id") for name in ("pad", "unk", "cls", "sep", "mask")}
     return {"format": CACHE_FORMAT, "corpus": data_args.corpus, "vocab_size": len(tokenizer), "special_ids": special,
             "seq_len": data_args.seq_len, "num_train": int(n - n_val), "num_val": n_val, "num_tokens": total,
