@@ -52,6 +52,7 @@ class DataArgs:
     whole_word_mask: bool = _f(False, "mask whole words rather than single WordPiece tokens")
     val_fraction: float = _f(0.02, "fraction of sequences held out for validation")
     cache_dir: str | None = _f(None, "where tokenised corpora are cached; unset: ~/.cache/earlybert_ds")
+    num_workers: int | None = _f(None, "processes tokenising the corpus; unset: the CPUs (at most 8)")
 
 
 @dataclass
@@ -185,6 +186,7 @@ class RunConfig:
         need(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
         need(d.seq_len >= 8, f"data.seq_len={d.seq_len} is too short (>= 8)")
         need(d.vocab_size >= 1, f"data.vocab_size={d.vocab_size} must be >= 1")
+        need(d.num_workers is None or d.num_workers >= 1, f"data.num_workers={d.num_workers} must be >= 1")
         need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
         need(t.eps > 0, f"train.eps={t.eps} must be > 0")
         need(t.seed >= 0, f"train.seed={t.seed} must be >= 0")

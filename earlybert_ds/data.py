@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import sysconfig
 import tokenize
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -150,33 +152,72 @@ def _text_files(root: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\0" in data:
-        raise DataError(f"{path}: binary file, not text")
+def _units(path: Path) -> Iterator[str]:
+    """A text file's paragraphs (split at blank lines), an over-long one (> ``_DOC_CHARS``) as its lines, read line
+    by line: memory stays bounded by the longest line, whatever the file's size."""
+    with open(path, "rb") as f:
+        if b"\0" in f.read(1 << 16):
+            raise DataError(f"{path}: binary file, not text")
+    para: list[str] = []
+    size = 0
     try:
-        return data.decode("utf-8-sig")
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if "\0" in line:
+                    raise DataError(f"{path}: binary file, not text (NUL on line {lineno})")
+                line = line.rstrip("\n")
+                if not line.strip():  # a blank line ends the paragraph
+                    if para and size <= _DOC_CHARS:
+                        yield "\n".join(para)
+                    para, size = [], 0
+                elif size > _DOC_CHARS:  # long paragraph: already given line by line
+                    yield line
+                else:
+                    para.append(line)
+                    size += len(line) + (len(para) > 1)
+                    if size > _DOC_CHARS:
+                        yield from para
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if para and size <= _DOC_CHARS:
+        yield "\n".join(para)
 
 
-def _documents(text: str) -> list[str]:
-    """Paragraphs (split at blank lines; over-long ones at line ends) merged up to ``_DOC_CHARS`` characters, so a
-    large file becomes many rows that tokenise in parallel and pack with [SEP] between them."""
-    units = (u for para in re.split(r"\n\s*\n", text)
-             for u in (para.splitlines() if len(para) > _DOC_CHARS else [para]) if u.strip())
-    docs: list[str] = []
+def _file_documents(path: Path) -> Iterator[str]:
+    """A text file's paragraphs merged up to ``_DOC_CHARS`` characters, so a large file becomes many rows that
+    tokenise in parallel and pack with [SEP] between them."""
     cur: list[str] = []
     size = 0
-    for u in units:
+    for u in _units(path):
+        if not u.strip():
+            continue
         if cur and size + len(u) > _DOC_CHARS:
-            docs.append("\n".join(cur))
+            yield "\n".join(cur)
             cur, size = [], 0
         cur.append(u.strip())
         size += len(u)
     if cur:
-        docs.append("\n".join(cur))
-    return docs
+        yield "\n".join(cur)
+
+
+def _text_files_dataset(files: list[Path], work_dir: Path | None) -> datasets.Dataset:
+    """The documents of ``files`` as a dataset: written in batches to an Arrow file in ``work_dir`` and
+    memory-mapped from there (held in memory without one: small corpora, tests)."""
+    docs = (d for f in files for d in _file_documents(f))
+    if work_dir is None:
+        return datasets.Dataset.from_dict({"text": list(docs)})
+    work_dir.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("text", pa.string())])
+    out = work_dir / "documents.arrow"
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        batch: list[str] = []
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == 1000:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+                batch = []
+        writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+    return datasets.Dataset.from_file(str(out))
 
 
 def _text_column(ds: datasets.Dataset, column: str, where: str) -> datasets.Dataset:
@@ -191,11 +232,12 @@ def _text_column(ds: datasets.Dataset, column: str, where: str) -> datasets.Data
     if column != "text":
         ds = ds.rename_column(column, "text")
     return ds.filter(lambda b: [bool(t and not t.isspace()) for t in b["text"]], batched=True,
-                     keep_in_memory=True)
+                     keep_in_memory=len(ds) < 10_000)  # large ones: into the dataset's own Arrow cache
 
 
-def load_corpus(corpus: str | None, text_column: str = "text") -> datasets.Dataset:
-    """The corpus as a dataset with one "text" column, one document per row.
+def load_corpus(corpus: str | None, text_column: str = "text", work_dir: Path | None = None) -> datasets.Dataset:
+    """The corpus as a dataset with one "text" column, one document per row; text files go through an Arrow file
+    in ``work_dir`` (memory-mapped, see :func:`_text_files_dataset`), tables stay in ``datasets``' own cache.
 
     ``None``: :func:`builtin_corpus`; a ``.jsonl``/``.json``/``.parquet`` file: its ``text_column``; another file: UTF-8
     text cut into documents; a directory: its files, recursively, in sorted order, as text; any other string that
@@ -212,8 +254,7 @@ def load_corpus(corpus: str | None, text_column: str = "text") -> datasets.Datas
                 raise DataError(f"{path}: cannot read as {path.suffix} ({type(e).__name__}: {e})") from e
             ds = _text_column(ds, text_column, where)
         else:
-            files = _text_files(path) if path.is_dir() else [path]
-            ds = datasets.Dataset.from_dict({"text": [d for f in files for d in _documents(_read_text(f))]})
+            ds = _text_files_dataset(_text_files(path) if path.is_dir() else [path], work_dir)
     elif not _HUB_NAME.fullmatch(corpus) or corpus.lower().endswith(_FILE_SUFFIXES):
         raise DataError(f"{corpus}: corpus file or directory not found")
     else:
@@ -269,21 +310,28 @@ def _bert_pipeline(vocab: dict[str, int] | None = None) -> Tokenizer:
     return tok
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int) -> BertTokenizerFast:
+def train_wordpiece(texts: Iterable[str] | datasets.Dataset, vocab_size: int) -> BertTokenizerFast:
     """An uncased BERT WordPiece tokenizer trained on ``texts`` ([PAD]=0, [UNK], [CLS], [SEP], [MASK]; encoding
     adds [CLS] ... [SEP]). Deterministic: ``tokenizers`` numbers '##x' pieces in hash order, which also breaks merge
     ties (huggingface/tokenizers#1794), so every '##x' of the corpus alphabet is registered up front, sorted.
-    The texts are held in memory (one pass for the alphabet, one for training)."""
+    Two passes (the alphabet, then training): a dataset's "text" column is streamed in batches, other texts are
+    held in memory."""
     if vocab_size <= len(SPECIAL_TOKENS):
         raise DataError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens")
-    texts = list(texts)
+    if isinstance(texts, datasets.Dataset):
+        ds = texts
+        batches = lambda: (b["text"] for b in ds.iter(batch_size=1000))  # noqa: E731
+    else:
+        held = list(texts)
+        batches = lambda: [held]  # noqa: E731
     tok = _bert_pipeline()
     alphabet: set[str] = set()
-    for t in texts:
-        alphabet.update(tok.normalizer.normalize_str(t))
+    for batch in batches():
+        for t in batch:
+            alphabet.update(tok.normalizer.normalize_str(t))
     pieces = sorted("##" + c for c in alphabet if not c.isspace())
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
-                                                             special_tokens=[*SPECIAL_TOKENS, *pieces]))
+    tok.train_from_iterator(batches(), trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                                                 special_tokens=[*SPECIAL_TOKENS, *pieces]))
     final = _bert_pipeline(tok.get_vocab())  # the '##x' pieces become ordinary vocabulary entries again
     final.add_special_tokens(list(SPECIAL_TOKENS))
     final.post_processor = processors.TemplateProcessing(
@@ -333,48 +381,108 @@ def prepare_corpus(data_args: DataArgs, tokenizer: PreTrainedTokenizerFast, seed
     partial row is dropped); ``val_fraction`` of rows (at least one), chosen by ``seed``, are held out.
 
     Call it on one rank, then barrier, then on every rank (a cache hit only hashes file metadata); concurrent
-    writers would each build the cache and the last rename would win.
+    writers would each build the cache and the first rename wins. Memory stays bounded whatever the corpus size:
+    documents and token ids go through memory-mapped Arrow files (tokenised in ``data.num_workers`` processes),
+    and the packed arrays are written one chunk at a time.
     """
     path = cache_path(data_args, tokenizer, seed)
     if (path / "meta.json").is_file():
         logger.info("reusing cache %s", path)
         return path
-    ds = load_corpus(data_args.corpus, data_args.text_column)
+    with atomic_directory(path, replace=False) as tmp:
+        ds = load_corpus(data_args.corpus, data_args.text_column, work_dir=tmp / "work")
+        ids = _tokenise(ds, tokenizer, _workers(data_args, len(ds)), tmp / "work")
+        meta = _pack(ids, tokenizer, data_args, seed, tmp)
+        meta["num_documents"] = len(ds)
+        del ds, ids
+        shutil.rmtree(tmp / "work", ignore_errors=True)  # the corpus and token ids as Arrow: not part of the cache
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    logger.info("packed %d documents (%d tokens) into %d train + %d val sequences in %s", meta["num_documents"],
+                meta["num_tokens"], meta["num_train"], meta["num_val"], path)
+    return path
+
+
+def _workers(data_args: DataArgs, num_documents: int) -> int:
+    """Tokenising processes: ``data.num_workers`` (default: the CPUs, at most 8), one per 1000 documents at most
+    (a process costs more than it saves on a small corpus)."""
+    want = data_args.num_workers or min(os.cpu_count() or 1, 8)
+    return max(1, min(want, num_documents // 1000))
+
+
+def _tokenise(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, workers: int,
+              work_dir: Path) -> datasets.Dataset:
+    """Token ids of every document, [SEP] after each, in ``workers`` processes, into memory-mapped Arrow files in
+    ``work_dir`` (never all in memory)."""
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()
-    sep, cls = tokenizer.sep_token_id, tokenizer.cls_token_id
+    sep = tokenizer.sep_token_id
+    work_dir.mkdir(parents=True, exist_ok=True)
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         encs = backend.encode_batch_fast(batch["text"], add_special_tokens=False)
         return {"ids": [e.ids + [sep] if e.ids else [] for e in encs]}
 
-    ids = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, keep_in_memory=True,
-                 desc="tokenising")
-    flat = pc.list_flatten(ids.data.column("ids")).to_numpy()
+    return ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, num_proc=workers,
+                  features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
+                  cache_file_name=str(work_dir / "ids.arrow"), desc="tokenising")
+
+
+def _record_batches(ds: datasets.Dataset) -> Iterator[pa.RecordBatch]:
+    """The record batches of a dataset's Arrow cache files, in order, read (not memory-mapped) one at a time: the
+    pages of a memory-mapped file stay resident in the process once read, and a large corpus's would add up."""
+    if not ds.cache_files:  # held in memory
+        yield from ds.data.to_batches()
+    for cache in ds.cache_files:
+        with pa.OSFile(cache["filename"]) as f, pa.ipc.open_stream(f) as reader:
+            yield from reader
+
+
+def _smallest_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(next(t for t in (np.uint8, np.uint16, np.uint32) if vocab_size <= np.iinfo(t).max + 1))
+
+
+def _pack(ids: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, data_args: DataArgs, seed: int,
+          out: Path) -> dict:
+    """Cut the token stream into rows of [CLS] + seq_len-2 tokens + [SEP] (the last partial row dropped), hold out
+    ``val_fraction`` of them (at least one) chosen by ``seed``, and write ``train.npy``/``val.npy`` into ``out`` in
+    the smallest integer type the vocabulary allows, one Arrow record batch at a time."""
+    total = int(pc.sum(pc.list_value_length(ids.data.column("ids"))).as_py() or 0)
     width = data_args.seq_len - 2
-    n = len(flat) // width
+    n = total // width
     if n < 2:
-        raise DataError(f"{data_args.corpus or 'built-in corpus'}: {len(flat)} tokens make {n} sequences of "
+        raise DataError(f"{data_args.corpus or 'built-in corpus'}: {total} tokens make {n} sequences of "
                         f"seq_len={data_args.seq_len}; at least 2 are needed (one for validation)")
-    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.int32
-    seqs = np.empty((n, data_args.seq_len), dtype=dtype)
-    seqs[:, 0], seqs[:, -1] = cls, sep
-    seqs[:, 1:-1] = flat[: n * width].reshape(n, width)
     n_val = min(n - 1, max(1, round(data_args.val_fraction * n)))
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng([seed, _SPLIT]).choice(n, n_val, replace=False)] = True
+    dtype = _smallest_dtype(len(tokenizer))
+    files = {}
+    for split, rows in (("train", n - n_val), ("val", n_val)):  # .npy files written front to back, never mapped
+        files[split] = open(out / f"{split}.npy", "wb")  # noqa: SIM115 - closed below
+        np.lib.format.write_array_header_1_0(files[split], {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                            "fortran_order": False, "shape": (rows, data_args.seq_len)})
+    row, carry = 0, np.zeros(0, dtype=np.int64)
+    try:
+        for batch in _record_batches(ids):
+            if row == n:
+                break
+            stream = np.concatenate([carry, pc.list_flatten(batch.column("ids")).to_numpy(zero_copy_only=False)])
+            k = min(len(stream) // width, n - row)
+            rows = np.empty((k, data_args.seq_len), dtype=dtype)
+            rows[:, 0], rows[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+            rows[:, 1:-1] = stream[: k * width].reshape(k, width)
+            sel = is_val[row:row + k]  # rows keep corpus order within each split
+            files["val"].write(rows[sel].tobytes())
+            files["train"].write(rows[~sel].tobytes())
+            row, carry = row + k, stream[k * width:]
+    finally:
+        for f in files.values():
+            f.close()
     special = {name: getattr(tokenizer, f"{name}_token_id") for name in ("pad", "unk", "cls", "sep", "mask")}
-    meta = {"format": CACHE_FORMAT, "corpus": data_args.corpus, "vocab_size": len(tokenizer), "special_ids": special,
-            "seq_len": data_args.seq_len, "num_train": int(n - n_val), "num_val": n_val, "num_documents": len(ds),
-            "num_tokens": int(len(flat)), "dtype": np.dtype(dtype).name, "seed": seed}
-    with atomic_directory(path, replace=False) as tmp:
-        np.save(tmp / "train.npy", seqs[~is_val])
-        np.save(tmp / "val.npy", seqs[is_val])
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    logger.info("packed %d documents (%d tokens) into %d train + %d val sequences in %s", len(ds), len(flat),
-                n - n_val, n_val, path)
-    return path
+    return {"format": CACHE_FORMAT, "corpus": data_args.corpus, "vocab_size": len(tokenizer), "special_ids": special,
+            "seq_len": data_args.seq_len, "num_train": int(n - n_val), "num_val": n_val, "num_tokens": total,
+            "dtype": dtype.name, "seed": seed}
 
 
 def load_packed(cache: str | Path) -> PackedCorpus:
@@ -543,7 +651,10 @@ def tokenizer_for(data_args: DataArgs) -> PreTrainedTokenizerFast:
     path = Path(data_args.cache_dir or "~/.cache/earlybert_ds").expanduser() / f"wordpiece-{digest}"
     if not (path / "tokenizer.json").is_file():
         logger.info("training a %d-word WordPiece vocabulary on the corpus", data_args.vocab_size)
-        tok = train_wordpiece(load_corpus(data_args.corpus, data_args.text_column)["text"], data_args.vocab_size)
         with atomic_directory(path, replace=False) as tmp:
+            corpus = load_corpus(data_args.corpus, data_args.text_column, work_dir=tmp / "work")
+            tok = train_wordpiece(corpus, data_args.vocab_size)
+            del corpus
+            shutil.rmtree(tmp / "work", ignore_errors=True)
             tok.save_pretrained(tmp)
     return load_tokenizer(path)

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -221,6 +222,34 @@ def on_rank0(fn: Callable[..., Any], *args: Any) -> Any:
     if error:
         raise RankFailure(f"rank 0 failed: {error}")
     return result
+
+
+def wait_for_keys(keys: list[str], what: str, every_s: float = 60.0) -> list[str]:
+    """The values of ``keys`` in the job's key-value store, waiting as long as it takes for them to be set.
+
+    Not bounded by ``EARLYBERT_DIST_TIMEOUT``, as every collective is: preparing a large corpus takes longer than
+    any sensible collective timeout, and a rank timing out would bring the job down mid-preparation, again on
+    every retry. Says ``what`` it waits for after a second, then every ``every_s`` seconds. A dead rank 0 (which
+    holds the store) still fails the wait at once; a dead rank elsewhere is noticed by its launcher.
+    """
+    store = dist.distributed_c10d._get_default_store()
+    t0, wait_s = time.monotonic(), 1.0
+    while True:
+        try:
+            store.wait(keys, timedelta(seconds=wait_s))
+            break
+        except dist.DistStoreError as e:
+            if "timeout" not in str(e).lower():
+                raise
+            logger.warning("rank %d: waiting for %s (%.0f s so far; not bounded by EARLYBERT_DIST_TIMEOUT)", rank(),
+                           what, time.monotonic() - t0)
+            wait_s = every_s
+    return [store.get(k).decode() for k in keys]
+
+
+def set_key(key: str, value: str) -> None:
+    """Set ``key`` in the job's key-value store (see :func:`wait_for_keys`)."""
+    dist.distributed_c10d._get_default_store().set(key, value)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -196,17 +197,31 @@ def _check_shared(out: Path, token: str) -> None:
                           "rank 0's; checkpoints, the ticket and --resume need one shared directory at the same path")
 
 
+_node_once_calls = itertools.count()  # every rank calls node_once in the same order: the calls' keys agree
+
+
 def node_once(fn: Callable, *args: Any) -> Any:
     """Run ``fn`` on each node's local rank 0 first (it fills the node's cache), then on the other ranks; a failure
-    anywhere fails every rank with the same message instead of leaving some waiting at a barrier."""
+    anywhere fails every rank with the same message instead of leaving some waiting at a barrier.
+
+    The other ranks wait in the job's key-value store, not in a collective: preparing a large corpus may take longer
+    than ``EARLYBERT_DIST_TIMEOUT``, and they log that they are waiting (:func:`distributed.wait_for_keys`)."""
+    if dist.world_size() == 1:
+        return fn(*args)
+    call = next(_node_once_calls)
+    leaders = [r for r, local in enumerate(dist.all_gather_object(dist.local_rank())) if local == 0]
     result, error = None, ""
     if dist.local_rank() == 0:
+        if fault_active("slow:node_once"):  # test hook: a corpus that takes longer than the collective timeout
+            time.sleep(20)
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             logger.debug("failed on this rank", exc_info=True)
             error = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
-    errors = dist.all_gather_object(error)
+        dist.set_key(f"earlybert/node_once/{call}/{dist.rank()}", error)
+    errors = dist.wait_for_keys([f"earlybert/node_once/{call}/{r}" for r in leaders],
+                                f"local rank 0 of every node (ranks {leaders}) to finish {fn.__name__}")
     if any(errors):
         raise ValueError(next(e for e in errors if e))
     return result if dist.local_rank() == 0 else fn(*args)

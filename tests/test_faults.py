@@ -203,3 +203,18 @@ def test_a_failure_on_rank0_before_the_start_reaches_every_rank(corpus, tmp_path
         mine = [line for line in lines if f"[rank{rank}] ERROR" in line]
         assert any(f"{tag / 'mp_rank_00_model_states.pt'}: unreadable" in line for line in mine), (rank, lines[-30:])
     assert any("rank 0 failed:" in line for line in lines if "[rank1] ERROR" in line)
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_data_slower_than_the_collective_timeout(corpus, tmp_path):
+    """Local rank 0 prepares the data for 20 s (a test hook standing in for a large corpus) with collectives bounded
+    at 10 s: the other rank waits, saying what for, instead of timing out and bringing the job down."""
+    out = tmp_path / "run"
+    proc = launch(tiny_run_args(*corpus, out, **{"earlybert.draw": "random", "train.steps": 4, "train.eval_every": 0,
+                                                 "earlybert.max_search_steps": 2}),
+                  env={"EARLYBERT_FAULT": "slow:node_once@rank0", "EARLYBERT_DIST_TIMEOUT": "10"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    waited = [line for line in (proc.stdout + proc.stderr).splitlines() if "[rank1] WARNING" in line]
+    assert any("rank 1: waiting for local rank 0 of every node (ranks [0]) to finish tokenizer_for" in line
+               for line in waited), waited
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
