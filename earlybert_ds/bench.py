@@ -12,6 +12,8 @@
 - ``finetune``: real ``earlybert-ds finetune`` runs from the pretrained MiniLM on a labelled task made offline
   from the same corpus (which section of the Python docs a paragraph comes from; pages never straddle the split):
   full fine-tuning vs EarlyBERT vs random ticket, dev accuracy and time.
+- ``data``: preparation (tokenise + pack) of plain-text corpora of growing size, each in a fresh process: peak RSS
+  of the preparing process and of its largest worker, and MB of text per second, for each number of workers.
 """
 
 from __future__ import annotations
