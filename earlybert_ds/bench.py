@@ -40,11 +40,10 @@ from .config import RunConfig, add_config_arguments, config_from_args
 from .data import prepare_corpus, tokenizer_for
 from .engine import Engine
 from .flops import forward_flops_per_token, train_flops_per_token
-from .gates import GateValues
 from .modeling import EarlyBertConfig, EarlyBertForPreTraining, PreTrainingOutput
 from .plots import plot_curves
 from .shrink import shrink, shrunk_config
-from .ticket import PruneSpec, Ticket, draw_masks
+from .ticket import PruneSpec, Scores, Ticket, draw_masks
 
 VARIANTS = {
     "a": "full",
@@ -133,7 +132,7 @@ def uneven_ticket(shape: Shape, ffn_multiple: int = 1, seed: int = 0) -> Ticket:
     ``--earlybert.ffn_multiple``."""
     rng = np.random.default_rng(seed)
     scale = rng.lognormal(0.0, 0.4, shape.layers)
-    gates = GateValues([s * np.abs(rng.standard_normal(shape.heads)) for s in scale],
+    gates = Scores([s * np.abs(rng.standard_normal(shape.heads)) for s in scale],
                        [s * np.abs(rng.standard_normal(shape.ffn)) for s in scale])
     spec = PruneSpec(ffn_multiple=ffn_multiple)
     return Ticket.from_masks(draw_masks(gates, spec), 0, "fixed", spec, shape.config())
