@@ -18,6 +18,7 @@ from earlybert_ds.modeling import EarlyBertForPreTraining, EarlyBertForSequenceC
 from earlybert_ds.pipeline import initial_model
 from earlybert_ds.pretrain import MLMTask
 from earlybert_ds.search import (
+    EarlyBirdDetector,
     TaylorImportance,
     ffn_gate_params,
     gate_stats,
@@ -26,7 +27,7 @@ from earlybert_ds.search import (
     scores_of,
     settle_detect_every,
 )
-from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks, random_masks
+from earlybert_ds.ticket import Masks, PruneSpec, Scores, Ticket, TicketError, draw_masks, random_masks
 
 from conftest import launch, metrics, run_single, tiny_config, tiny_run_args
 
@@ -138,6 +139,34 @@ def test_gate_stats_sparsity_and_spread():
     assert stats["gate_sparsity/heads"] == 0.5 and stats["gate_sparsity/ffn"] == 0.0
     assert stats["gate_spread/heads"] == pytest.approx(np.std([1.0, 0.0, 0.005, -1.0]))
     assert stats["gate_spread/ffn"] == 0.0
+
+
+def test_early_bird_detector_window_and_state_round_trip():
+    det = EarlyBirdDetector(window=3, epsilon=0.1)
+    heads = [np.array([True, False, True, True])]
+    ffn = np.zeros(20, bool)
+    seq, pos = [Masks(heads, [ffn.copy()])], 0
+    for k in (8, 6, 1, 0, 2, 0):  # flip k fresh bits: consecutive distances .4 .3 .05 0 .1 0
+        ffn[pos:pos + k] = ~ffn[pos:pos + k]
+        pos += k
+        seq.append(Masks(heads, [ffn.copy()]))
+    verdicts = []
+    for i, masks in enumerate(seq):
+        det.update(masks)
+        verdicts.append(det.converged)
+        if i == 3:  # checkpoint mid-way and continue in a new detector: same decisions
+            clone = EarlyBirdDetector()
+            clone.load_state_dict(json.loads(json.dumps(det.state_dict())))
+            det = clone
+    assert verdicts == [False, False, False, False, False, True, True]
+
+
+def test_detector_rejects_bad_thresholds():
+    for eps in (0.0, -0.1, float("inf")):
+        with pytest.raises(TicketError, match="epsilon"):
+            EarlyBirdDetector(epsilon=eps)
+    with pytest.raises(TicketError, match="window"):
+        EarlyBirdDetector(window=0)
 
 
 @pytest.mark.parametrize("budget,window,expected", [(16, 5, 1), (100, 5, 8), (13, 3, 1), (400, 5, 33)])

@@ -1,4 +1,4 @@
-"""Masks from gates, mask distance, the early-bird detector, random tickets, and ticket.json validation."""
+"""Masks from scores, mask distance, random tickets, and ticket.json validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earlybert_ds.search import EarlyBirdDetector, read_gates, scores_of
+from earlybert_ds.search import read_gates, scores_of
 from earlybert_ds.modeling import EarlyBertForPreTraining
 from earlybert_ds.ticket import (
     Masks,
@@ -65,34 +65,6 @@ def test_mask_distance_is_normalised_hamming():
     a = Masks([np.array([1, 1, 0, 0], bool)], [np.array([1, 0, 1, 0, 1], bool)])
     b = Masks([np.array([1, 0, 1, 0], bool)], [np.array([1, 0, 1, 0, 1], bool)])
     assert mask_distance(a, b) == {"heads": 0.5, "ffn": 0.0}
-
-
-def test_early_bird_detector_window_and_state_round_trip():
-    det = EarlyBirdDetector(window=3, epsilon=0.1)
-    heads = [np.array([True, False, True, True])]
-    ffn = np.zeros(20, bool)
-    seq, pos = [Masks(heads, [ffn.copy()])], 0
-    for k in (8, 6, 1, 0, 2, 0):  # flip k fresh bits: consecutive distances .4 .3 .05 0 .1 0
-        ffn[pos:pos + k] = ~ffn[pos:pos + k]
-        pos += k
-        seq.append(Masks(heads, [ffn.copy()]))
-    verdicts = []
-    for i, masks in enumerate(seq):
-        det.update(masks)
-        verdicts.append(det.converged)
-        if i == 3:  # checkpoint mid-way and continue in a new detector: same decisions
-            clone = EarlyBirdDetector()
-            clone.load_state_dict(json.loads(json.dumps(det.state_dict())))
-            det = clone
-    assert verdicts == [False, False, False, False, False, True, True]
-
-
-def test_detector_rejects_bad_thresholds():
-    for eps in (0.0, -0.1, float("inf")):
-        with pytest.raises(TicketError, match="epsilon"):
-            EarlyBirdDetector(epsilon=eps)
-    with pytest.raises(TicketError, match="window"):
-        EarlyBirdDetector(window=0)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.3", True])
