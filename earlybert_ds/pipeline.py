@@ -324,7 +324,7 @@ def _spec(cfg: RunConfig) -> PruneSpec:
 def _check_prunable(cfg: RunConfig, config: EarlyBertConfig) -> None:
     """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied)."""
     ones = Scores([np.ones(config.num_attention_heads)] * config.num_hidden_layers,
-                      [np.ones(config.intermediate_size)] * config.num_hidden_layers)
+                  [np.ones(config.intermediate_size)] * config.num_hidden_layers)
     try:
         draw_masks(ones, _spec(cfg))
     except TicketError as e:
