@@ -638,19 +638,23 @@ def tickets(args: argparse.Namespace) -> dict:
                               "options": common, "methods": {**methods}, "data": data, "runs": []}
     done: dict[tuple[str, int], Any] = {}
 
-    def run(job: tuple[str, int, str | None]) -> dict:
+    def run(job: tuple[str, int, str | None]) -> dict | None:
         name, seed, of = job
         if of is None:
             opts = methods[name]
         else:
-            ticket_step = done[(of, seed)].result()["ticket_step"]
-            opts = matched_control(methods[of], ticket_step)
+            method = done[(of, seed)].result()
+            if method is None:
+                return None
+            opts = matched_control(methods[of], method["ticket_step"])
         out = out_dir / f"{name}-s{seed}"
         record, options = out.with_name(out.name + ".json"), common + ["--train.seed", str(seed)] + opts
         if record.is_file() and not args.overwrite:  # the same run, already made: reused (more seeds, more methods)
             r = json.loads(record.read_text())
             if r["command"][4:-2] == options:
                 return r
+        if args.summarise_only:
+            return None
         r = _run(command, options, out, args.threads, key)
         r.update(method=name, seed=seed, options=opts, metric=r[f"final_{key}"])
         record.write_text(json.dumps(r) + "\n")
@@ -661,7 +665,7 @@ def tickets(args: argparse.Namespace) -> dict:
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for job in jobs:  # in order: a matched control waits for its method, which was submitted before it
             done[job[:2]] = pool.submit(run, job)
-        result["runs"] = [f.result() for f in done.values()]
+        result["runs"] = [r for r in (f.result() for f in done.values()) if r is not None]
     result["summary"] = summarise_tickets(result["runs"], key, higher_is_better=args.task == "finetune")
     if args.plot:
         s = result["summary"]["methods"]
@@ -842,6 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out-dir", default="runs/bench-tickets", help="the runs' output directories (and data)")
     k.add_argument("--overwrite", action="store_true",
                    help="rerun runs already in --out-dir (default: a run made before with the same command is reused)")
+    k.add_argument("--summarise-only", action="store_true",
+                   help="run nothing: summarise the runs of these methods and seeds already in --out-dir")
     k.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
     k.add_argument("--out", help="write the raw numbers as JSON here")
     k.set_defaults(func=tickets, report=_print_tickets)
