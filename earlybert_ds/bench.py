@@ -672,7 +672,7 @@ def tickets(args: argparse.Namespace) -> dict:
         plot_intervals({m: (v["cpu_vs_full"]["mean"], v["cpu_vs_full"]["ci95"], v["metric"]["mean"],
                             v["metric"]["ci95"]) for m, v in s.items() if "cpu_vs_full" in v},
                        "CPU time relative to the full model (paired by seed)", key, args.plot,
-                       title=f"bench tickets ({args.task}): mean and 95% interval over {args.seeds} seeds")
+                       title=f"bench tickets ({args.task}): mean and 95% interval over seeds")
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
 
