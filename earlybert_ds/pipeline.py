@@ -133,7 +133,7 @@ class Run:
         self.step = state["step"]
         self.task.load_state_dict(state["data"])
         self.stages = state["stages"]
-        self.search_log = state["search_log"]
+        self.search_log[:] = state["search_log"]  # in place: the search stage appends to this very list
 
 
 @contextlib.contextmanager
