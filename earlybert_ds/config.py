@@ -87,21 +87,31 @@ class EarlyBertArgs:
     enabled: bool = _f(True, "run EarlyBERT (search, ticket, shrink); false: train the full model throughout")
     l1_heads: float = _f(1e-4, "L1 coefficient on the head gates (raw sum, as in the official code)")
     l1_ffn: float = _f(1e-4, "L1 coefficient on the FFN-neuron gates")
+    gate_lr: float | None = _f(None, "learning rate of the gates' own optimizer group (never weight-decayed); "
+                                     "unset: train.lr, as the official code")
+    score: Literal["magnitude", "signed", "taylor"] = _f(
+        "magnitude", "what units are ranked by: magnitude |gate| (the paper); signed gate values (the official "
+                     "code); taylor: |gate x dL/dgate| summed over the search steps (first-order Taylor importance)")
     head_ratio: float = _f(1 / 3, "fraction of attention heads pruned")
     ffn_ratio: float = _f(0.4, "fraction of FFN neurons pruned")
     head_method: Literal["layerwise", "global"] = _f("layerwise", "head pruning: per layer or across layers")
     ffn_method: Literal["layerwise", "global"] = _f("global", "FFN pruning: per layer or across layers")
     ffn_multiple: int = _f(64, "round kept FFN widths up to a multiple of this: odd widths lose ~15% of the "
                                "speedup to slow GEMM kernels (bench throughput, variant c vs e); 1: exact ratio")
-    draw: Literal["earlybird", "fixed", "random"] = _f("earlybird", "earlybird: when masks converge; fixed: at "
-                                                                    "fixed_step; random: a random ticket")
-    detect_every: int = _f(10, "compute masks and their distance every N search steps")
+    draw: Literal["earlybird", "fixed", "random", "random_at"] = _f(
+        "earlybird", "earlybird: when masks converge; fixed: at fixed_step; random: a random ticket at step 0 (the "
+                     "paper's baseline); random_at: the same search, then a random ticket at fixed_step (the control "
+                     "that isolates which units are kept)")
+    detect_every: int | None = _f(None, "compute masks and their distance every N search steps; unset: from the "
+                                        "search budget, so that window+1 checks fit in half of it")
     window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon")
     epsilon: float = _f(0.1, "early-bird threshold on the normalised Hamming distance")
     max_search_steps: int = _f(100, "end the search here even without convergence")
     fixed_step: int | None = _f(None, "draw at this step (draw=fixed)")
     weights: Literal["rewind", "continue"] = _f("rewind", "rewind: kept weights restart from initial (or "
                                                           "pre-trained) values; continue: keep searched values")
+    rewarmup_steps: int = _f(0, "after the ticket, warm the learning rate up again linearly over N steps (the "
+                                "efficient stage starts with fresh optimizer moments at a mid-schedule rate)")
 
 
 @dataclass
@@ -214,13 +224,17 @@ class RunConfig:
             for name in ("l1_heads", "l1_ffn"):
                 need(getattr(e, name) >= 0, f"earlybert.{name}={getattr(e, name)}: an L1 coefficient must be >= 0")
             need(e.window >= 1, f"earlybert.window={e.window} must be >= 1")
-            need(e.detect_every >= 1, f"earlybert.detect_every={e.detect_every} must be >= 1")
+            need(e.detect_every is None or e.detect_every >= 1,
+                 f"earlybert.detect_every={e.detect_every} must be >= 1")
+            need(e.gate_lr is None or e.gate_lr > 0, f"earlybert.gate_lr={e.gate_lr} must be > 0")
+            need(e.rewarmup_steps >= 0, f"earlybert.rewarmup_steps={e.rewarmup_steps} must be >= 0")
             need(e.ffn_multiple >= 1, f"earlybert.ffn_multiple={e.ffn_multiple} must be >= 1")
-            need(e.draw == "fixed" or 1 <= e.max_search_steps < t.steps,
+            fixed = e.draw in ("fixed", "random_at")  # their own budget
+            need(fixed or 1 <= e.max_search_steps < t.steps,
                  f"earlybert.max_search_steps={e.max_search_steps} must be in [1, train.steps={t.steps})")
-            if e.draw == "fixed":
+            if fixed:
                 need(e.fixed_step is not None and 1 <= e.fixed_step < t.steps,
-                     f"earlybert.draw=fixed needs earlybert.fixed_step in [1, train.steps={t.steps})")
+                     f"earlybert.draw={e.draw} needs earlybert.fixed_step in [1, train.steps={t.steps})")
 
 
 # ---- loading and the command line ----------------------------------------------------------------------------

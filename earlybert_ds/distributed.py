@@ -293,6 +293,17 @@ def full_fp32(param: torch.nn.Parameter, optimizer: Any = None) -> torch.Tensor:
     return full.detach().float().cpu()
 
 
+def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
+    """A parameter's full gradient of this step (averaged over ranks), in fp32 on CPU, between the step's last
+    backward and its optimizer step: partitioned under ZeRO-1/2/3 and gathered here (DeepSpeed's
+    ``safe_get_full_grad``), so a collective there. Under fp16 it still carries the loss scale."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grad = safe_get_full_grad(param)
+    return torch.zeros(param.ds_shape if hasattr(param, "ds_shape") else param.shape) if grad is None else \
+        grad.detach().float().cpu()
+
+
 def _zero0_master(param: torch.nn.Parameter, optimizer: Any) -> torch.Tensor | None:
     for gi, group in enumerate(getattr(optimizer, "fp16_groups", None) or ()):
         offset = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import deepspeed
@@ -24,20 +24,21 @@ logger = logging.getLogger("earlybert_ds")
 
 
 class Engine:
-    """A DeepSpeed engine for ``model`` whose learning-rate schedule continues from ``start_step``."""
+    """A DeepSpeed engine for ``model`` whose learning-rate schedule continues from ``start_step`` (re-warmed up
+    over its first ``rewarmup_steps``)."""
 
-    def __init__(self, model: torch.nn.Module, run: RunConfig, start_step: int = 0):
+    def __init__(self, model: torch.nn.Module, run: RunConfig, start_step: int = 0, rewarmup_steps: int = 0):
         self.run = run
         cuda = dist.on_cuda()
         self.ds_config = build_ds_config(run, dist.world_size(), on_cuda=cuda)
-        groups = param_groups(model, run.train.weight_decay)
+        groups = param_groups(model, run.train.weight_decay, run.earlybert.gate_lr)
         client_optimizer = make_client_optimizer(run, groups, on_cuda=cuda)
-        schedule = lr_lambda(run)
+        schedule = lr_lambda(run, start_step, rewarmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=groups if client_optimizer is None else None,
             optimizer=client_optimizer,
-            lr_scheduler=lambda opt: LambdaLR(opt, lambda s: schedule(s + start_step)),
+            lr_scheduler=lambda opt: LambdaLR(opt, schedule),
             config=self.ds_config,
         )
         self.device = self.engine.device
@@ -58,13 +59,22 @@ class Engine:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "sample_idx"}
 
-    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Forward/backward over the step's micro-batches and one optimizer step; metrics averaged over ranks."""
+    @property
+    def grad_scale(self) -> float:
+        """What the gradients are multiplied by: the fp16 loss scale, else 1."""
+        return loss_scale(self.engine) or 1.0
+
+    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]],
+                   before_step: Callable[[], None] | None = None) -> dict[str, float]:
+        """Forward/backward over the step's micro-batches and one optimizer step; metrics averaged over ranks.
+        ``before_step`` runs after the last backward, before the optimizer step (the gradients are complete)."""
         self.engine.train()
         loss_sum = penalty_sum = correct = count = 0.0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             out = self.engine(**self._to_device(mb))
             self.engine.backward(out.loss)
+            if before_step is not None and i == len(micro_batches) - 1:
+                before_step()
             self.engine.step()
             task = out.mlm_loss if hasattr(out, "mlm_loss") else out.task_loss
             loss_sum += float(task)

@@ -1,8 +1,8 @@
 """EarlyBERT on DeepSpeed, stage by stage — the same three stages for pre-training and fine-tuning.
 
     1. search     the full model with slimming gates trains with an L1 penalty on them; every ``detect_every``
-                  steps all ranks read the gates and the coordinator (rank 0) draws masks and checks whether they
-                  have stopped changing (the early-bird test);
+                  steps all ranks read the gates and the coordinator (rank 0) draws masks from the units' scores
+                  and checks whether they have stopped changing (the early-bird test: ``search.SearchStage``);
     2. ticket     rank 0 broadcasts the decision and the ticket, so every rank switches at the same step, and
                   writes ``OUTPUT/ticket/`` (ticket.json, the shrunk model, the tokenizer, the data position);
     3. efficient  the search engine is torn down, every rank shrinks the model physically to the ticket, and a new
@@ -44,21 +44,11 @@ from .dsconfig import build_ds_config, describe_precision
 from .engine import Engine
 from .flops import count_parameters
 from .hardware import peak_flops
-from .gates import GateValues, read_gates
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, hf_bert_config, load_hf_bert
 from .monitor import Monitor
-from .plots import plot_gates, plot_mask_distances
+from .search import SearchStage, settle_detect_every
 from .shrink import shrink_state_dict, shrunk_config
-from .ticket import (
-    TICKET_FILE,
-    EarlyBirdDetector,
-    Masks,
-    PruneSpec,
-    Ticket,
-    TicketError,
-    draw_masks,
-    random_masks,
-)
+from .ticket import TICKET_FILE, PruneSpec, Scores, Ticket, TicketError, draw_masks, random_masks
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -148,7 +138,7 @@ class Run:
         self.step = state["step"]
         self.task.load_state_dict(state["data"])
         self.stages = state["stages"]
-        self.search_log = state["search_log"]
+        self.search_log[:] = state["search_log"]  # in place: the search stage appends to this very list
 
 
 @contextlib.contextmanager
@@ -287,9 +277,11 @@ def _peak_flops(ds_config: dict) -> float:
 
 # ---- the training loop shared by all stages -------------------------------------------------------------------
 
-def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, extra_state=None) -> bool:
+def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, extra_state=None,
+           before_step=None) -> bool:
     """Train from ``run.step`` to ``last_step``; ``on_step(step)`` returning True ends the stage early (the ticket
-    was drawn). Logs, validates and checkpoints on the configured cadence. Returns whether it ended early."""
+    was drawn); ``before_step()`` runs between each step's backward and its optimizer step. Logs, validates and
+    checkpoints on the configured cadence. Returns whether it ended early."""
     t = run.cfg.train
     stage = run.stages.setdefault(phase, {"steps": 0, "train_s": 0.0, "wall_s": 0.0, "tokens": 0.0,
                                           "first_step": run.step + 1})
@@ -300,7 +292,7 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
     while run.step < last_step:
         t0 = time.perf_counter()
         micro = run.task.next_step()
-        m = engine.train_step(micro)
+        m = engine.train_step(micro, before_step)
         dt = time.perf_counter() - t0
         tokens = dist.world_size() * sum(float(mb["attention_mask"].sum()) for mb in micro)  # this rank's x ranks
         run.step += 1
@@ -371,69 +363,28 @@ def _spec(cfg: RunConfig) -> PruneSpec:
 
 def _check_prunable(cfg: RunConfig, config: EarlyBertConfig) -> None:
     """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied)."""
-    ones = GateValues([np.ones(config.num_attention_heads)] * config.num_hidden_layers,
-                      [np.ones(config.intermediate_size)] * config.num_hidden_layers)
+    ones = Scores([np.ones(config.num_attention_heads)] * config.num_hidden_layers,
+                  [np.ones(config.intermediate_size)] * config.num_hidden_layers)
     try:
         draw_masks(ones, _spec(cfg))
     except TicketError as e:
         raise ConfigError(f"earlybert ratios do not fit the model: {e}") from e
 
 
-def search(run: Run, engine: Engine, detector: EarlyBirdDetector) -> Ticket:
+def search(run: Run, engine: Engine, stage: SearchStage) -> Ticket:
     """Train the gated model until the coordinator draws the ticket; every rank returns the same ticket."""
-    cfg, e = run.cfg, run.cfg.earlybert
-    spec = _spec(cfg)
-    drawn: dict[str, Ticket] = {}
-
-    limit = e.fixed_step if e.draw == "fixed" else e.max_search_steps  # the fixed rule is its own budget
+    drawn: list[Ticket] = []
 
     def check(step: int) -> bool:
-        if step % e.detect_every and step < limit:
-            return False
-        gates = read_gates(engine.module, engine.optimizer)  # collective under ZeRO: every rank takes part
-        # the coordinator decides; every rank switches at the same step with the same ticket
-        decision = dist.on_rank0(coordinate, step, gates)
-        if decision is not None:
-            drawn["ticket"] = decision
-        return decision is not None
+        ticket = stage.check(step, engine)  # a collective on check steps
+        drawn.extend([ticket] if ticket else [])
+        return ticket is not None
 
-    def coordinate(step: int, gates: GateValues) -> Ticket | None:
-        """Rank 0: masks, their distance to the last ones, and the decision (a ticket or None)."""
-        masks = draw_masks(gates, spec)
-        distance = detector.update(masks)
-        sparsity = gates.sparsity()
-        metrics = {"gate_sparsity/heads": sparsity["heads"], "gate_sparsity/ffn": sparsity["ffn"]}
-        if distance is not None:
-            run.search_log.append({"step": step, **distance})
-            metrics.update({"mask_distance/heads": distance["heads"], "mask_distance/ffn": distance["ffn"]})
-        run.monitor.log(step, metrics)
-        reason = ("converged" if e.draw == "earlybird" and detector.converged else
-                  None if step < limit else "fixed" if e.draw == "fixed" else "max_steps")
-        if reason == "max_steps":
-            logger.warning("no early-bird ticket by step %d (max_search_steps): drawing from the current gates",
-                           step)
-        if not reason:
-            return None
-        decision = Ticket.from_masks(masks, step, reason, spec, engine.module.config)
-        _plot_search(run, gates, masks, decision)
-        return decision
-
-    _train(run, engine, "search", run.cfg.train.steps, on_step=check,
-           extra_state=lambda: {"detector": detector.state_dict()})
-    if "ticket" not in drawn:
+    _train(run, engine, "search", run.cfg.train.steps, on_step=check, before_step=lambda: stage.before_step(engine),
+           extra_state=lambda: {"search": stage.state_dict()})
+    if not drawn:
         raise RuntimeError("the search reached train.steps without drawing a ticket (max_search_steps too large)")
-    return drawn["ticket"]
-
-
-def _plot_search(run: Run, gates: GateValues, masks: Masks, ticket: Ticket) -> None:
-    plots = run.out / "plots"
-    plots.mkdir(exist_ok=True)
-    log = run.search_log
-    dist_png = plot_mask_distances([r["step"] for r in log], [r["heads"] for r in log], [r["ffn"] for r in log],
-                                   run.cfg.earlybert.epsilon, ticket.step, plots / "mask_distance.png")
-    gates_png = plot_gates(gates.heads, gates.ffn, plots / "gates.png", head_masks=masks.heads, ffn_masks=masks.ffn)
-    run.monitor.log_image(ticket.step, "plots/mask_distance", dist_png)
-    run.monitor.log_image(ticket.step, "plots/gates", gates_png)
+    return drawn[0]
 
 
 def _shrunk_model(run: Run, ticket: Ticket, searched: dict[str, torch.Tensor] | None) -> EarlyBertPreTrainedModel:
@@ -560,6 +511,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
         # decided once, so that no file-system view can split the ranks across stages
         start = dist.on_rank0(_where_to_start, cfg, out, resume, resume_from)
         task = make_task(cfg)  # may settle derived fields of cfg (e.g. steps from epochs)
+        settle_detect_every(cfg.earlybert)  # from the search budget, now settled
         cfg.validate()
         if start.phase == "efficient":
             dist.on_rank0(_check_ticket_fits, cfg, task, _ticket_dir_of(start))
@@ -628,7 +580,8 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
 
     phase = "full" if ticket is None else "efficient"
     run.ticket = ticket
-    engine = Engine(model, cfg, start_step=ticket.step if ticket else 0)
+    rewarmup = cfg.earlybert.rewarmup_steps if ticket and ticket.step else 0
+    engine = Engine(model, cfg, start_step=ticket.step if ticket else 0, rewarmup_steps=rewarmup)
     if start.checkpoint is not None and start.phase != "search":
         _load(run, engine, start.checkpoint)
     _train(run, engine, phase, cfg.train.steps)
@@ -663,11 +616,11 @@ def _search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tu
                              spec, cfg.train.seed)
         ticket = Ticket.from_masks(masks, 0, "random", spec, full_config)
     else:
-        detector = EarlyBirdDetector(window=cfg.earlybert.window, epsilon=cfg.earlybert.epsilon)
+        stage = SearchStage(cfg.earlybert, spec, cfg.train.seed, run.monitor, run.search_log, run.out / "plots")
         engine = Engine(initial_model(cfg, run.task, gates=True), cfg, start_step=0)
         if start.checkpoint:
-            detector.load_state_dict(_load(run, engine, start.checkpoint)["detector"])
-        ticket = search(run, engine, detector)
+            stage.load_state_dict(_load(run, engine, start.checkpoint)["search"])
+        ticket = search(run, engine, stage)
         if cfg.earlybert.weights == "continue":
             searched = engine.full_state_dict()  # collective
         engine.destroy()

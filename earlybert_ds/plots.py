@@ -91,3 +91,16 @@ def plot_curves(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, y
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def plot_intervals(points: dict[str, tuple[float, float, float, float]], xlabel: str, ylabel: str,
+                   path: str | Path, title: str = "") -> Path:
+    """One point per named method at (x, y) with its 95% intervals: ``name -> (x, x half-width, y, y half-width)``,
+    e.g. mean dev accuracy against mean CPU time relative to the full model, over seeds."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, (x, dx, y, dy) in points.items():
+        ax.errorbar([x], [y], xerr=[dx], yerr=[dy], marker="o", ms=5, capsize=3, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,8 +1,8 @@
-"""Ticket drawing: masks from gate magnitudes, mask distance, the early-bird detector, and the ``Ticket`` file.
+"""Ticket drawing: masks from per-unit scores, mask distance, random tickets, and the ``Ticket`` file.
 
-A ticket is the set of attention heads and FFN neurons that survive pruning, per layer. EarlyBERT draws it from the
-slimming gates' magnitudes and declares it *early-bird* when consecutive masks stop changing: the normalised
-Hamming distance between them stays at or below ``epsilon`` over the last ``window`` checks.
+A ticket is the set of attention heads and FFN neurons that survive pruning, per layer: the units with the largest
+scores. Which scores (the gates' magnitudes, their signed values, Taylor importance) and when the masks have
+converged (the early-bird test) are the search stage's business: ``search.py``.
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from .atomic import atomic_write_text
-from .gates import GateValues
 
 TICKET_FORMAT = "earlybert_ds.ticket"
 TICKET_VERSION = 1
@@ -51,6 +49,15 @@ class PruneSpec:
                 raise TicketError(f"{name}={getattr(self, name)!r}: must be 'layerwise' or 'global'")
         if not isinstance(self.ffn_multiple, int) or isinstance(self.ffn_multiple, bool) or self.ffn_multiple < 1:
             raise TicketError(f"ffn_multiple={self.ffn_multiple!r}: must be an integer >= 1")
+
+
+@dataclass
+class Scores:
+    """One score per unit (attention head, FFN neuron) as plain float arrays, one per layer: masks keep the units
+    with the largest scores."""
+
+    heads: list[np.ndarray]
+    ffn: list[np.ndarray]
 
 
 @dataclass
@@ -91,22 +98,22 @@ def _layer_masks(scores: list[np.ndarray], ratio: float, method: Method, what: s
     return [m if m.any() else _top_k(s, 1) for m, s in zip(masks, scores)]
 
 
-def draw_masks(gates: GateValues, spec: PruneSpec) -> Masks:
-    """Masks that keep the heads / neurons with the largest gate magnitudes at ``spec``'s ratios."""
-    heads = _layer_masks([np.abs(g) for g in gates.heads], spec.head_ratio, spec.head_method, "heads")
-    ffn = _layer_masks([np.abs(g) for g in gates.ffn], spec.ffn_ratio, spec.ffn_method, "FFN neurons")
+def draw_masks(scores: Scores, spec: PruneSpec) -> Masks:
+    """Masks that keep the heads / neurons with the largest scores at ``spec``'s ratios."""
+    heads = _layer_masks(scores.heads, spec.head_ratio, spec.head_method, "heads")
+    ffn = _layer_masks(scores.ffn, spec.ffn_ratio, spec.ffn_method, "FFN neurons")
     if spec.ffn_multiple > 1:
         ffn = [
-            _top_k(np.abs(g), min(g.size, math.ceil(m.sum() / spec.ffn_multiple) * spec.ffn_multiple))
-            for g, m in zip(gates.ffn, ffn)
+            _top_k(s, min(s.size, math.ceil(m.sum() / spec.ffn_multiple) * spec.ffn_multiple))
+            for s, m in zip(scores.ffn, ffn)
         ]
     return Masks(heads=heads, ffn=ffn)
 
 
 def random_masks(head_shape: list[int], ffn_shape: list[int], spec: PruneSpec, seed: int) -> Masks:
-    """The paper's baseline: a random ticket at the same ratios and methods (random gate magnitudes)."""
+    """The paper's baseline: a random ticket at the same ratios and methods (random scores)."""
     rng = np.random.default_rng(seed)
-    return draw_masks(GateValues([rng.random(n) for n in head_shape], [rng.random(n) for n in ffn_shape]), spec)
+    return draw_masks(Scores([rng.random(n) for n in head_shape], [rng.random(n) for n in ffn_shape]), spec)
 
 
 def mask_distance(a: Masks, b: Masks) -> dict[str, float]:
@@ -120,59 +127,7 @@ def mask_distance(a: Masks, b: Masks) -> dict[str, float]:
     return {"heads": dist(a.heads, b.heads), "ffn": dist(a.ffn, b.ffn)}
 
 
-@dataclass
-class EarlyBirdDetector:
-    """Declares convergence when the last ``window`` mask distances (heads and FFN) are all ``<= epsilon``.
-
-    Defaults follow the Early-Bird paper (window 5, epsilon 0.1). Its state is plain JSON-able data so it goes into
-    every search-stage checkpoint: a resumed search then draws the same ticket at the same step.
-    """
-
-    window: int = 5
-    epsilon: float = 0.1
-    previous: Masks | None = None
-    history: deque = field(default_factory=deque)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or self.window < 1:
-            raise TicketError(f"window={self.window!r}: must be an integer >= 1")
-        if not self.epsilon > 0 or math.isinf(self.epsilon):
-            raise TicketError(f"epsilon={self.epsilon!r}: the mask-distance threshold must be > 0")
-        self.history = deque(self.history, maxlen=self.window)
-
-    def update(self, masks: Masks) -> dict[str, float] | None:
-        """Record the masks of this check; returns the distance to the previous check (``None`` on the first)."""
-        distance = None if self.previous is None else mask_distance(self.previous, masks)
-        if distance is not None:
-            self.history.append(distance)
-        self.previous = masks
-        return distance
-
-    @property
-    def converged(self) -> bool:
-        return len(self.history) == self.window and all(
-            d["heads"] <= self.epsilon and d["ffn"] <= self.epsilon for d in self.history
-        )
-
-    def state_dict(self) -> dict:
-        prev = None
-        if self.previous is not None:
-            heads, ffn = self.previous.kept()
-            prev = {"heads": heads, "ffn": ffn, "sizes": [[m.size for m in self.previous.heads],
-                                                          [m.size for m in self.previous.ffn]]}
-        return {"window": self.window, "epsilon": self.epsilon, "previous": prev, "history": list(self.history)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.window, self.epsilon = state["window"], state["epsilon"]
-        prev = state["previous"]
-        self.previous = None if prev is None else Masks(
-            heads=[_index_mask(idx, n) for idx, n in zip(prev["heads"], prev["sizes"][0])],
-            ffn=[_index_mask(idx, n) for idx, n in zip(prev["ffn"], prev["sizes"][1])],
-        )
-        self.history = deque(state["history"], maxlen=self.window)
-
-
-def _index_mask(indices: list[int], n: int) -> np.ndarray:
+def index_mask(indices: list[int], n: int) -> np.ndarray:
     m = np.zeros(n, dtype=bool)
     m[indices] = True
     return m
@@ -212,8 +167,8 @@ class Ticket:
         return [len(f) for f in self.ffn]
 
     def masks(self) -> Masks:
-        return Masks([_index_mask(h, self.num_attention_heads) for h in self.heads],
-                     [_index_mask(f, self.intermediate_size) for f in self.ffn])
+        return Masks([index_mask(h, self.num_attention_heads) for h in self.heads],
+                     [index_mask(f, self.intermediate_size) for f in self.ffn])
 
     # ---- validation -------------------------------------------------------------------------------------------
     def check(self, source: str = "ticket") -> None:

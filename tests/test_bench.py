@@ -3,10 +3,12 @@ suite that need no training and a quick fine-tuning run (the real figures: READM
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from earlybert_ds import bench
@@ -124,3 +126,69 @@ def test_finetune_quick_runs_all_three(tmp_path):
         assert 0.5 < runs[name]["flop_ratio"] < 0.75
     assert all(0.0 <= r["final_dev_accuracy"] <= 1.0 and r["curve"] for r in runs.values())
     assert (tmp_path / "ft.png").stat().st_size > 0 and "acc vs full" in proc.stdout
+
+
+def _ticket_run(method, seed, metric, cpu, step=None, flop_ratio=1.0, steps=100):
+    return {"method": method, "seed": seed, "metric": metric, "process_cpu_s": cpu, "process_s": cpu + 1,
+            "ticket_step": step, "ticket_reason": None if step is None else "converged", "flop_ratio": flop_ratio,
+            "steps": steps}
+
+
+def test_tickets_summary_intervals_and_paired_differences_by_hand():
+    runs = []
+    for seed, (full, eb, r0, rs) in enumerate([(0.60, 0.58, 0.55, 0.54), (0.62, 0.57, 0.56, 0.53),
+                                               (0.61, 0.59, 0.54, 0.55)]):
+        runs += [_ticket_run("full", seed, full, 100.0), _ticket_run("eb", seed, eb, 70.0 + seed, 10, 0.6),
+                 _ticket_run("random@0", seed, r0, 60.0, 0, 0.6), _ticket_run("random@eb", seed, rs, 71.0, 10, 0.6)]
+    s = bench.summarise_tickets(runs, "dev_accuracy", higher_is_better=True)
+    t = 4.302653  # t(0.975, 2 degrees of freedom)
+    full = s["methods"]["full"]["metric"]
+    assert full["mean"] == pytest.approx(0.61) and full["ci95"] == pytest.approx(t * 0.01 / 3 ** 0.5)
+    eb = s["methods"]["eb"]
+    assert eb["cpu_vs_full"]["mean"] == pytest.approx(0.71)  # 0.70, 0.71, 0.72 of the same seed's full run
+    assert eb["search_share"] == pytest.approx(0.1) and eb["time_saved_bound"] == pytest.approx(1 - (0.1 + 0.9 * 0.6))
+    paired = s["paired"]["eb"]
+    assert set(paired) == {"full", "random@0", "random@eb"} and "random@eb" not in s["paired"]
+    # eb - random@eb per seed: +0.04, +0.04, +0.04 -> mean 0.04, no spread
+    assert paired["random@eb"]["mean"] == pytest.approx(0.04) and paired["random@eb"]["ci95"] == pytest.approx(0)
+    diffs = [0.58 - 0.60, 0.57 - 0.62, 0.59 - 0.61]
+    assert paired["full"]["diffs"] == pytest.approx(diffs)
+    sd = float(np.std(diffs, ddof=1))
+    assert paired["full"]["ci95"] == pytest.approx(t * sd / 3 ** 0.5)
+    loss = bench.summarise_tickets(runs, "val_loss", higher_is_better=False)  # lower is better: gain flips sign
+    assert loss["paired"]["eb"]["random@0"]["gain"]["mean"] == pytest.approx(-paired["random@0"]["mean"])
+
+
+def test_matched_control_keeps_the_method_and_draws_at_its_step():
+    methods = bench.ticket_methods(5e-5, 10)
+    opts = bench.matched_control(methods["continue"], 17)
+    assert opts[:len(methods["continue"])] == methods["continue"]  # same weights rule, same search settings
+    assert opts[-4:] == ["--earlybert.draw", "random_at", "--earlybert.fixed_step", "17"]
+    assert methods["gate_lr1000"][-2:] == ["--earlybert.gate_lr", "0.05"]
+    jobs = bench._tickets_jobs(argparse.Namespace(first_seed=0, seeds=2, matched=["paper"]),
+                               {"full": [], "paper": []})
+    assert jobs == [("full", 0, None), ("paper", 0, None), ("random@paper", 0, "paper"),
+                    ("full", 1, None), ("paper", 1, None), ("random@paper", 1, "paper")]
+
+
+@pytest.mark.slow
+def test_tickets_quick_runs_seeds_and_controls(tmp_path):
+    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT and the two random controls."""
+    _docs_tree(tmp_path / "docs")
+    out = tmp_path / "tickets.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "earlybert_ds.bench", "tickets", "--quick", "--corpus", str(tmp_path / "docs"),
+         "--methods", "full,paper,random@0", "--matched", "paper", "--out-dir", str(tmp_path / "runs"),
+         "--plot", str(tmp_path / "t.png"), "--threads", "1", "--parallel", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    runs = {(r["method"], r["seed"]): r for r in result["runs"]}
+    assert set(runs) == {(m, s) for m in ("full", "paper", "random@0", "random@paper") for s in (0, 1)}
+    for s in (0, 1):  # the control drew at the method's own step, with a random ticket
+        assert runs[("random@paper", s)]["ticket_step"] == runs[("paper", s)]["ticket_step"] >= 1
+        assert runs[("random@paper", s)]["ticket_reason"] == "random"
+        assert runs[("random@0", s)]["ticket_step"] == 0
+    summary = result["summary"]
+    assert summary["methods"]["full"]["metric"]["n"] == 2 and set(summary["paired"]) == {"paper"}
+    assert (tmp_path / "t.png").stat().st_size > 0 and "paired differences" in proc.stdout

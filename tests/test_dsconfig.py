@@ -271,15 +271,18 @@ def test_fp16_with_zero0_refused(tmp_path):
 def test_param_groups_exclude_bias_layernorm_and_gates():
     model = EarlyBertForPreTraining(EarlyBertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
                                                     num_attention_heads=2, intermediate_size=32, use_gates=True))
-    decay, no_decay = param_groups(model, 0.1)
-    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    decay, no_decay, gates = param_groups(model, 0.1, gate_lr=0.5)
+    assert (decay["weight_decay"], no_decay["weight_decay"], gates["weight_decay"]) == (0.1, 0.0, 0.0)
+    assert "lr" not in decay and "lr" not in no_decay and gates["lr"] == 0.5  # the gates' own learning rate
     names = {id(p): n for n, p in model.named_parameters()}
     undecayed = {names[id(p)] for p in no_decay["params"]}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert len(undecayed) + len(decayed) == len(names) and not undecayed & decayed
-    assert any(n.endswith("head_gates") for n in undecayed) and any(n.endswith("ffn_gates") for n in undecayed)
+    gated = {names[id(p)] for p in gates["params"]}
+    assert len(undecayed) + len(decayed) + len(gated) == len(names) and not undecayed & decayed
+    assert gated == {n for n in names.values() if n.endswith(("head_gates", "ffn_gates"))} and len(gated) == 4
     for n in names.values():
-        assert (n in undecayed) == (n.endswith(("bias", "head_gates", "ffn_gates")) or ".LayerNorm." in n), n
+        assert (n in undecayed) == (n.endswith("bias") or ".LayerNorm." in n), n
+    assert "lr" not in param_groups(model, 0.1)[2]  # unset: the optimizer's, train.lr
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
@@ -292,6 +295,10 @@ def test_lr_lambda(schedule):
     assert f(100) == pytest.approx(0.0 if schedule != "constant" else 1.0)
     assert f(150) == f(100)
     assert lr_lambda(_run(steps=5, warmup_steps=0, schedule="cosine"))(0) == 1.0
+    # an engine starting at step 30 with a re-warm-up of 4 steps: (k + 1) / 4 of the schedule's value at 30 + k
+    rewarmed = lr_lambda(_run(steps=100, warmup_steps=10, schedule=schedule), start_step=30, rewarmup_steps=4)
+    for k, factor in enumerate((0.25, 0.5, 0.75, 1.0, 1.0)):
+        assert rewarmed(k) == pytest.approx(factor * f(30 + k))
 
 
 # ---- LAMB -----------------------------------------------------------------------------------------------------
@@ -390,7 +397,7 @@ def test_gates_are_read_from_fp32_masters_under_bf16(distributed, stage):
     """Under bf16 (auto's choice on CPUs with bf16 units) the gates move by less than bf16's spacing near 1 (2^-7)
     for many steps: the masks must come from the optimizer's fp32 master copies, not the rounded module weights."""
     from earlybert_ds.engine import Engine
-    from earlybert_ds.gates import read_gates
+    from earlybert_ds.search import read_gates
 
     from conftest import tiny_config
 

@@ -56,6 +56,7 @@ def test_a_job_crashed_at_every_stage_resumes_bit_identical_to_an_uninterrupted_
     assert steps == sorted(set(steps))  # metrics.jsonl reads as one run: nothing logged twice
     summary, ref = (json.loads((p / "summary.json").read_text()) for p in (out, zero2_run))
     assert summary["final_val_loss"] == ref["final_val_loss"]
+    assert summary["mask_distances"] == ref["mask_distances"]  # the search's log survives its crash too
     assert (out / "final" / "model.safetensors").is_file()
 
 

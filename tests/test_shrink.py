@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from earlybert_ds.flops import forward_flops_per_token, train_flops_per_token
-from earlybert_ds.gates import head_gate_params, ffn_gate_params, read_gates
+from earlybert_ds.search import ffn_gate_params, head_gate_params, read_gates, scores_of
 from earlybert_ds.modeling import (
     EarlyBertConfig,
     EarlyBertForPreTraining,
@@ -25,7 +25,7 @@ def _searched(model_cls, **kw):
     model = model_cls(tiny_config(use_gates=True, **kw)).eval()
     randomize_gates(model)
     spec = PruneSpec(head_ratio=0.5, ffn_ratio=0.4, ffn_method="global")
-    ticket = Ticket.from_masks(draw_masks(read_gates(model), spec), 10, "converged", spec, model.config)
+    ticket = Ticket.from_masks(draw_masks(scores_of("magnitude", read_gates(model)), spec), 10, "converged", spec, model.config)
     return model, ticket
 
 

@@ -1,4 +1,4 @@
-"""Masks from gates, mask distance, the early-bird detector, random tickets, and ticket.json validation."""
+"""Masks from scores, mask distance, random tickets, and ticket.json validation."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earlybert_ds.gates import GateValues, read_gates
+from earlybert_ds.search import read_gates, scores_of
 from earlybert_ds.modeling import EarlyBertForPreTraining
 from earlybert_ds.ticket import (
-    EarlyBirdDetector,
     Masks,
+    Scores,
     PruneSpec,
     Ticket,
     TicketError,
@@ -26,19 +26,24 @@ from conftest import randomize_gates, tiny_config
 
 
 def test_layerwise_heads_global_ffn_keep_the_largest_gates():
-    gates = GateValues(
+    gates = Scores(
         heads=[np.array([0.9, -0.05, 0.4]), np.array([0.1, 0.2, -0.8])],
         ffn=[np.array([0.5, 0.01, -0.9, 0.3]), np.array([0.02, 0.03, 0.6, 0.04])],
     )
-    m = draw_masks(gates, PruneSpec(head_ratio=1 / 3, ffn_ratio=0.5, head_method="layerwise", ffn_method="global"))
+    spec = PruneSpec(head_ratio=1 / 3, ffn_ratio=0.5, head_method="layerwise", ffn_method="global")
+    m = draw_masks(scores_of("magnitude", gates), spec)
     # 1 of 3 heads pruned per layer: the smallest |gate|
     assert m.kept()[0] == [[0, 2], [1, 2]]
     # 4 of 8 neurons pruned globally: |g| = .5 .01 .9 .3 | .02 .03 .6 .04 -> keep .9 .6 .5 .3
     assert m.kept()[1] == [[0, 2, 3], [2]]
+    # the official code's rule ranks the signed values: -0.8 and -0.9 are the weakest, not the strongest
+    signed = draw_masks(scores_of("signed", gates), spec)
+    assert signed.kept()[0] == [[0, 2], [0, 1]]
+    assert signed.kept()[1] == [[0, 3], [2, 3]]  # .6 .5 .3 .04 kept
 
 
 def test_global_pruning_never_empties_a_layer_and_layerwise_refuses_to():
-    gates = GateValues(heads=[np.array([1.0, 0.9]), np.array([0.01, 0.02])],
+    gates = Scores(heads=[np.array([1.0, 0.9]), np.array([0.01, 0.02])],
                        ffn=[np.array([1.0, 0.9]), np.array([0.01, 0.02])])
     m = draw_masks(gates, PruneSpec(head_ratio=0.5, ffn_ratio=0.5, head_method="global", ffn_method="global"))
     assert m.kept() == ([[0, 1], [1]], [[0, 1], [1]])  # the weak layer keeps its strongest unit
@@ -48,7 +53,7 @@ def test_global_pruning_never_empties_a_layer_and_layerwise_refuses_to():
 
 def test_ffn_widths_rounded_up_to_a_multiple():
     rng = np.random.default_rng(0)
-    gates = GateValues(heads=[rng.random(4)] * 3, ffn=[rng.random(200), rng.random(200), rng.random(200) * 0.01])
+    gates = Scores(heads=[rng.random(4)] * 3, ffn=[rng.random(200), rng.random(200), rng.random(200) * 0.01])
     m = draw_masks(gates, PruneSpec(ffn_ratio=0.4, ffn_method="global", ffn_multiple=64))
     widths = [int(x.sum()) for x in m.ffn]
     assert all(w % 64 == 0 or w == 200 for w in widths), widths
@@ -60,34 +65,6 @@ def test_mask_distance_is_normalised_hamming():
     a = Masks([np.array([1, 1, 0, 0], bool)], [np.array([1, 0, 1, 0, 1], bool)])
     b = Masks([np.array([1, 0, 1, 0], bool)], [np.array([1, 0, 1, 0, 1], bool)])
     assert mask_distance(a, b) == {"heads": 0.5, "ffn": 0.0}
-
-
-def test_early_bird_detector_window_and_state_round_trip():
-    det = EarlyBirdDetector(window=3, epsilon=0.1)
-    heads = [np.array([True, False, True, True])]
-    ffn = np.zeros(20, bool)
-    seq, pos = [Masks(heads, [ffn.copy()])], 0
-    for k in (8, 6, 1, 0, 2, 0):  # flip k fresh bits: consecutive distances .4 .3 .05 0 .1 0
-        ffn[pos:pos + k] = ~ffn[pos:pos + k]
-        pos += k
-        seq.append(Masks(heads, [ffn.copy()]))
-    verdicts = []
-    for i, masks in enumerate(seq):
-        det.update(masks)
-        verdicts.append(det.converged)
-        if i == 3:  # checkpoint mid-way and continue in a new detector: same decisions
-            clone = EarlyBirdDetector()
-            clone.load_state_dict(json.loads(json.dumps(det.state_dict())))
-            det = clone
-    assert verdicts == [False, False, False, False, False, True, True]
-
-
-def test_detector_rejects_bad_thresholds():
-    for eps in (0.0, -0.1, float("inf")):
-        with pytest.raises(TicketError, match="epsilon"):
-            EarlyBirdDetector(epsilon=eps)
-    with pytest.raises(TicketError, match="window"):
-        EarlyBirdDetector(window=0)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.3", True])
@@ -128,7 +105,7 @@ def test_gates_read_and_l1_in_the_loss():
 def _ticket(cfg) -> Ticket:
     model = EarlyBertForPreTraining(cfg)
     randomize_gates(model)
-    return Ticket.from_masks(draw_masks(read_gates(model), PruneSpec()), step=30, reason="converged",
+    return Ticket.from_masks(draw_masks(scores_of("magnitude", read_gates(model)), PruneSpec()), step=30, reason="converged",
                              spec=PruneSpec(), config=cfg)
 
 
