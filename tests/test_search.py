@@ -233,7 +233,7 @@ def test_same_step_random_control(corpus, tmp_path, weights):
     task = MLMTask.__new__(MLMTask)  # only its model class and tokenizer: the initial model is rebuilt from them
     task.tokenizer = load_tokenizer(out / "ticket" / "tokenizer")
     init = initial_model(cfg, task, gates=True).bert.embeddings.word_embeddings.weight
-    small = EarlyBertForPreTraining.from_pretrained(out / "ticket" / "model").bert.embeddings.word_embeddings.weight
+    small = EarlyBertForPreTraining.from_pretrained(out / "ticket").bert.embeddings.word_embeddings.weight
     assert torch.equal(small, init) == (weights == "rewind")
     # the logged lr (the next step's) after the switch: the schedule times the re-warm-up factor, by hand
     lr = {m["step"]: m["lr"] for m in metrics(out) if "lr" in m}
