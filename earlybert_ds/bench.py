@@ -42,7 +42,7 @@ from .config import RunConfig, add_config_arguments, config_from_args
 from .data import prepare_corpus, tokenizer_for
 from .engine import Engine
 from .flops import forward_flops_per_token, train_flops_per_token
-from .hardware import PEAK_SHAPES, auto_precision, cpu_info, device_summary, peak_flops
+from .hardware import PEAK_SHAPES, auto_precision, device_summary, peak_flops
 from .modeling import EarlyBertConfig, EarlyBertForPreTraining, PreTrainingOutput
 from .plots import plot_curves, plot_intervals
 from .shrink import shrink, shrunk_config
@@ -193,11 +193,25 @@ def _worker(spec: dict) -> dict:
         engine.train_step([mb])  # reads the loss back: the step has finished on the device too
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+    profile = _profile_step(engine, mb, spec["profile"]) if spec["profile"] else None
     engine.destroy()
     peak = peak_flops(spec["precision"], engine_device, clock=spec["clock"])  # same process, threads and clock
     return {"variant": spec["variant"], "tokens_per_step": batch * shape.seq, "wall_s": wall[spec["warmup"]:],
             "cpu_s": cpu[spec["warmup"]:], "peak_mem_mb": _peak_memory_mb(), "base_mem_mb": base_mb,
-            "peak_flops": peak}
+            "peak_flops": peak, "profile": profile}
+
+
+def _profile_step(engine: Engine, mb: dict, top: int) -> list[tuple[str, float]]:
+    """The ``top`` operators of one more training step by their share of its self time (``torch.profiler``),
+    after the timed steps so that profiling never touches the figures: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        engine.train_step([mb])
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) or 1.0
+    return [(e.key, e.self_cpu_time_total / total) for e in ops[:top]]
 
 
 def _measure(spec: dict, threads: int | None, clock: str) -> dict:
@@ -220,7 +234,7 @@ def _flops(shape: Shape, tickets: dict[str, Ticket]) -> dict[str, float]:
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    precision = args.precision or auto_precision(torch.cuda.is_available(), cpu_info()["flags"])[0]
+    precision = args.precision or auto_precision(torch.cuda.is_available())[0]
     result: dict[str, Any] = {"suite": "throughput", "machine": _machine(), "precision": precision,
                               "device": "cuda" if torch.cuda.is_available() else "cpu",
                               "clock": args.clock, "args": _run_args(args), "shapes": {}}
@@ -232,7 +246,8 @@ def throughput(args: argparse.Namespace) -> dict:
         for r in range(args.repeats):
             for v in args.variants:
                 spec = {"variant": v, "shape": asdict(shape), "batch": args.batch, "steps": args.steps,
-                        "warmup": args.warmup, "precision": precision, "clock": args.clock}
+                        "warmup": args.warmup, "precision": precision, "clock": args.clock,
+                        "profile": args.profile if r == 0 else 0}
                 m = _measure(spec, args.threads, args.clock)
                 runs.append({**m, "mfu": m["tokens_per_s"] * flops[v] / m["peak_flops"], "round": r,
                              "loadavg": os.getloadavg()[0]})
@@ -298,6 +313,10 @@ def _print_throughput(result: dict) -> None:
                   f"realized {s['speedup'][v]:.3f}, realized/theoretical {ratio:.3f} (target >= 0.95)")
         if "gate_overhead" in s:
             print(f"gate overhead (b) vs (a): {s['gate_overhead']:+.1%} per step (target <= 5%)")
+        for run in r["runs"]:
+            if run.get("profile"):
+                print(f"profile ({run['variant']}), share of one step's self CPU time: "
+                      + ", ".join(f"{op} {share:.1%}" for op, share in run["profile"]))
         print("targets: " + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in s["targets_met"].items()))
 
 
@@ -845,6 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--variants", default="abcde", help="which of abcde, in round order; a is the reference: "
                    + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     t.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
+    t.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="in the first round, profile one more step per variant and print its N costliest operators")
     t.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="time steps by wall clock, or by the process's CPU time (CPU with --threads 1 only): "
                         "on a machine shared with other jobs, CPU time is what the step costs, while wall time "

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .config import RunConfig
-from .hardware import auto_precision, cpu_info
+from .hardware import auto_precision
 from .optim import cuda_op_available, make_client_optimizer, uses_own_lamb
 from .search import gate_param_group, is_gate
 
@@ -239,7 +239,7 @@ def precision_choice(cfg: dict, run_precision: str | None, source: str, on_cuda:
         return run_precision, "train.precision"
     if any(explicit.values()):
         return next(k for k, v in explicit.items() if v), source
-    precision, why = auto_precision(on_cuda, cpu_info()["flags"])
+    precision, why = auto_precision(on_cuda)
     if precision == "bf16" and explicit.get("bf16") is False:
         return "fp32", f"{source} disables bf16"
     return precision, f"auto: {why}"

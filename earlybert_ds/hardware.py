@@ -29,7 +29,7 @@ PEAK_SHAPES = {"cpu": (1024, 768, 3072), "cuda": (8192, 8192, 8192)}
 @cache
 def cpu_info() -> dict[str, object]:
     """The CPU's model name and flags (from ``/proc/cpuinfo``; empty flags where there is none)."""
-    model, flags = platform.processor(), frozenset()
+    model, flags = "", frozenset()
     cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
         key, _, value = line.partition(":")
@@ -37,9 +37,9 @@ def cpu_info() -> dict[str, object]:
             model = value.strip()
         elif key.strip() == "flags":
             flags = frozenset(value.split())
-        if model and flags:
+        if model and flags:  # the first CPU's lines say it all
             break
-    return {"model": model, "flags": flags}
+    return {"model": model or platform.processor(), "flags": flags}
 
 
 def device_summary() -> dict[str, object]:
@@ -50,10 +50,12 @@ def device_summary() -> dict[str, object]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def auto_precision(on_cuda: bool, cpu_flags: frozenset[str] | set[str]) -> tuple[str, str]:
-    """The precision ``auto`` resolves to, and why: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32."""
+def auto_precision(on_cuda: bool, cpu_flags: frozenset[str] | set[str] | None = None) -> tuple[str, str]:
+    """The precision ``auto`` resolves to, and why: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32.
+    ``cpu_flags``: this machine's unless given."""
     if on_cuda:
         return "bf16", "CUDA device"
+    cpu_flags = cpu_info()["flags"] if cpu_flags is None else cpu_flags
     units = [f for f in BF16_FLAGS if f in cpu_flags]
     if units:
         return "bf16", f"CPU has bf16 matrix units ({', '.join(units)})"

@@ -21,7 +21,7 @@ def test_throughput_smoke(tmp_path):
     out = tmp_path / "throughput.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "throughput", "--shapes", "tiny", "--steps", "1", "--warmup",
-         "0", "--repeats", "1", "--threads", "1", "--variants", "abcd", "--out", str(out)],
+         "0", "--repeats", "1", "--threads", "1", "--variants", "abcd", "--profile", "3", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())["shapes"]["tiny"]
@@ -36,6 +36,9 @@ def test_throughput_smoke(tmp_path):
     assert set(summary["targets_met"]) == {"(c) realized >= 0.95 x theoretical", "gate overhead <= 5%",
                                            "(a) at least as fast as (d)", "(a) MFU >= 30%"}
     assert "realized/theoretical" in proc.stdout and "MFU" in proc.stdout and "targets:" in proc.stdout
+    # --profile: one more step per variant, its costliest operators by share of the step's self time
+    assert all(len(r["profile"]) == 3 and 0 < sum(share for _, share in r["profile"]) <= 1 for r in result["runs"])
+    assert proc.stdout.count("profile (") == 4
     machine = json.loads(out.read_text())["machine"]
     assert machine["cpu"] and isinstance(machine["cpu_flags"], list)
 

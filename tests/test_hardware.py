@@ -10,7 +10,7 @@ import torch
 
 from earlybert_ds.config import RunConfig
 from earlybert_ds.dsconfig import build_ds_config, describe_precision
-from earlybert_ds.hardware import auto_precision, cpu_info, device_summary, peak_flops
+from earlybert_ds.hardware import auto_precision, device_summary, peak_flops
 
 _COMMON = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 bmi2"
 KINDS = {  # lscpu model name -> flags of the kinds seen (shared/NOTES.md)
@@ -38,7 +38,7 @@ def test_auto_precision_is_bf16_on_cuda_whatever_the_cpu():
 
 def test_the_run_trains_in_the_precision_auto_chose_and_says_why():
     """cpu.json leaves precision "auto": the DeepSpeed config and the log line agree with the decision."""
-    want, why = auto_precision(False, cpu_info()["flags"])
+    want, why = auto_precision(False)
     cfg = build_ds_config(RunConfig(), 1, on_cuda=False)
     assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (want == "bf16", False)
     assert describe_precision(RunConfig(), on_cuda=False) == f"precision {want} (auto: {why})"
