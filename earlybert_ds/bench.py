@@ -724,7 +724,7 @@ def tickets(args: argparse.Namespace) -> dict:
     else:
         args.corpus, data = str(root), None
         common, command, key = _pretrain_options(args, detect_every=False), "pretrain", "val_loss"
-    common = _without(common, "--train.seed")
+    common = _without(common, "--train.seed") + (["--train.precision", args.precision] if args.precision else [])
     jobs = _tickets_jobs(args, methods)
     if args.task == "pretrain":
         for seed in sorted({s for _, s, _ in jobs}):  # the corpus' split depends on the seed: prepare each up front
@@ -946,6 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--summarise-only", action="store_true",
                    help="run nothing: summarise the runs of these methods and seeds already in --out-dir")
     k.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
+    k.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="every run's train.precision (default: the runs' auto: bf16 on CUDA and on CPUs with bf16 "
+                        "units, else fp32)")
     k.add_argument("--out", help="write the raw numbers as JSON here")
     k.set_defaults(func=tickets, report=_print_tickets)
 
