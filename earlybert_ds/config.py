@@ -60,7 +60,8 @@ class TrainArgs:
     steps: int = _f(300, "total optimizer steps (search + efficient training)")
     micro_batch_size: int = _f(8, "sequences per rank per forward pass")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: DeepSpeed's fused LAMB on CUDA)")
+    optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: a per-parameter trust ratio at every ZeRO "
+                                                      "stage; DeepSpeed's FusedLamb on CUDA at ZeRO-0)")
     lr: float = _f(1e-3, "peak learning rate")
     warmup_steps: int = _f(30, "linear warm-up steps")
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warm-up")

@@ -283,12 +283,12 @@ def _fill_optimizer(cfg: dict, run: RunConfig, source: str, on_cuda: bool, offlo
                                 "or remove the offload")
         if stage > 0:  # DeepSpeed lists neither FusedLamb nor ours as ZeRO-tested
             cfg.setdefault("zero_allow_untested_optimizer", True)
-        if uses_own_lamb(run, on_cuda):  # no FusedLamb kernel: optim.make_client_optimizer gives our Lamb
+        if uses_own_lamb(run, on_cuda, stage):  # optim.make_client_optimizer gives our (partition-aware) Lamb
             extra = sorted(set(params) - _HYPER)
             if extra:
                 raise DSConfigError(f"{source}: optimizer.params.{extra[0]} is not used where earlybert_ds's "
-                                    "own Lamb (FusedLamb's defaults) replaces DeepSpeed's FusedLamb (on CPU, or on "
-                                    "CUDA without nvcc)")
+                                    "own Lamb (FusedLamb's defaults) replaces DeepSpeed's FusedLamb (on CPU, on "
+                                    "CUDA without nvcc, and under ZeRO 1-3)")
             del cfg["optimizer"]
     elif not offload and not (on_cuda and cuda_op_available("fused_adam")):
         # torch's AdamW where DeepSpeed's FusedAdam could not be built (CPU; CUDA without nvcc, a pip-only install);

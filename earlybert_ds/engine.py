@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import distributed as dist
 from .config import RunConfig
 from .dsconfig import build_ds_config, lr_lambda, make_client_optimizer, param_groups
+from .optim import Lamb, zero_partitions
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -32,7 +33,8 @@ class Engine:
         cuda = dist.on_cuda()
         self.ds_config = build_ds_config(run, dist.world_size(), on_cuda=cuda)
         groups = param_groups(model, run.train.weight_decay, run.earlybert.gate_lr)
-        client_optimizer = make_client_optimizer(run, groups, on_cuda=cuda)
+        client_optimizer = make_client_optimizer(run, groups, on_cuda=cuda,
+                                                 zero_stage=self.ds_config["zero_optimization"]["stage"])
         schedule = lr_lambda(run, start_step, rewarmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -41,6 +43,8 @@ class Engine:
             lr_scheduler=lambda opt: LambdaLR(opt, schedule),
             config=self.ds_config,
         )
+        if isinstance(client_optimizer, Lamb):  # its trust ratio stays per parameter inside ZeRO's flat partitions
+            client_optimizer.partitions = zero_partitions(self.engine.optimizer)
         self.device = self.engine.device
         self.tokens_per_micro_batch = 0
         opt = type(self.engine.basic_optimizer)

@@ -1,20 +1,51 @@
-"""LAMB for machines without CUDA, with exactly DeepSpeed FusedLamb's update rule, and the client-optimizer choice.
+"""LAMB with exactly DeepSpeed FusedLamb's update rule and a layer-wise trust ratio under ZeRO, and the
+client-optimizer choice.
 
-DeepSpeed builds AdamW (and, on CUDA, FusedLamb) itself from the config's optimizer section, which is what gives
-ZeRO-Offload its DeepSpeedCPUAdam. FusedLamb is a CUDA kernel only, so on CPU ``build_ds_config`` drops the section
-and the engine gets this ``Lamb`` as a client optimizer: same rule, same defaults, so a run moves between CPU and
-GPU without changing its optimizer.
+DeepSpeed builds AdamW (and, on CUDA at ZeRO-0, FusedLamb) itself from the config's optimizer section, which is what
+gives ZeRO-Offload its DeepSpeedCPUAdam. Elsewhere ``build_ds_config`` drops the section and the engine gets this
+``Lamb`` as a client optimizer: same rule, same defaults, so a run moves between CPU and GPU without changing its
+optimizer. FusedLamb is a CUDA kernel only, and under ZeRO 1-3 it would see each parameter group flattened into one
+partition per rank, so its trust ratio would be per group partition, not per layer: what makes LAMB work at large
+batch would be lost. Our ``Lamb`` is told where each parameter lies in those partitions (:func:`zero_partitions`)
+and takes every parameter's norms across ranks, so its trust ratio is per parameter at every ZeRO stage.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed
 
 from .config import RunConfig
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Where the parameters of one flattened group lie in this rank's flat ZeRO partition: parameter ``k`` of the
+    group's ``n`` (the same numbering on every rank) has its local elements at ``start : start + length`` for each
+    ``(k, start, length)`` in ``spans``; a parameter may lie on several ranks, or none of its elements here. Norms
+    are summed over ``group``, the ranks the group is partitioned across."""
+
+    spans: tuple[tuple[int, int, int], ...]
+    n: int
+    group: Any
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat.narrow(0, start, length) for _, start, length in self.spans]
+
+    def norms(self, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each parameter's whole ``||w||`` and ``||u||`` (one all-reduce), and for each local span its index."""
+        index = torch.tensor([k for k, _, _ in self.spans], dtype=torch.long, device=w.device)
+        sq = torch.zeros(2, self.n, dtype=w.dtype, device=w.device)
+        if self.spans:
+            sq[0, index] = torch.stack(torch._foreach_norm(self.views(w))).square()
+            sq[1, index] = torch.stack(torch._foreach_norm(self.views(u))).square()
+        torch.distributed.all_reduce(sq, group=self.group)
+        return sq.sqrt(), index
 
 
 class Lamb(torch.optim.Optimizer):
@@ -28,6 +59,9 @@ class Lamb(torch.optim.Optimizer):
     Note the kernel's quirk, kept on purpose: bias correction scales the step size only, so the trust ratio is
     taken on the uncorrected update and the decay term is scaled by the correction factor too. FusedLamb's
     ``max_grad_norm`` is left out: DeepSpeed refuses it and clips with ``gradient_clipping`` instead.
+
+    A tensor listed in ``partitions`` is a ZeRO flat partition: the ratio is then taken per parameter inside it,
+    on the parameter's norms over all ranks (:class:`Partition`), exactly as if the parameter were stepped whole.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, bias_correction: bool = True,
@@ -40,6 +74,7 @@ class Lamb(torch.optim.Optimizer):
                         eps_inside_sqrt=eps_inside_sqrt, weight_decay=weight_decay, max_coeff=max_coeff,
                         min_coeff=min_coeff)
         super().__init__(params, defaults)
+        self.partitions: dict[torch.Tensor, Partition] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -68,15 +103,80 @@ class Lamb(torch.optim.Optimizer):
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (v + eps).sqrt_() if group["eps_inside_sqrt"] else v.sqrt().add_(eps)
                 update = (m / denom).add_(w, alpha=decay)
-                w_norm, u_norm = w.norm(), update.norm()
-                ratio = torch.where((w_norm > 0) & (u_norm > 0),
-                                    (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"]),
-                                    torch.ones_like(w_norm))
                 step_size = group["lr"]
                 if group["bias_correction"]:
                     step_size *= math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                p.copy_(w - update.mul_(ratio * step_size))
+                part = self.partitions.get(p)
+                if part is None:
+                    update.mul_(_trust_ratio(w.norm(), update.norm(), group) * step_size)
+                else:
+                    (w_norms, u_norms), index = part.norms(w, update)
+                    ratios = _trust_ratio(w_norms, u_norms, group)[index] * step_size
+                    for view, r in zip(part.views(update), ratios):
+                        view.mul_(r)
+                p.copy_(w - update)
         return loss
+
+
+def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, group: dict) -> torch.Tensor:
+    """``clamp(||w|| / ||u||, min_coeff, max_coeff)``, or 1 where either norm is 0 (elementwise over parameters)."""
+    return torch.where((w_norm > 0) & (u_norm > 0), (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"]),
+                       torch.ones_like(w_norm))
+
+
+def zero_partitions(wrapper: torch.optim.Optimizer) -> dict[torch.Tensor, Partition]:
+    """For each flat fp32 partition that DeepSpeed's mixed-precision/ZeRO ``wrapper`` hands its inner optimizer, where
+    each parameter of the group lies in it; ``{}`` where the inner optimizer steps the parameters themselves.
+
+    Reads DeepSpeed 0.19's layout: ZeRO-1/2 flatten each group (in round-robin order, each parameter at its recorded
+    offset) and give rank r the r-th equal slice; BF16_Optimizer (bf16 ZeRO-1 with fp32 gradient accumulation)
+    does the same without reordering; ZeRO-3 partitions each parameter into equal slices (``ds_tensor``) and
+    concatenates this rank's slices of a sub-group. An unknown wrapper is refused rather than stepped per group.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    def sliced(flat: torch.Tensor, sizes: list[int], offsets: list[int], left: int, group: Any) -> Partition:
+        spans = []
+        for k, (size, offset) in enumerate(zip(sizes, offsets)):
+            lo, hi = max(offset, left), min(offset + size, left + flat.numel())
+            if lo < hi:
+                spans.append((k, lo - left, hi - lo))
+        return Partition(tuple(spans), len(sizes), group)
+
+    out = {}
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        for sub, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
+            params, group = wrapper.fp16_groups[sub], wrapper.sub_group_process_groups[sub]
+            rank, spans, start = torch.distributed.get_rank(group), [], 0
+            for k, p in enumerate(params):
+                length = min(p.partition_numel(), max(0, p.ds_numel - rank * p.partition_numel()))
+                if length:
+                    spans.append((k, start, length))
+                start += p.partition_numel()
+            if start != flat.numel():
+                raise RuntimeError(f"LAMB under ZeRO-3: sub-group {sub} holds {flat.numel()} elements, its "
+                                   f"parameters' partitions {start}: DeepSpeed's layout is not the one expected")
+            out[flat] = Partition(tuple(spans), len(params), group)
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer):  # stages 1 and 2
+        for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
+            group = wrapper.real_dp_process_group[i]
+            parts = wrapper.parallel_partitioned_bit16_groups[i]
+            left = sum(t.numel() for t in parts[:torch.distributed.get_rank(group)])
+            out[flat] = sliced(flat, [m.numel() for m in wrapper.round_robin_bit16_meta[i]],
+                               wrapper.round_robin_bit16_offsets[i], left, group)
+    elif isinstance(wrapper, BF16_Optimizer):
+        for i, flat in enumerate(wrapper.fp32_groups_flat_partition):
+            group = wrapper.real_dp_process_group[i]
+            sizes = [p.numel() for p in wrapper.bf16_groups[i]]
+            offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+            out[flat] = sliced(flat, sizes, offsets, torch.distributed.get_rank(group) * flat.numel(), group)
+    elif not isinstance(wrapper, (Lamb, FP16_UnfusedOptimizer)):  # these two step each parameter's own tensor
+        raise RuntimeError(f"LAMB cannot keep its per-parameter trust ratio under DeepSpeed's "
+                           f"{type(wrapper).__name__}; use --train.optimizer adamw")
+    return out
 
 
 def cuda_op_available(op: str) -> bool:
@@ -90,19 +190,20 @@ def cuda_op_available(op: str) -> bool:
                                                                                                  "nvcc")))
 
 
-def uses_own_lamb(run: RunConfig, on_cuda: bool) -> bool:
-    """LAMB runs as this module's :class:`Lamb` where DeepSpeed's FusedLamb cannot: on CPU, and on CUDA without the
-    fused_lamb kernel (see :func:`cuda_op_available`)."""
-    return run.train.optimizer == "lamb" and not (on_cuda and cuda_op_available("fused_lamb"))
+def uses_own_lamb(run: RunConfig, on_cuda: bool, zero_stage: int) -> bool:
+    """LAMB runs as this module's :class:`Lamb` where DeepSpeed's FusedLamb cannot run or would not be layer-wise:
+    on CPU, on CUDA without the fused_lamb kernel (see :func:`cuda_op_available`), and under ZeRO 1-3."""
+    return run.train.optimizer == "lamb" and (zero_stage > 0 or not (on_cuda and cuda_op_available("fused_lamb")))
 
 
-def make_client_optimizer(run: RunConfig, param_groups: list[dict], on_cuda: bool) -> torch.optim.Optimizer | None:
+def make_client_optimizer(run: RunConfig, param_groups: list[dict], on_cuda: bool,
+                          zero_stage: int) -> torch.optim.Optimizer | None:
     """The optimizer to hand ``deepspeed.initialize``: our Lamb where :func:`uses_own_lamb`, else None (DeepSpeed
-    builds it).
+    builds it). Once the engine exists, our Lamb must be told its partitions (:func:`zero_partitions`).
 
     Must agree with ``dsconfig.build_ds_config``, which drops the config's optimizer section in exactly that case.
     """
     t = run.train
-    if uses_own_lamb(run, on_cuda):
+    if uses_own_lamb(run, on_cuda, zero_stage):
         return Lamb(param_groups, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     return None

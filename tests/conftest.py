@@ -84,8 +84,10 @@ def run_single(args: list[str], command: str = "pretrain", env: dict | None = No
 
 
 def launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
-           launcher_args: list[str] | None = None, command: str = "pretrain") -> subprocess.CompletedProcess:
-    """A real `deepspeed` launch of `earlybert_ds COMMAND` with ``nproc`` CPU ranks; on a timeout the launcher and
+           launcher_args: list[str] | None = None, command: str = "pretrain",
+           module: str = "earlybert_ds") -> subprocess.CompletedProcess:
+    """A real `deepspeed` launch of `python -m MODULE COMMAND` (``command`` only for earlybert_ds) with ``nproc``
+    CPU ranks; on a timeout the launcher and
     all its ranks are killed (not only the launcher: orphaned ranks would slow every later test down).
 
     Every launch also checks that the job left none of DeepSpeed's shared-memory segments behind in /dev/shm."""
@@ -93,7 +95,7 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: fl
                 "PYTHONUNBUFFERED": "1", "EARLYBERT_DIST_TIMEOUT": "120", **(env or {})}
     port = free_port()
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
-           *(launcher_args or []), "--module", "earlybert_ds", command, *args]
+           *(launcher_args or []), "--module", module, *([command] if module == "earlybert_ds" else []), *args]
     with subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as proc:
         try:

@@ -163,8 +163,8 @@ def test_optimizer_section_on_cpu():
     lamb = _run(optimizer="lamb", zero_stage=1)
     cpu = build_ds_config(lamb, 1, on_cuda=False)
     assert "optimizer" not in cpu and cpu["zero_allow_untested_optimizer"] is True
-    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], False), Lamb)
-    assert make_client_optimizer(RunConfig(), [], False) is None
+    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], False, 1), Lamb)
+    assert make_client_optimizer(RunConfig(), [], False, 0) is None
 
 
 def test_cuda_without_nvcc_uses_optimizers_that_need_no_build():
@@ -179,7 +179,7 @@ def test_cuda_without_nvcc_uses_optimizers_that_need_no_build():
     assert build_ds_config(RunConfig(), 1, on_cuda=True)["optimizer"]["params"]["torch_adam"] is True
     lamb = _run(optimizer="lamb", zero_stage=1)
     assert "optimizer" not in build_ds_config(lamb, 1, on_cuda=True)
-    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], True), Lamb)
+    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], True, 1), Lamb)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
     model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1))
     groups = param_groups(model, run.train.weight_decay)
     engine, *_ = distributed.initialize(
-        model=model, model_parameters=groups, optimizer=make_client_optimizer(run, groups, on_cuda=False),
+        model=model, model_parameters=groups, optimizer=make_client_optimizer(run, groups, on_cuda=False, zero_stage=1),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run)), config=copy.deepcopy(cfg))
     try:
         assert type(engine.basic_optimizer) is (Lamb if optimizer == "lamb" else torch.optim.AdamW)
@@ -434,3 +434,39 @@ def test_deepspeed_requirement_is_the_tested_range():
     assert version("deepspeed") in spec
     assert "0.19.8" in spec and "0.19.9" in spec
     assert "0.14.0" not in spec and "0.19.7" not in spec and "0.20.0" not in spec
+
+
+# ---- LAMB under ZeRO: the trust ratio stays per parameter ------------------------------------------------------
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_lamb_under_zero_is_layerwise(distributed, stage):
+    """ZeRO hands the optimizer each parameter group flattened into one tensor: LAMB must still take its trust
+    ratio per parameter, so its weights after a few steps are those of ZeRO-0, where it steps each parameter
+    itself; with the ratio per flat group (what FusedLamb computes there) they are not."""
+    from lamb_ranks import lamb_run
+
+    reference, none = lamb_run(0)
+    weights, partitions = lamb_run(stage)
+    per_group, _ = lamb_run(stage, layerwise=False)
+    assert none == 0 and partitions >= 2  # decayed and undecayed weights, gates: each group one flat tensor
+    assert _max_diff(weights, reference) < 1e-5
+    assert _max_diff(per_group, reference) > 1e-3
+
+
+def test_lamb_under_zero_is_layerwise_across_ranks(tmp_path):
+    """The same on two real ranks, where a parameter's elements lie on both (ZeRO-3 splits every parameter;
+    ZeRO-1/2 cut the flat group wherever the halves meet): its norms are summed over the ranks."""
+    from conftest import launch
+
+    proc = launch([str(tmp_path)], module="tests.lamb_ranks")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = torch.load(tmp_path / "stage0.pt")["weights"]
+    for stage in (1, 2, 3):
+        run = torch.load(tmp_path / f"stage{stage}.pt")
+        assert run["partitions"] >= 2 and _max_diff(run["weights"], reference) < 1e-5, stage
+    assert _max_diff(torch.load(tmp_path / "stage2-per-group.pt")["weights"], reference) > 1e-3
