@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from . import distributed as dist
-from .atomic import atomic_write_text, fault_point
+from .atomic import atomic_write_text
+from .faults import fault_point
 from .engine import Engine
 
 logger = logging.getLogger("earlybert_ds")

@@ -71,8 +71,7 @@ def _sharded_outputs(engine: Engine, n: int, batch_of, micro: int, keys: tuple[s
             outs[k].append(getattr(out, k).float().cpu().numpy())
     local = {k: np.concatenate(v)[: len(valid)] if v else np.zeros((0,)) for k, v in outs.items()}
     if dist.world_size() > 1:
-        everyone: list[Any] = [None] * dist.world_size()
-        torch.distributed.all_gather_object(everyone, local)
+        everyone = dist.all_gather_object(local)
         local = {k: np.concatenate([r[k] for r in everyone if len(r[k])]) for k in keys}
     return local
 

@@ -37,7 +37,8 @@ import torch
 
 from . import checkpoint
 from . import distributed as dist
-from .atomic import atomic_directory, atomic_write_text, fault_active, fault_point
+from . import faults
+from .atomic import atomic_directory, atomic_write_text
 from .config import ConfigError, RunConfig, save_config
 from .data import DataError, ShardedBatches, load_tokenizer, tokenizer_digest
 from .dsconfig import build_ds_config, describe_precision
@@ -70,6 +71,9 @@ class Task(Protocol):
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for the next optimizer step."""
 
+    def step_metrics(self, outputs: list[Any], device: torch.device) -> dict[str, float]:
+        """The training metrics of one step from what the model returned (a collective: every rank calls it)."""
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -87,11 +91,29 @@ class Task(Protocol):
         """Anything the task writes at the end (e.g. predictions on a test file); a collective."""
 
 
+def step_metrics(outputs: list[Any], device: torch.device, task_losses: list[float],
+                 hits: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
+    """A training step's metrics over every rank's micro-batches: the task's ``loss`` (NaN if any rank's is not
+    finite), the gates' ``gate_l1`` (search stage), and ``mlm_acc`` from ``hits`` (this rank's correct, counted)."""
+    loss_sum, penalty_sum = sum(task_losses), sum(float(o.gate_penalty) for o in outputs if o.gate_penalty is not None)
+    finite = 1.0 if math.isfinite(loss_sum) else 0.0
+    tot = dist.all_reduce_sum([loss_sum if finite else 0.0, len(outputs), penalty_sum, *hits, 1.0 - finite], device)
+    metrics = {"loss": float("nan") if tot[5] else tot[0] / tot[1]}
+    if penalty_sum or tot[2]:
+        metrics["gate_l1"] = tot[2] / tot[1]
+    if tot[4]:
+        metrics["mlm_acc"] = tot[3] / tot[4]
+    return metrics
+
+
 class ShardedTask:
     """The data position of a task that samples with :class:`~earlybert_ds.data.ShardedBatches`: what its
-    checkpoints record, and its epoch."""
+    checkpoints record, and its epoch; its training metrics from the models' ``task_loss``."""
 
     batches: ShardedBatches
+
+    def step_metrics(self, outputs: list[Any], device: torch.device) -> dict[str, float]:
+        return step_metrics(outputs, device, [float(o.task_loss) for o in outputs])
 
     def state_dict(self) -> dict:
         return self.batches.state_dict()
@@ -202,8 +224,7 @@ def node_once(fn: Callable, *args: Any) -> Any:
     leaders = [r for r, local in enumerate(dist.all_gather_object(dist.local_rank())) if local == 0]
     result, error = None, ""
     if dist.local_rank() == 0:
-        if fault_active("slow:node_once"):  # test hook: a corpus that takes longer than the collective timeout
-            time.sleep(20)
+        faults.slow("node_once")  # a corpus that takes longer than the collective timeout
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
@@ -292,7 +313,8 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
     while run.step < last_step:
         t0 = time.perf_counter()
         micro = run.task.next_step()
-        m = engine.train_step(micro, before_step)
+        step = engine.train_step(micro, before_step)
+        m = {**step.readings, **run.task.step_metrics(step.outputs, engine.device)}
         dt = time.perf_counter() - t0
         tokens = dist.world_size() * sum(float(mb["attention_mask"].sum()) for mb in micro)  # this rank's x ranks
         run.step += 1
@@ -319,10 +341,7 @@ def _train(run: Run, engine: Engine, phase: str, last_step: int, on_step=None, e
             break
         if t.save_every and run.step % t.save_every == 0 and bad == 0:
             _save(run, engine, phase, extra_state)
-        fault_point(f"step:{run.step}")
-        if fault_active(f"diverge:{run.step}"):  # test hook: a weight goes NaN, as in a real divergence
-            with torch.no_grad():
-                next(engine.module.parameters()).fill_(float("nan"))
+        faults.after_step(run.step, engine.module)
     stage["wall_s"] += time.perf_counter() - wall0
     stage["last_step"] = run.step
     run.nonfinite = bad
