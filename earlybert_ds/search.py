@@ -1,9 +1,10 @@
-"""The search stage: slimming gates, their optimizer group, the scores a ticket is drawn from, and the early-bird test.
+"""The search stage: slimming gates, their L1 term, their optimizer group, the scores a ticket is drawn from, and the
+early-bird test.
 
-The gates live in the model (``SelfAttention.head_gates``, ``FeedForward.ffn_gates``, created when
-``config.use_gates``), and so does their L1 term (``modeling._l1``, added to the loss in the forward pass, where
-ZeRO-3 has the gates gathered). Everything else about them is here:
-
+- the gates themselves: :func:`new_gates` makes them (one scalar per head, one per FFN neuron; the model holds them
+  as ``head_gates``/``ffn_gates`` when ``config.use_gates``), :func:`apply_gates` scales a block's output by them and
+  returns their L1 term with it: the model's forward pass returns the sum (``gate_penalty``), computed where ZeRO-3
+  has the gates gathered, and nothing is stored on the modules;
 - which parameters are gates, and reading them in full (fp32 master copies, gathered under ZeRO-3);
 - their optimizer group: never weight-decayed (the L1 term regularises them), with its own learning rate
   (``earlybert.gate_lr``): at the weights' fine-tuning rate the gates move by ~1e-3 in a search of 20 steps, so the
@@ -27,11 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from . import distributed as dist
 from .config import EarlyBertArgs
-from .modeling import FeedForward, SelfAttention
 from .plots import plot_gates, plot_mask_distances
 from .ticket import Masks, PruneSpec, Scores, Ticket, TicketError, draw_masks, index_mask, mask_distance, random_masks
 
@@ -48,14 +49,35 @@ FIXED_DRAWS = ("fixed", "random_at")
 
 # ---- the gates ----------------------------------------------------------------------------------------------------
 
+def new_gates(units: int, enabled: bool) -> nn.Parameter | None:
+    """One gate per unit, all 1 at the start (``None`` for a model without gates)."""
+    return nn.Parameter(torch.ones(units)) if enabled else None
+
+
+def l1_term(gates: torch.Tensor, coef: float) -> torch.Tensor:
+    """``coef * sum|gates|``, written so that its backward needs only ``sign(gates)``, never the gates themselves:
+    under ZeRO-3 a gate is gathered only while its module runs, and this term's backward may run outside that
+    window."""
+    return coef * (gates.float() * gates.detach().float().sign()).sum()
+
+
+def apply_gates(x: torch.Tensor, gates: nn.Parameter | None, coef: float, training: bool,
+                shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` scaled by its units' gates (viewed as ``shape`` to broadcast), and their L1 term when training with one
+    (else ``None``)."""
+    if gates is None:
+        return x, None
+    return x * gates.to(x.dtype).view(shape), l1_term(gates, coef) if training and coef else None
+
+
 def head_gate_params(model: nn.Module) -> list[nn.Parameter]:
     """The per-layer head gates, in layer order (empty for a model built without gates)."""
-    return [m.head_gates for m in model.modules() if isinstance(m, SelfAttention) and m.head_gates is not None]
+    return [p for name, p in model.named_parameters() if name.endswith("head_gates")]
 
 
 def ffn_gate_params(model: nn.Module) -> list[nn.Parameter]:
     """The per-layer FFN-neuron gates, in layer order (empty for a model built without gates)."""
-    return [m.ffn_gates for m in model.modules() if isinstance(m, FeedForward) and m.ffn_gates is not None]
+    return [p for name, p in model.named_parameters() if name.endswith("ffn_gates")]
 
 
 def is_gate(name: str) -> bool:
