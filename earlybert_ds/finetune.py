@@ -20,7 +20,8 @@ from .data import ShardedBatches, load_tokenizer
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
-from .pipeline import ShardedTask, run_earlybert
+from .pipeline import run_earlybert
+from .trainer import ShardedTask
 from .squad import load_squad, postprocess, prepare_features, squad_metrics
 from .tasks import (
     TaskSpec,

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .config import ConfigError, RunConfig
 from .search import apply_gates, new_gates
 
 logger = logging.getLogger(__name__)
@@ -597,3 +598,54 @@ def load_hf_bert(
     model.tie_weights()
     return model
 
+
+# --------------------------------------------------------------------------------------------------------------
+# The run's initial model
+# --------------------------------------------------------------------------------------------------------------
+
+def _model_overrides(cfg: RunConfig, task: Any, gates: bool) -> dict[str, Any]:
+    e = cfg.earlybert
+    return dict(use_gates=gates, gate_l1_heads=e.l1_heads if gates else 0.0, gate_l1_ffn=e.l1_ffn if gates else 0.0,
+                hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout,
+                gradient_checkpointing_layers=cfg.train.activation_checkpointing, **task.model_overrides)
+
+
+def initial_config(cfg: RunConfig, task: Any, gates: bool = True) -> EarlyBertConfig:
+    """The unpruned model's configuration: ``model.init_from``'s, or the ``model.*`` shape."""
+    m, extra = cfg.model, _model_overrides(cfg, task, gates)
+    vocab = len(task.tokenizer)
+    if not m.init_from:
+        return EarlyBertConfig(vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                               num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                               max_position_embeddings=max(512, cfg.data.seq_len), **extra)
+    config = hf_bert_config(m.init_from, **extra) if _is_hf_bert(m.init_from) else \
+        EarlyBertConfig.from_pretrained(m.init_from, **extra)
+    if config.vocab_size != vocab:
+        raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {config.vocab_size}, the tokenizer "
+                          f"{vocab}: pass the checkpoint's tokenizer with --data.tokenizer")
+    if config.is_pruned and cfg.earlybert.enabled:
+        raise ConfigError(f"model.init_from={m.init_from} is already shrunk to a ticket; train it with "
+                          "--earlybert.enabled false")
+    return config
+
+
+def initial_model(cfg: RunConfig, task: Any, gates: bool) -> EarlyBertPreTrainedModel:
+    """The model at step 0 of ``task`` (its ``model_class``, ``model_overrides`` and ``tokenizer``), identical on
+    every rank and rebuildable at any time (rewinding needs it again): the ``model.init_from`` checkpoint (new heads
+    initialised from ``train.seed``), or a random initialisation."""
+    config = initial_config(cfg, task, gates)
+    init_from = cfg.model.init_from
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        if not init_from:
+            return task.model_class(config)
+        if _is_hf_bert(init_from):
+            return load_hf_bert(init_from, task.model_class, **_model_overrides(cfg, task, gates))
+        return task.model_class.from_pretrained(init_from, config=config)
+
+
+def _is_hf_bert(path: str) -> bool:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.init_from={path}: not a model directory with a readable config.json ({e})") from e

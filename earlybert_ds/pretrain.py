@@ -28,7 +28,8 @@ from .data import (
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForPreTraining
-from .pipeline import ShardedTask, node_once, run_earlybert, step_metrics
+from .pipeline import run_earlybert
+from .trainer import ShardedTask, step_metrics
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -42,8 +43,8 @@ class MLMTask(ShardedTask):
     def __init__(self, cfg: RunConfig):
         d, t = cfg.data, cfg.train
         self.seed, self.seq_len, self.mlm_probability = t.seed, d.seq_len, d.mlm_probability
-        self.tokenizer = node_once(tokenizer_for, d)
-        self.packed = load_packed(node_once(prepare_corpus, d, self.tokenizer, t.seed))
+        self.tokenizer = dist.node_once(tokenizer_for, d)
+        self.packed = load_packed(dist.node_once(prepare_corpus, d, self.tokenizer, t.seed))
         prepared = (tokenizer_digest(self.tokenizer), self.packed.train.shape, self.packed.val.shape)
         differ = [r for r, other in enumerate(dist.all_gather_object(prepared)) if other != prepared]
         if differ:  # each node prepares its own copy: different corpora or versions would mix token ids
