@@ -36,11 +36,11 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .config import ConfigError, RunConfig
+from .data import IGNORE_INDEX
 from .search import apply_gates, new_gates
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 class EarlyBertConfig(PretrainedConfig):
