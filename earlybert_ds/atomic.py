@@ -2,7 +2,7 @@
 
 Files are written to a temporary sibling and renamed; directories are built in a temporary sibling directory and
 renamed into place (``rename`` is atomic on POSIX file systems). Tests kill the process at the worst moment via
-:func:`fault_point`.
+:func:`earlybert_ds.faults.fault_point`.
 """
 
 from __future__ import annotations
@@ -10,28 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-FAULT_ENV = "EARLYBERT_FAULT"
-
-
-def fault_active(name: str) -> bool:
-    """Whether ``$EARLYBERT_FAULT`` (comma-separated ``point`` or ``point@rankR``) names this point for this rank.
-    A test hook only: users never set it."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return False
-    rank = os.environ.get("RANK", "0")
-    return any(f == name or f == f"{name}@rank{rank}" for f in spec.split(","))
-
-
-def fault_point(name: str) -> None:
-    """Test hook: SIGKILL this process here when ``$EARLYBERT_FAULT`` names this point (see :func:`fault_active`)."""
-    if fault_active(name):
-        os.kill(os.getpid(), signal.SIGKILL)
+from .faults import fault_point
 
 
 def _fsync_dir(path: Path) -> None:

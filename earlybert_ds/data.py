@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -46,7 +45,7 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFa
 
 from .atomic import atomic_directory
 from .config import DataArgs
-from .modeling import IGNORE_INDEX
+from .digest import json_digest
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +57,10 @@ _TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _FILE_SUFFIXES = (".txt", ".md", ".rst", *_TABLE_FORMATS)
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _SPLIT, _ORDER, _MASK = 0, 1, 2  # stream tags: the val split, epoch orders and masks never share random numbers
+
+
+#: The label of a position that is not predicted (not masked): cross-entropy skips it.
+IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
@@ -350,7 +353,7 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerFast) -> str:
     """Hash of what decides token ids (vocabulary, normaliser, pre-tokeniser), not of truncation/padding state."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     keep = {k: spec.get(k) for k in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    return json_digest(keep, chars=None)
 
 
 # ---- packing and the cache --------------------------------------------------------------------------------------
@@ -371,8 +374,12 @@ def cache_path(data_args: DataArgs, tokenizer: PreTrainedTokenizerFast, seed: in
     key = {"format": CACHE_FORMAT, "corpus": _corpus_identity(data_args.corpus), "text_column": data_args.text_column,
            "tokenizer": tokenizer_digest(tokenizer), "seq_len": data_args.seq_len,
            "val_fraction": data_args.val_fraction, "seed": seed}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(data_args.cache_dir or "~/.cache/earlybert_ds").expanduser() / f"packed-{digest}"
+    return _cache_entry(data_args, "packed", key)
+
+
+def _cache_entry(data_args: DataArgs, kind: str, key: dict) -> Path:
+    """``CACHE_DIR/KIND-DIGEST``: the cached ``kind`` (packed corpus, trained tokenizer) for ``key``."""
+    return Path(data_args.cache_dir or "~/.cache/earlybert_ds").expanduser() / f"{kind}-{json_digest(key)}"
 
 
 def prepare_corpus(data_args: DataArgs, tokenizer: PreTrainedTokenizerFast, seed: int) -> Path:
@@ -647,8 +654,7 @@ def tokenizer_for(data_args: DataArgs) -> PreTrainedTokenizerFast:
         return load_tokenizer(data_args.tokenizer)
     key = {"corpus": _corpus_identity(data_args.corpus), "text_column": data_args.text_column,
            "vocab_size": data_args.vocab_size}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(data_args.cache_dir or "~/.cache/earlybert_ds").expanduser() / f"wordpiece-{digest}"
+    path = _cache_entry(data_args, "wordpiece", key)
     if not (path / "tokenizer.json").is_file():
         logger.info("training a %d-word WordPiece vocabulary on the corpus", data_args.vocab_size)
         with atomic_directory(path, replace=False) as tmp:

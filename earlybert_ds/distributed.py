@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import shutil
@@ -21,6 +22,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from . import faults
+from .config import ConfigError
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -314,3 +318,81 @@ def _zero0_master(param: torch.nn.Parameter, optimizer: Any) -> torch.Tensor | N
                 return optimizer.fp32_groups_flat[gi].narrow(0, offset, p.numel()).view_as(p)  # FP16_Optimizer
             offset += p.numel()
     return None
+
+
+# ---- the job's shared places: its output directory, each node's cache --------------------------------------------
+
+@contextlib.contextmanager
+def claim_output_dir(output_dir: str, resuming: bool, run_marker: str) -> Iterator[Path]:
+    """Hold the output directory for this run: refuse one that holds another run (its file ``run_marker``, unless
+    resuming) or that a live run is using (an flock on ``OUTPUT/.lock``, released when this run ends, however it
+    ends)."""
+    out = Path(output_dir)
+    held: list[Any] = []  # rank 0's open lock file
+
+    def claim() -> tuple[str, str]:
+        token = f"{socket.gethostname()}:{os.getpid()}"
+        out.mkdir(parents=True, exist_ok=True)
+        held.append(lock := open(out / ".lock", "a+"))  # noqa: SIM115 - closed below
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.seek(0), lock.truncate(), lock.write(token), lock.flush()
+            os.fsync(lock.fileno())  # other nodes read it next
+        except BlockingIOError:
+            lock.seek(0)
+            return f"{out} is in use by a live run ({lock.read().strip() or '?'}); choose another --output-dir", token
+        if (out / run_marker).exists() and not resuming:
+            return (f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir "
+                    "(nothing was changed)"), token
+        return "", token
+
+    try:
+        problem, token = on_rank0(claim)
+        if problem:
+            raise ConfigError(problem)
+        _check_shared(out, token)
+        yield out
+    finally:
+        for lock in held:
+            lock.close()
+
+
+def _check_shared(out: Path, token: str) -> None:
+    """Every rank must see rank 0's output directory: checkpoints, the ticket and --resume depend on it."""
+    try:
+        sees = (out / ".lock").read_text() == token
+    except OSError:
+        sees = False
+    blind = [r for r, ok in enumerate(all_gather_object((sees, socket.gethostname()))) if not ok[0]]
+    if blind:
+        raise ConfigError(f"--output-dir {out} is not the same directory on every node: rank(s) {blind} do not see "
+                          "rank 0's; checkpoints, the ticket and --resume need one shared directory at the same path")
+
+
+_node_once_calls = itertools.count()  # every rank calls node_once in the same order: the calls' keys agree
+
+
+def node_once(fn: Callable, *args: Any) -> Any:
+    """Run ``fn`` on each node's local rank 0 first (it fills the node's cache), then on the other ranks; a failure
+    anywhere fails every rank with the same message instead of leaving some waiting at a barrier.
+
+    The other ranks wait in the job's key-value store, not in a collective: preparing a large corpus may take longer
+    than ``EARLYBERT_DIST_TIMEOUT``, and they log that they are waiting (:func:`wait_for_keys`)."""
+    if world_size() == 1:
+        return fn(*args)
+    call = next(_node_once_calls)
+    leaders = [r for r, local in enumerate(all_gather_object(local_rank())) if local == 0]
+    result, error = None, ""
+    if local_rank() == 0:
+        faults.slow("node_once")  # a corpus that takes longer than the collective timeout
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            logger.debug("failed on this rank", exc_info=True)
+            error = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        set_key(f"earlybert/node_once/{call}/{rank()}", error)
+    errors = wait_for_keys([f"earlybert/node_once/{call}/{r}" for r in leaders],
+                                f"local rank 0 of every node (ranks {leaders}) to finish {fn.__name__}")
+    if any(errors):
+        raise ValueError(next(e for e in errors if e))
+    return result if local_rank() == 0 else fn(*args)

@@ -1,10 +1,10 @@
-"""The DeepSpeed JSON config, the optimizer's parameter groups and the learning-rate schedule.
+"""The DeepSpeed JSON config.
 
 The run config is the one source of truth for batch sizes, optimizer hyper-parameters, clipping, precision and
 ZeRO stage. A DeepSpeed JSON may leave those fields ``"auto"`` (filled here) or repeat them; a different value is
 an error naming the field and both values, never a silent override. DeepSpeed itself ignores unknown top-level
 keys and quietly replaces ``"auto"`` in nested sections by its defaults, so both are checked here, before any rank
-starts. The schedule is ours (a ``LambdaLR`` handed to ``deepspeed.initialize``), not DeepSpeed's.
+starts.
 """
 
 from __future__ import annotations
@@ -16,16 +16,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from torch import nn
-
 from .config import RunConfig
 from .hardware import auto_precision
-from .optim import cuda_op_available, make_client_optimizer, uses_own_lamb
-from .search import gate_param_group, is_gate
-
-# make_client_optimizer is re-exported: it must agree with build_ds_config on who builds the optimizer.
-__all__ = ["DEFAULT_DS_CONFIG", "DEFAULT_DS_DICT", "KNOWN_KEYS", "DSConfigError", "build_ds_config",
-           "describe_precision", "load_ds_config", "make_client_optimizer", "param_groups", "lr_lambda"]
+from .optim import cuda_op_available, uses_own_lamb
 
 AUTO = "auto"
 
@@ -307,45 +300,3 @@ def _validate_with_deepspeed(cfg: dict, source: str) -> None:
         DeepSpeedConfig(copy.deepcopy(probe))
     except (DeepSpeedConfigError, ValidationError, AssertionError, ValueError, TypeError, KeyError) as e:
         raise DSConfigError(f"{source}: DeepSpeed rejects the config: {e}") from None
-
-
-# ---- parameter groups and the schedule -------------------------------------------------------------------------
-
-def param_groups(model: nn.Module, weight_decay: float, gate_lr: float | None = None) -> list[dict]:
-    """Decayed and undecayed groups (biases and LayerNorm weights are not decayed), and the slimming gates' own
-    group (``search.gate_param_group``: undecayed, at ``gate_lr``)."""
-    no_decay = {id(p) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)
-                if isinstance(mod, nn.LayerNorm) or name == "bias"}
-    groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
-    for name, p in model.named_parameters():
-        if p.requires_grad and not is_gate(name):
-            groups[id(p) not in no_decay].append(p)
-    gates = gate_param_group(model, gate_lr)
-    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0} for decay, ps in groups.items() if ps] \
-        + ([gates] if gates else [])
-
-
-def lr_lambda(run: RunConfig, start_step: int = 0, rewarmup_steps: int = 0) -> Callable[[int], float]:
-    """Multiplier of each group's learning rate after ``step`` optimizer steps of an engine that starts at
-    ``start_step``: linear warm-up, then linear/cosine decay or constant; times a linear re-warm-up over the
-    engine's first ``rewarmup_steps`` (after a rewind, fresh optimizer moments meet a mid-schedule rate).
-
-    Warm-up reaches the peak on its last step (the first step is not wasted at lr 0); decay reaches 0 at
-    train.steps.
-    """
-    t = run.train
-    warmup, decay_steps = t.warmup_steps, max(1, t.steps - t.warmup_steps)
-
-    def f(local: int) -> float:
-        rewarm = min(1.0, (local + 1) / rewarmup_steps) if rewarmup_steps else 1.0
-        return rewarm * g(local + start_step)
-
-    def g(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if t.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / decay_steps)
-        return 1.0 - progress if t.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f

@@ -1,4 +1,5 @@
-"""One DeepSpeed engine around one model: a training step, validation, full weights, and a clean teardown.
+"""One DeepSpeed engine around one model: its parameter groups and schedule, a training step, inference, full
+weights, and a clean teardown.
 
 EarlyBERT changes the model mid-run (gated search model -> physically shrunk model), so an engine is built per
 stage and released completely before the next one (``destroy``): old engines otherwise keep their memory.
@@ -10,18 +11,34 @@ import gc
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import distributed as dist
 from .config import RunConfig
-from .dsconfig import build_ds_config, lr_lambda, make_client_optimizer, param_groups
-from .optim import Lamb, zero_partitions
+from .dsconfig import build_ds_config
+from .optim import Lamb, make_client_optimizer, zero_partitions
+from .search import gate_param_group, is_gate
 
 logger = logging.getLogger("earlybert_ds")
+
+
+@dataclass
+class Step:
+    """One optimizer step: what the model returned for each micro-batch, and what the engine reads off itself
+    (``loss``: the objective it minimised, mean over this rank's micro-batches; ``lr``; ``grad_norm``; under fp16
+    ``loss_scale`` and ``skipped_steps``). ``step["lr"]`` reads one of them."""
+
+    outputs: list[Any]
+    readings: dict[str, float]
+
+    def __getitem__(self, key: str) -> float:
+        return self.readings[key]
 
 
 class Engine:
@@ -29,24 +46,22 @@ class Engine:
     over its first ``rewarmup_steps``)."""
 
     def __init__(self, model: torch.nn.Module, run: RunConfig, start_step: int = 0, rewarmup_steps: int = 0):
-        self.run = run
         cuda = dist.on_cuda()
-        self.ds_config = build_ds_config(run, dist.world_size(), on_cuda=cuda)
+        ds_config = build_ds_config(run, dist.world_size(), on_cuda=cuda)
         groups = param_groups(model, run.train.weight_decay, run.earlybert.gate_lr)
         client_optimizer = make_client_optimizer(run, groups, on_cuda=cuda,
-                                                 zero_stage=self.ds_config["zero_optimization"]["stage"])
+                                                 zero_stage=ds_config["zero_optimization"]["stage"])
         schedule = lr_lambda(run, start_step, rewarmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=groups if client_optimizer is None else None,
             optimizer=client_optimizer,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule),
-            config=self.ds_config,
+            config=ds_config,
         )
         if isinstance(client_optimizer, Lamb):  # its trust ratio stays per parameter inside ZeRO's flat partitions
             client_optimizer.partitions = zero_partitions(self.engine.optimizer)
         self.device = self.engine.device
-        self.tokens_per_micro_batch = 0
         opt = type(self.engine.basic_optimizer)
         self.optimizer_name = f"{opt.__module__}.{opt.__qualname__}"
         if dist.rank() == 0:  # which implementation ran: DeepSpeed's fused kernels, torch's, or ours
@@ -55,10 +70,6 @@ class Engine:
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
-
-    @property
-    def zero_stage(self) -> int:
-        return self.engine.zero_optimization_stage()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "sample_idx"}
@@ -69,39 +80,27 @@ class Engine:
         return loss_scale(self.engine) or 1.0
 
     def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]],
-                   before_step: Callable[[], None] | None = None) -> dict[str, float]:
-        """Forward/backward over the step's micro-batches and one optimizer step; metrics averaged over ranks.
+                   before_step: Callable[[], None] | None = None) -> Step:
+        """Forward/backward over the step's micro-batches and one optimizer step; what the model returned for each.
         ``before_step`` runs after the last backward, before the optimizer step (the gradients are complete)."""
         self.engine.train()
-        loss_sum = penalty_sum = correct = count = 0.0
+        outputs = []
         for i, mb in enumerate(micro_batches):
             out = self.engine(**self._to_device(mb))
             self.engine.backward(out.loss)
             if before_step is not None and i == len(micro_batches) - 1:
                 before_step()
             self.engine.step()
-            task = out.mlm_loss if hasattr(out, "mlm_loss") else out.task_loss
-            loss_sum += float(task)
-            penalty_sum += float(out.gate_penalty) if out.gate_penalty is not None else 0.0
-            if getattr(out, "mlm_count", None) is not None:
-                correct += float(out.mlm_correct)
-                count += float(out.mlm_count)
-        n = len(micro_batches)
-        finite = 1.0 if math.isfinite(loss_sum) else 0.0
-        tot = dist.all_reduce_sum([loss_sum if finite else 0.0, n, penalty_sum, correct, count, 1.0 - finite],
-                                  self.device)
-        metrics = {"loss": float("nan") if tot[5] else tot[0] / tot[1], "lr": self.scheduler.get_last_lr()[0]}
-        if penalty_sum or tot[2]:
-            metrics["gate_l1"] = tot[2] / tot[1]
-        if tot[4]:
-            metrics["mlm_acc"] = tot[3] / tot[4]
+            outputs.append(out)
+        readings = {"loss": sum(o.loss.item() for o in outputs) / len(outputs),
+                    "lr": self.scheduler.get_last_lr()[0]}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            readings["grad_norm"] = float(grad_norm)
         scale = loss_scale(self.engine)
         if scale is not None:  # fp16: overflowed steps are skipped by DeepSpeed and counted
-            metrics.update(loss_scale=scale, skipped_steps=float(self.engine.skipped_steps))
-        return metrics
+            readings.update(loss_scale=scale, skipped_steps=float(self.engine.skipped_steps))
+        return Step(outputs, readings)
 
     @torch.no_grad()
     def infer(self, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[Any]:
@@ -146,3 +145,45 @@ def loss_scale(engine: deepspeed.DeepSpeedEngine) -> float | None:
         if scale is not None:
             return float(scale)
     return None
+
+
+# ---- the optimizer's parameter groups and the learning-rate schedule (ours, a LambdaLR, not DeepSpeed's) ------
+
+def param_groups(model: nn.Module, weight_decay: float, gate_lr: float | None = None) -> list[dict]:
+    """Decayed and undecayed groups (biases and LayerNorm weights are not decayed), and the slimming gates' own
+    group (``search.gate_param_group``: undecayed, at ``gate_lr``)."""
+    no_decay = {id(p) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)
+                if isinstance(mod, nn.LayerNorm) or name == "bias"}
+    groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad and not is_gate(name):
+            groups[id(p) not in no_decay].append(p)
+    gates = gate_param_group(model, gate_lr)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0} for decay, ps in groups.items() if ps] \
+        + ([gates] if gates else [])
+
+
+def lr_lambda(run: RunConfig, start_step: int = 0, rewarmup_steps: int = 0) -> Callable[[int], float]:
+    """Multiplier of each group's learning rate after ``step`` optimizer steps of an engine that starts at
+    ``start_step``: linear warm-up, then linear/cosine decay or constant; times a linear re-warm-up over the
+    engine's first ``rewarmup_steps`` (after a rewind, fresh optimizer moments meet a mid-schedule rate).
+
+    Warm-up reaches the peak on its last step (the first step is not wasted at lr 0); decay reaches 0 at
+    train.steps.
+    """
+    t = run.train
+    warmup, decay_steps = t.warmup_steps, max(1, t.steps - t.warmup_steps)
+
+    def f(local: int) -> float:
+        rewarm = min(1.0, (local + 1) / rewarmup_steps) if rewarmup_steps else 1.0
+        return rewarm * g(local + start_step)
+
+    def g(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / decay_steps)
+        return 1.0 - progress if t.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

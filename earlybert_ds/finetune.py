@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +19,8 @@ from .data import ShardedBatches, load_tokenizer
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
-from .pipeline import ShardedTask, run_earlybert
+from .pipeline import run_earlybert
+from .trainer import ShardedTask
 from .squad import load_squad, postprocess, prepare_features, squad_metrics
 from .tasks import (
     TaskSpec,
@@ -71,8 +71,7 @@ def _sharded_outputs(engine: Engine, n: int, batch_of, micro: int, keys: tuple[s
             outs[k].append(getattr(out, k).float().cpu().numpy())
     local = {k: np.concatenate(v)[: len(valid)] if v else np.zeros((0,)) for k, v in outs.items()}
     if dist.world_size() > 1:
-        everyone: list[Any] = [None] * dist.world_size()
-        torch.distributed.all_gather_object(everyone, local)
+        everyone = dist.all_gather_object(local)
         local = {k: np.concatenate([r[k] for r in everyone if len(r[k])]) for k in keys}
     return local
 

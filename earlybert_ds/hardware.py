@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
+
 #: CPU flags (``/proc/cpuinfo``) of bf16 matrix units: Intel AMX tiles, or AVX512-BF16 dot products (AMD Zen 4+,
 #: Intel Cooper Lake+). oneDNN runs bf16 matmuls natively on either; without them it emulates them.
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -92,3 +94,12 @@ def peak_flops(precision: str, device: torch.device | str = "cpu", seconds: floa
         if spent >= seconds and i >= 3:
             break
     return 2 * m * k * n / best
+
+
+def job_peak_flops(ds_config: dict) -> float:
+    """The job's matmul peak in its precision: every rank measures its own device at once (as they train: side by
+    side, each with its threads), summed over ranks."""
+    precision = next((k for k in ("bf16", "fp16") if ds_config[k]["enabled"]), "fp32")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.on_cuda() else torch.device("cpu")
+    dist.barrier()
+    return dist.all_reduce_sum([peak_flops(precision, device)], device)[0]

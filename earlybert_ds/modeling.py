@@ -35,9 +35,12 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .config import ConfigError, RunConfig
+from .data import IGNORE_INDEX
+from .search import apply_gates, new_gates
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 class EarlyBertConfig(PretrainedConfig):
@@ -125,12 +128,6 @@ class EarlyBertConfig(PretrainedConfig):
         return self.heads_per_layer is not None or self.intermediate_sizes is not None
 
 
-def _l1(gate: torch.Tensor, coef: float) -> torch.Tensor:
-    """``coef * sum|gate|``, written so that its backward needs only ``sign(gate)``, never the gate itself: under
-    ZeRO-3 the gate is gathered only while its module runs, and this term's backward may run outside that window."""
-    return coef * (gate.float() * gate.detach().float().sign()).sum()
-
-
 class Embeddings(nn.Module):
     def __init__(self, config: EarlyBertConfig):
         super().__init__()
@@ -162,21 +159,19 @@ class SelfAttention(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attn_dropout = config.attention_probs_dropout_prob
-        self.head_gates = nn.Parameter(torch.ones(num_heads)) if config.use_gates else None
-        self.l1, self.penalty = config.gate_l1_heads, None
+        self.head_gates = new_gates(num_heads, config.use_gates)
+        self.l1 = config.gate_l1_heads
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output, and its gates' L1 term (``None`` unless training with one)."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
         ctx = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
         )  # (b, heads, t, head_size)
-        if self.head_gates is not None:
-            ctx = ctx * self.head_gates.to(ctx.dtype)[None, :, None, None]
-            if self.training and self.l1:
-                self.penalty = _l1(self.head_gates, self.l1)
+        ctx, penalty = apply_gates(ctx, self.head_gates, self.l1, self.training, (1, -1, 1, 1))
         ctx = ctx.transpose(1, 2).reshape(b, t, self.num_heads * self.head_size)
-        return self.LayerNorm(x + self.dropout(self.dense(ctx)))
+        return self.LayerNorm(x + self.dropout(self.dense(ctx))), penalty
 
 
 class FeedForward(nn.Module):
@@ -189,16 +184,13 @@ class FeedForward(nn.Module):
         self.output = nn.Linear(width, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.ffn_gates = nn.Parameter(torch.ones(width)) if config.use_gates else None
-        self.l1, self.penalty = config.gate_l1_ffn, None
+        self.ffn_gates = new_gates(width, config.use_gates)
+        self.l1 = config.gate_l1_ffn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.intermediate(x))
-        if self.ffn_gates is not None:
-            h = h * self.ffn_gates.to(h.dtype)
-            if self.training and self.l1:
-                self.penalty = _l1(self.ffn_gates, self.l1)
-        return self.LayerNorm(x + self.dropout(self.output(h)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output, and its gates' L1 term (``None`` unless training with one)."""
+        h, penalty = apply_gates(self.act(self.intermediate(x)), self.ffn_gates, self.l1, self.training, (-1,))
+        return self.LayerNorm(x + self.dropout(self.output(h))), penalty
 
 
 class Layer(nn.Module):
@@ -207,8 +199,11 @@ class Layer(nn.Module):
         self.attention = SelfAttention(config, config.layer_heads(index))
         self.ffn = FeedForward(config, config.layer_ffn(index))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.ffn(self.attention(x, attn_mask))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The layer's output and its blocks' L1 terms (attention, FFN; ``None`` where there is none)."""
+        x, attention_l1 = self.attention(x, attn_mask)
+        x, ffn_l1 = self.ffn(x)
+        return x, attention_l1, ffn_l1
 
 
 class Encoder(nn.Module):
@@ -218,18 +213,15 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = config.gradient_checkpointing_layers
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states, and the gates' L1 penalty of this forward pass (``None`` unless training with it)."""
-        for layer in self.layer:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
-            else:
-                x = layer(x, attn_mask)
+        """Hidden states, and the gates' L1 penalty of this forward pass (``None`` unless training with it): returned
+        by the layers, so a recomputation (activation checkpointing) cannot leave one behind."""
         penalties = []
         for layer in self.layer:
-            for block in (layer.attention, layer.ffn):
-                if block.penalty is not None:
-                    penalties.append(block.penalty)
-                    block.penalty = None
+            if self.gradient_checkpointing and self.training:
+                x, *l1 = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x, *l1 = layer(x, attn_mask)
+            penalties += [p for p in l1 if p is not None]
         return x, (torch.stack(penalties).sum() if penalties else None)
 
 
@@ -606,3 +598,54 @@ def load_hf_bert(
     model.tie_weights()
     return model
 
+
+# --------------------------------------------------------------------------------------------------------------
+# The run's initial model
+# --------------------------------------------------------------------------------------------------------------
+
+def _model_overrides(cfg: RunConfig, task: Any, gates: bool) -> dict[str, Any]:
+    e = cfg.earlybert
+    return dict(use_gates=gates, gate_l1_heads=e.l1_heads if gates else 0.0, gate_l1_ffn=e.l1_ffn if gates else 0.0,
+                hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout,
+                gradient_checkpointing_layers=cfg.train.activation_checkpointing, **task.model_overrides)
+
+
+def initial_config(cfg: RunConfig, task: Any, gates: bool = True) -> EarlyBertConfig:
+    """The unpruned model's configuration: ``model.init_from``'s, or the ``model.*`` shape."""
+    m, extra = cfg.model, _model_overrides(cfg, task, gates)
+    vocab = len(task.tokenizer)
+    if not m.init_from:
+        return EarlyBertConfig(vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                               num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                               max_position_embeddings=max(512, cfg.data.seq_len), **extra)
+    config = hf_bert_config(m.init_from, **extra) if _is_hf_bert(m.init_from) else \
+        EarlyBertConfig.from_pretrained(m.init_from, **extra)
+    if config.vocab_size != vocab:
+        raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {config.vocab_size}, the tokenizer "
+                          f"{vocab}: pass the checkpoint's tokenizer with --data.tokenizer")
+    if config.is_pruned and cfg.earlybert.enabled:
+        raise ConfigError(f"model.init_from={m.init_from} is already shrunk to a ticket; train it with "
+                          "--earlybert.enabled false")
+    return config
+
+
+def initial_model(cfg: RunConfig, task: Any, gates: bool) -> EarlyBertPreTrainedModel:
+    """The model at step 0 of ``task`` (its ``model_class``, ``model_overrides`` and ``tokenizer``), identical on
+    every rank and rebuildable at any time (rewinding needs it again): the ``model.init_from`` checkpoint (new heads
+    initialised from ``train.seed``), or a random initialisation."""
+    config = initial_config(cfg, task, gates)
+    init_from = cfg.model.init_from
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        if not init_from:
+            return task.model_class(config)
+        if _is_hf_bert(init_from):
+            return load_hf_bert(init_from, task.model_class, **_model_overrides(cfg, task, gates))
+        return task.model_class.from_pretrained(init_from, config=config)
+
+
+def _is_hf_bert(path: str) -> bool:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.init_from={path}: not a model directory with a readable config.json ({e})") from e

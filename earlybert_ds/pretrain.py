@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +28,8 @@ from .data import (
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForPreTraining
-from .pipeline import ShardedTask, node_once, run_earlybert
+from .pipeline import run_earlybert
+from .trainer import ShardedTask, step_metrics
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -41,8 +43,8 @@ class MLMTask(ShardedTask):
     def __init__(self, cfg: RunConfig):
         d, t = cfg.data, cfg.train
         self.seed, self.seq_len, self.mlm_probability = t.seed, d.seq_len, d.mlm_probability
-        self.tokenizer = node_once(tokenizer_for, d)
-        self.packed = load_packed(node_once(prepare_corpus, d, self.tokenizer, t.seed))
+        self.tokenizer = dist.node_once(tokenizer_for, d)
+        self.packed = load_packed(dist.node_once(prepare_corpus, d, self.tokenizer, t.seed))
         prepared = (tokenizer_digest(self.tokenizer), self.packed.train.shape, self.packed.val.shape)
         differ = [r for r, other in enumerate(dist.all_gather_object(prepared)) if other != prepared]
         if differ:  # each node prepares its own copy: different corpora or versions would mix token ids
@@ -59,6 +61,10 @@ class MLMTask(ShardedTask):
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         return [collate(self.packed.train, idx, self.masker, self.seed, epochs)
                 for idx, epochs in self.batches.next_step_epochs()]
+
+    def step_metrics(self, outputs: list[Any], device: torch.device) -> dict[str, float]:
+        hits = (sum(float(o.mlm_correct) for o in outputs), sum(float(o.mlm_count) for o in outputs))
+        return step_metrics(outputs, device, [float(o.mlm_loss) for o in outputs], hits)
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Held-out MLM loss (token-weighted over ranks), perplexity and accuracy."""

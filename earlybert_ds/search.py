@@ -1,9 +1,10 @@
-"""The search stage: slimming gates, their optimizer group, the scores a ticket is drawn from, and the early-bird test.
+"""The search stage: slimming gates, their L1 term, their optimizer group, the scores a ticket is drawn from, and the
+early-bird test.
 
-The gates live in the model (``SelfAttention.head_gates``, ``FeedForward.ffn_gates``, created when
-``config.use_gates``), and so does their L1 term (``modeling._l1``, added to the loss in the forward pass, where
-ZeRO-3 has the gates gathered). Everything else about them is here:
-
+- the gates themselves: :func:`new_gates` makes them (one scalar per head, one per FFN neuron; the model holds them
+  as ``head_gates``/``ffn_gates`` when ``config.use_gates``), :func:`apply_gates` scales a block's output by them and
+  returns their L1 term with it: the model's forward pass returns the sum (``gate_penalty``), computed where ZeRO-3
+  has the gates gathered, and nothing is stored on the modules;
 - which parameters are gates, and reading them in full (fp32 master copies, gathered under ZeRO-3);
 - their optimizer group: never weight-decayed (the L1 term regularises them), with its own learning rate
   (``earlybert.gate_lr``): at the weights' fine-tuning rate the gates move by ~1e-3 in a search of 20 steps, so the
@@ -24,20 +25,16 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from . import distributed as dist
-from .config import EarlyBertArgs
-from .modeling import FeedForward, SelfAttention
+from .config import ConfigError, EarlyBertArgs
 from .plots import plot_gates, plot_mask_distances
 from .ticket import Masks, PruneSpec, Scores, Ticket, TicketError, draw_masks, index_mask, mask_distance, random_masks
-
-if TYPE_CHECKING:
-    from .engine import Engine
-    from .monitor import Monitor
 
 logger = logging.getLogger("earlybert_ds")
 
@@ -48,14 +45,35 @@ FIXED_DRAWS = ("fixed", "random_at")
 
 # ---- the gates ----------------------------------------------------------------------------------------------------
 
+def new_gates(units: int, enabled: bool) -> nn.Parameter | None:
+    """One gate per unit, all 1 at the start (``None`` for a model without gates)."""
+    return nn.Parameter(torch.ones(units)) if enabled else None
+
+
+def l1_term(gates: torch.Tensor, coef: float) -> torch.Tensor:
+    """``coef * sum|gates|``, written so that its backward needs only ``sign(gates)``, never the gates themselves:
+    under ZeRO-3 a gate is gathered only while its module runs, and this term's backward may run outside that
+    window."""
+    return coef * (gates.float() * gates.detach().float().sign()).sum()
+
+
+def apply_gates(x: torch.Tensor, gates: nn.Parameter | None, coef: float, training: bool,
+                shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` scaled by its units' gates (viewed as ``shape`` to broadcast), and their L1 term when training with one
+    (else ``None``)."""
+    if gates is None:
+        return x, None
+    return x * gates.to(x.dtype).view(shape), l1_term(gates, coef) if training and coef else None
+
+
 def head_gate_params(model: nn.Module) -> list[nn.Parameter]:
     """The per-layer head gates, in layer order (empty for a model built without gates)."""
-    return [m.head_gates for m in model.modules() if isinstance(m, SelfAttention) and m.head_gates is not None]
+    return [p for name, p in model.named_parameters() if name.endswith("head_gates")]
 
 
 def ffn_gate_params(model: nn.Module) -> list[nn.Parameter]:
     """The per-layer FFN-neuron gates, in layer order (empty for a model built without gates)."""
-    return [m.ffn_gates for m in model.modules() if isinstance(m, FeedForward) and m.ffn_gates is not None]
+    return [p for name, p in model.named_parameters() if name.endswith("ffn_gates")]
 
 
 def is_gate(name: str) -> bool:
@@ -214,29 +232,61 @@ def settle_detect_every(e: EarlyBertArgs) -> None:
                     e.detect_every, budget // e.detect_every, budget, e.window)
 
 
+# ---- what is drawn -------------------------------------------------------------------------------------------------
+
+def prune_spec(e: EarlyBertArgs) -> PruneSpec:
+    """How a ticket is drawn from scores: the run's ratios and methods."""
+    return PruneSpec(head_ratio=e.head_ratio, ffn_ratio=e.ffn_ratio, head_method=e.head_method,
+                     ffn_method=e.ffn_method, ffn_multiple=e.ffn_multiple)
+
+
+def check_prunable(e: EarlyBertArgs, config: Any) -> None:
+    """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied)."""
+    ones = Scores([np.ones(config.num_attention_heads)] * config.num_hidden_layers,
+                  [np.ones(config.intermediate_size)] * config.num_hidden_layers)
+    try:
+        draw_masks(ones, prune_spec(e))
+    except TicketError as e:
+        raise ConfigError(f"earlybert ratios do not fit the model: {e}") from e
+
+
+def random_ticket(e: EarlyBertArgs, config: Any, seed: int) -> Ticket:
+    """The paper's baseline: no search, a random ticket at step 0 with the same ratios."""
+    spec, layers = prune_spec(e), config.num_hidden_layers
+    masks = random_masks([config.num_attention_heads] * layers, [config.intermediate_size] * layers, spec, seed)
+    return Ticket.from_masks(masks, 0, "random", spec, config)
+
+
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
 class SearchStage:
     """What the search keeps between steps: the Taylor sums, the early-bird detector, and the log of mask distances.
 
-    ``check(step)`` is called by every rank after every step; on check steps it reads the gates (a collective), the
-    coordinator draws masks from the scores, updates the detector, logs, and decides; every rank gets the same
-    decision: ``None`` (search on) or the ticket.
+    The training loop calls ``before_step`` between each step's backward and its optimizer step, and ``after_step``
+    after it, on every rank; on check steps that reads the gates (a collective), the coordinator draws masks from
+    the scores, updates the detector, logs, and decides; every rank gets the same decision, and once it is a ticket
+    (``self.ticket``) the search ends. Its ``state_dict`` goes into every search checkpoint.
     """
 
-    def __init__(self, e: EarlyBertArgs, spec: PruneSpec, seed: int, monitor: Monitor, history: list[dict],
-                 plots: Path):
-        self.e, self.spec, self.seed, self.monitor, self.history, self.plots = e, spec, seed, monitor, history, plots
+    def __init__(self, e: EarlyBertArgs, seed: int, monitor: Any, history: list[dict], plots: Path):
+        self.e, self.spec, self.seed, self.monitor, self.history, self.plots = e, prune_spec(e), seed, monitor, \
+            history, plots
+        self.ticket: Ticket | None = None
         self.detector = EarlyBirdDetector(window=e.window, epsilon=e.epsilon)
         self.taylor = TaylorImportance(e.l1_heads, e.l1_ffn) if e.score == "taylor" else None
         self.limit = e.fixed_step if e.draw in FIXED_DRAWS else e.max_search_steps
 
-    def before_step(self, engine: Engine) -> None:
+    def before_step(self, engine: Any) -> None:
         """After the step's backward, before the optimizer step: where the gradients are there to read."""
         if self.taylor is not None:
             self.taylor.accumulate(engine.module, engine.optimizer, engine.grad_scale)
 
-    def check(self, step: int, engine: Engine) -> Ticket | None:
+    def after_step(self, step: int, engine: Any) -> bool:
+        """The early-bird test after ``step``; whether the ticket is drawn (``self.ticket``): the search is over."""
+        self.ticket = self.check(step, engine)
+        return self.ticket is not None
+
+    def check(self, step: int, engine: Any) -> Ticket | None:
         """The early-bird test at ``step`` (a collective on check steps); the ticket once drawn, else ``None``."""
         e = self.e
         if step % e.detect_every and step < self.limit:

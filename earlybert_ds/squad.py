@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .tasks import TaskDataError
+from .tasks import TaskDataError, as_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +161,6 @@ def _answer_tokens(ex: QAExample, offs: Sequence[Sequence[int]], ctx: list[int])
     return start, end
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
-
-
 def postprocess(
     examples: Sequence[QAExample],
     features: dict[str, Any],
@@ -182,7 +178,7 @@ def postprocess(
     empty when the best null score ([CLS] start + end, minimum over windows) exceeds the best span score by more
     than ``null_threshold``.
     """
-    start_logits, end_logits = _as_numpy(start_logits), _as_numpy(end_logits)
+    start_logits, end_logits = (as_numpy(x).astype(np.float64) for x in (start_logits, end_logits))
     offsets, feature_ids = features["offset_mapping"], features["example_id"]
     if start_logits.shape != end_logits.shape or start_logits.shape[0] != len(feature_ids):
         raise ValueError(f"logits {start_logits.shape}/{end_logits.shape} do not match {len(feature_ids)} features")

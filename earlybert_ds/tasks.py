@@ -386,7 +386,8 @@ def encode(examples: Sequence[Example], tokenizer: Any, max_len: int = 128) -> T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_numpy(x: Any) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
+    """A tensor (floats as fp32) or anything array-like as a numpy array."""
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu() if x.is_floating_point() else x.detach().cpu()
         return x.numpy()
@@ -395,13 +396,13 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 def _class_ids(predictions: Any) -> np.ndarray:
     """Accept class ids (n,) or logits (n, num_labels)."""
-    p = _as_numpy(predictions)
+    p = as_numpy(predictions)
     return p.argmax(-1) if p.ndim == 2 else p.astype(np.int64)
 
 
 def _scores(predictions: Any) -> np.ndarray:
     """Accept scores (n,) or a regression head's output (n, 1)."""
-    p = _as_numpy(predictions).astype(np.float64)
+    p = as_numpy(predictions).astype(np.float64)
     return p[:, 0] if p.ndim == 2 else p
 
 
@@ -454,9 +455,9 @@ def compute_metrics(task: str | TaskSpec, predictions: Any, labels: Any) -> dict
     """
     spec = get_task(task)
     if spec.is_regression:
-        pred, gold = _scores(predictions), _as_numpy(labels).astype(np.float64)
+        pred, gold = _scores(predictions), as_numpy(labels).astype(np.float64)
     else:
-        pred, gold = _class_ids(predictions), _as_numpy(labels).astype(np.int64)
+        pred, gold = _class_ids(predictions), as_numpy(labels).astype(np.int64)
     if pred.shape != gold.shape or pred.ndim != 1 or not len(gold):
         raise ValueError(f"need equally many predictions and labels (> 0), got {pred.shape} and {gold.shape}")
     fns = {

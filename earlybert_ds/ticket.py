@@ -7,7 +7,6 @@ converged (the early-bird test) are the search stage's business: ``search.py``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from .atomic import atomic_write_text
+from .digest import json_digest
 
 TICKET_FORMAT = "earlybert_ds.ticket"
 TICKET_VERSION = 1
@@ -203,7 +203,7 @@ class Ticket:
 
     def digest(self) -> str:
         """A short fingerprint of the ticket, to check that every rank holds the same one."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.to_dict())
 
     # ---- JSON -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

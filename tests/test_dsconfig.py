@@ -17,11 +17,11 @@ from torch import nn  # noqa: E402
 
 from earlybert_ds import dsconfig  # noqa: E402
 from earlybert_ds.config import RunConfig  # noqa: E402
-from earlybert_ds.engine import Engine  # noqa: E402
+from earlybert_ds.engine import Engine, lr_lambda, param_groups  # noqa: E402
 from earlybert_ds.dsconfig import (  # noqa: E402
-    DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config, lr_lambda, make_client_optimizer,
-    param_groups,
+    DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config,
 )
+from earlybert_ds.optim import make_client_optimizer  # noqa: E402
 from earlybert_ds.hardware import auto_precision  # noqa: E402
 from earlybert_ds.modeling import EarlyBertConfig, EarlyBertForPreTraining  # noqa: E402
 from earlybert_ds.optim import Lamb  # noqa: E402

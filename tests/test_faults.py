@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from earlybert_ds.atomic import FAULT_ENV, atomic_directory, atomic_write_text
+from earlybert_ds.atomic import atomic_directory, atomic_write_text
+from earlybert_ds.faults import FAULT_ENV
 
 from conftest import launch, losses, metrics, tiny_run_args
 

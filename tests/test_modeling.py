@@ -160,6 +160,22 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_the_gates_l1_comes_back_from_the_forward_pass_even_with_recomputation():
+    """The L1 term is returned, never left on a module: a checkpointed layer's recomputation in the backward pass
+    cannot leak a penalty into the next (evaluation) forward pass, and both modes give the same term."""
+    torch.manual_seed(5)
+    ids, mask, _ = _inputs(120)
+    penalties = []
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        model = EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_ffn=1e-2, gradient_checkpointing_layers=ckpt))
+        out = model(ids, mask, labels=ids.clone())
+        out.loss.backward()
+        penalties.append(out.gate_penalty)
+        assert model.eval()(ids, mask, labels=ids.clone()).gate_penalty is None
+    assert torch.equal(penalties[0], penalties[1])
+
+
 def test_bad_checkpoints_and_configs(tmp_path, minilm_dir):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_hf_bert(tmp_path / "nope")

@@ -12,7 +12,7 @@ import pytest
 from earlybert_ds.config import LogArgs
 from earlybert_ds.monitor import METRICS_FILE, Monitor, resolve_wandb_mode, strip_secrets
 from earlybert_ds.plots import plot_curves, plot_gates, plot_mask_distances
-from earlybert_ds.wandb_offline import iter_records, read_config, read_history, read_summary
+from wandb_offline import iter_records, read_config, read_history, read_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECRET = "sekrit-value-4f2a9"

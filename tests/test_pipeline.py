@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from earlybert_ds.wandb_offline import read_history, read_summary
+from wandb_offline import read_history, read_summary
 
 from conftest import launch, losses, run_single, tiny_run_args
 

@@ -13,9 +13,9 @@ import torch
 
 from earlybert_ds.config import ConfigError, EarlyBertArgs, RunConfig
 from earlybert_ds.data import load_tokenizer
-from earlybert_ds.dsconfig import lr_lambda
+from earlybert_ds.engine import lr_lambda
 from earlybert_ds.modeling import EarlyBertForPreTraining, EarlyBertForSequenceClassification
-from earlybert_ds.pipeline import initial_model
+from earlybert_ds.modeling import initial_model
 from earlybert_ds.pretrain import MLMTask
 from earlybert_ds.search import (
     EarlyBirdDetector,
