@@ -17,13 +17,13 @@ from earlybert_ds.modeling import EarlyBertConfig, EarlyBertForPreTraining
 STEPS = 4
 
 
-def lamb_run(stage: int, layerwise: bool = True, precision: str = "fp32") -> tuple[dict[str, torch.Tensor], int]:
+def lamb_run(stage: int, layerwise: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """The full fp32 weights after ``STEPS`` LAMB steps under ZeRO ``stage``, and how many flat partitions LAMB was
     told about. ``layerwise=False`` drops the partition layout: the trust ratio is then per flat group partition,
     as DeepSpeed's FusedLamb computes it under ZeRO."""
     run = RunConfig()
     t = run.train
-    t.optimizer, t.zero_stage, t.precision, t.micro_batch_size = "lamb", stage, precision, 4
+    t.optimizer, t.zero_stage, t.precision, t.micro_batch_size = "lamb", stage, "fp32", 4
     t.lr, t.warmup_steps, t.steps, t.schedule, t.weight_decay = 2e-2, 0, STEPS, "constant", 0.01
     torch.manual_seed(0)
     config = EarlyBertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
