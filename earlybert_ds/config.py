@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
+import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,104 +22,138 @@ from typing import Any, Literal
 
 import yaml
 
+logger = logging.getLogger("earlybert_ds")
+
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the field and the problem."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
-    return field(default=default, metadata={"help": help, **kw})
+#: The draws that come at ``earlybert.fixed_step`` rather than when the masks converge.
+FIXED_DRAWS = ("fixed", "random_at")
+
+
+class _Section:
+    """Fields stay settable until :meth:`RunConfig.resolve` freezes the config."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise dataclasses.FrozenInstanceError(f"cannot set {name}: the run config is resolved and frozen")
+        super().__setattr__(name, value)
+
+
+def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002 - as argparse
+       lt: float | None = None) -> Any:
+    """A field with its help text and its range, declared once here: :meth:`RunConfig.validate` checks every
+    field's range, however the value was set (file, command line, code, a derived field)."""
+    bounds = {op: v for op, v in (("ge", ge), ("gt", gt), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+def _out_of_range(value: Any, bounds: dict[str, float]) -> str | None:
+    """Why ``value`` is outside ``bounds`` (``None`` passes: optional fields are unset)."""
+    if value is None or not bounds:
+        return None
+    lo, hi = bounds.get("ge", bounds.get("gt")), bounds.get("lt")
+    ok = ((value >= bounds["ge"] if "ge" in bounds else True) and (value > bounds["gt"] if "gt" in bounds else True)
+          and (value < hi if hi is not None else True))
+    if ok:
+        return None
+    if hi is None:
+        return f"must be {'>=' if 'ge' in bounds else '>'} {lo:g}"
+    return f"must be in {'[' if 'ge' in bounds else '('}{lo:g}, {hi:g})"
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(_Section):
     init_from: str | None = _f(None, "start from this checkpoint directory (Hugging Face BERT, or an earlybert_ds "
                                      "model); unset: random initialisation with the shape below")
-    hidden_size: int = _f(256, "hidden size")
-    num_layers: int = _f(4, "number of encoder layers")
-    num_heads: int = _f(8, "attention heads per layer (of the unpruned model)")
-    intermediate_size: int = _f(1024, "FFN width per layer (of the unpruned model)")
-    dropout: float = _f(0.1, "dropout of hidden states and attention probabilities")
+    hidden_size: int = _f(256, "hidden size", ge=1)
+    num_layers: int = _f(4, "number of encoder layers", ge=1)
+    num_heads: int = _f(8, "attention heads per layer (of the unpruned model)", ge=1)
+    intermediate_size: int = _f(1024, "FFN width per layer (of the unpruned model)", ge=1)
+    dropout: float = _f(0.1, "dropout of hidden states and attention probabilities", ge=0, lt=1)
 
 
 @dataclass
-class DataArgs:
+class DataArgs(_Section):
     corpus: str | None = _f(None, "text file, directory of text files, .jsonl/.parquet file, or a datasets hub "
                                   "name; unset: the built-in corpus (docstrings and comments of Python's stdlib)")
     text_column: str = _f("text", "column holding the text in JSON-lines/parquet/hub corpora")
     tokenizer: str | None = _f(None, "local Hugging Face tokenizer directory; unset: train a WordPiece vocabulary "
                                      "on the corpus (saved with the run)")
-    vocab_size: int = _f(8192, "vocabulary size when training a WordPiece tokenizer")
-    seq_len: int = _f(128, "tokens per packed training sequence")
-    mlm_probability: float = _f(0.15, "fraction of tokens masked for MLM (80% [MASK] / 10% random / 10% kept)")
+    vocab_size: int = _f(8192, "vocabulary size when training a WordPiece tokenizer", ge=1)
+    seq_len: int = _f(128, "tokens per packed training sequence", ge=8)
+    mlm_probability: float = _f(0.15, "fraction of tokens masked for MLM (80% [MASK] / 10% random / 10% kept)",
+                                gt=0, lt=1)
     whole_word_mask: bool = _f(False, "mask whole words rather than single WordPiece tokens")
-    val_fraction: float = _f(0.02, "fraction of sequences held out for validation")
+    val_fraction: float = _f(0.02, "fraction of sequences held out for validation", gt=0, lt=1)
     cache_dir: str | None = _f(None, "where tokenised corpora are cached; unset: ~/.cache/earlybert_ds")
-    num_workers: int | None = _f(None, "processes tokenising the corpus; unset: the CPUs (at most 8)")
+    num_workers: int | None = _f(None, "processes tokenising the corpus; unset: the CPUs (at most 8)", ge=1)
 
 
 @dataclass
-class TrainArgs:
-    steps: int = _f(300, "total optimizer steps (search + efficient training)")
-    micro_batch_size: int = _f(8, "sequences per rank per forward pass")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+class TrainArgs(_Section):
+    steps: int = _f(300, "total optimizer steps (search + efficient training)", ge=1)
+    micro_batch_size: int = _f(8, "sequences per rank per forward pass", ge=1)
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
     optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: a per-parameter trust ratio at every ZeRO "
                                                       "stage; DeepSpeed's FusedLamb on CUDA at ZeRO-0)")
-    lr: float = _f(1e-3, "peak learning rate")
-    warmup_steps: int = _f(30, "linear warm-up steps")
+    lr: float = _f(1e-3, "peak learning rate", gt=0)
+    warmup_steps: int = _f(30, "linear warm-up steps", ge=0)
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warm-up")
-    weight_decay: float = _f(0.01, "decoupled weight decay (not on biases, LayerNorm and gates)")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not on biases, LayerNorm and gates)", ge=0)
     betas: tuple[float, float] = _f((0.9, 0.98), "Adam/LAMB betas")
-    eps: float = _f(1e-6, "Adam/LAMB epsilon")
-    clip_grad: float = _f(1.0, "global gradient-norm clipping (0: off)")
+    eps: float = _f(1e-6, "Adam/LAMB epsilon", gt=0)
+    clip_grad: float = _f(1.0, "global gradient-norm clipping (0: off)", ge=0)
     precision: Literal["fp32", "bf16", "fp16"] | None = _f(None, "mixed precision; unset: as the DeepSpeed config "
                                                                  "says ('auto': bf16 on CUDA and on CPUs with bf16 "
                                                                  "units (AMX-BF16, AVX512-BF16), else fp32)")
-    zero_stage: int | None = _f(None, "ZeRO stage 0-3; unset: as the DeepSpeed config says (0 if 'auto')")
+    zero_stage: Literal[0, 1, 2, 3] | None = _f(None, "ZeRO stage; unset: as the DeepSpeed config says (0 if 'auto')")
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass")
-    seed: int = _f(42, "random seed (model init, masking, data order)")
-    log_every: int = _f(10, "log metrics every N steps")
-    eval_every: int = _f(50, "validate every N steps (0: only at the end)")
-    eval_batches: int = _f(20, "validation micro-batches per rank")
-    save_every: int = _f(100, "checkpoint every N steps (0: only at stage ends)")
-    keep_last: int = _f(2, "checkpoints kept (older ones are deleted)")
-    max_nonfinite: int = _f(3, "stop after this many consecutive non-finite losses")
+    seed: int = _f(42, "random seed (model init, masking, data order)", ge=0)
+    log_every: int = _f(10, "log metrics every N steps", ge=1)
+    eval_every: int = _f(50, "validate every N steps (0: only at the end)", ge=0)
+    eval_batches: int = _f(20, "validation micro-batches per rank", ge=1)
+    save_every: int = _f(100, "checkpoint every N steps (0: only at stage ends)", ge=0)
+    keep_last: int = _f(2, "checkpoints kept (older ones are deleted)", ge=1)
+    max_nonfinite: int = _f(3, "stop after this many consecutive non-finite losses", ge=1)
 
 
 @dataclass
-class EarlyBertArgs:
+class EarlyBertArgs(_Section):
     enabled: bool = _f(True, "run EarlyBERT (search, ticket, shrink); false: train the full model throughout")
-    l1_heads: float = _f(1e-4, "L1 coefficient on the head gates (raw sum, as in the official code)")
-    l1_ffn: float = _f(1e-4, "L1 coefficient on the FFN-neuron gates")
+    l1_heads: float = _f(1e-4, "L1 coefficient on the head gates (raw sum, as in the official code)", ge=0)
+    l1_ffn: float = _f(1e-4, "L1 coefficient on the FFN-neuron gates", ge=0)
     gate_lr: float | None = _f(None, "learning rate of the gates' own optimizer group (never weight-decayed); "
-                                     "unset: train.lr, as the official code")
+                                     "unset: train.lr, as the official code", gt=0)
     score: Literal["magnitude", "signed", "taylor"] = _f(
         "magnitude", "what units are ranked by: magnitude |gate| (the paper); signed gate values (the official "
                      "code); taylor: |gate x dL/dgate| summed over the search steps (first-order Taylor importance)")
-    head_ratio: float = _f(1 / 3, "fraction of attention heads pruned")
-    ffn_ratio: float = _f(0.4, "fraction of FFN neurons pruned")
+    head_ratio: float = _f(1 / 3, "fraction of attention heads pruned", ge=0, lt=1)
+    ffn_ratio: float = _f(0.4, "fraction of FFN neurons pruned", ge=0, lt=1)
     head_method: Literal["layerwise", "global"] = _f("layerwise", "head pruning: per layer or across layers")
     ffn_method: Literal["layerwise", "global"] = _f("global", "FFN pruning: per layer or across layers")
     ffn_multiple: int = _f(64, "round kept FFN widths up to a multiple of this: odd widths lose ~15% of the "
-                               "speedup to slow GEMM kernels (bench throughput, variant c vs e); 1: exact ratio")
+                               "speedup to slow GEMM kernels (bench throughput, variant c vs e); 1: exact ratio", ge=1)
     draw: Literal["earlybird", "fixed", "random", "random_at"] = _f(
         "earlybird", "earlybird: when masks converge; fixed: at fixed_step; random: a random ticket at step 0 (the "
                      "paper's baseline); random_at: the same search, then a random ticket at fixed_step (the control "
                      "that isolates which units are kept)")
     detect_every: int | None = _f(None, "compute masks and their distance every N search steps; unset: from the "
-                                        "search budget, so that window+1 checks fit in half of it")
-    window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon")
-    epsilon: float = _f(0.1, "early-bird threshold on the normalised Hamming distance")
-    max_search_steps: int = _f(100, "end the search here even without convergence")
-    fixed_step: int | None = _f(None, "draw at this step (draw=fixed)")
+                                        "search budget, so that window+1 checks fit in half of it", ge=1)
+    window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon", ge=1)
+    epsilon: float = _f(0.1, "early-bird threshold on the normalised Hamming distance", gt=0)
+    max_search_steps: int = _f(100, "end the search here even without convergence", ge=1)
+    fixed_step: int | None = _f(None, "draw at this step (draw=fixed)", ge=1)
     weights: Literal["rewind", "continue"] = _f("rewind", "rewind: kept weights restart from initial (or "
                                                           "pre-trained) values; continue: keep searched values")
     rewarmup_steps: int = _f(0, "after the ticket, warm the learning rate up again linearly over N steps (the "
-                                "efficient stage starts with fresh optimizer moments at a mid-schedule rate)")
+                                "efficient stage starts with fresh optimizer moments at a mid-schedule rate)", ge=0)
 
 
 @dataclass
-class FinetuneArgs:
+class FinetuneArgs(_Section):
     task: str | None = _f(None, "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), squad, squad_v2, "
                                 "or custom (a CSV/JSON-lines file with named columns)")
     data: str | None = _f(None, "GLUE directory in the standard TSV layout (or 'hub' when online); for SQuAD a "
@@ -127,20 +164,20 @@ class FinetuneArgs:
     text_a: str = _f("sentence1", "custom task: column of the first text")
     text_b: str | None = _f(None, "custom task: column of the second text (pairs)")
     label_column: str = _f("label", "custom task: column of the label")
-    num_labels: int = _f(2, "custom task: number of classes (1: regression); with class names, their number")
+    num_labels: int = _f(2, "custom task: number of classes (1: regression); with class names, their number", ge=1)
     label_list: str | None = _f(None, "custom task: the class labels in id order, comma-separated (e.g. "
                                       "negative,positive); unset: from the training file, integers as they are, "
                                       "names in sorted order")
-    max_len: int | None = _f(None, "maximum tokens per example (default: 128; 384 for SQuAD)")
-    stride: int = _f(128, "SQuAD: overlap of the windows over long contexts")
-    epochs: float | None = _f(3.0, "training epochs; sets train.steps (none: use train.steps)")
+    max_len: int | None = _f(None, "maximum tokens per example (default: 128; 384 for SQuAD)", ge=8)
+    stride: int = _f(128, "SQuAD: overlap of the windows over long contexts", ge=0)
+    epochs: float | None = _f(3.0, "training epochs; sets train.steps (none: use train.steps)", gt=0)
     search_epochs: float | None = _f(0.2, "EarlyBERT search budget in epochs (official code: 20% of the first); "
-                                          "sets earlybert.max_search_steps (none: use that)")
-    warmup_fraction: float | None = _f(0.1, "warm-up as a fraction of all steps; sets train.warmup_steps")
+                                          "sets earlybert.max_search_steps (none: use that)", gt=0)
+    warmup_fraction: float | None = _f(0.1, "warm-up as a fraction of all steps; sets train.warmup_steps", ge=0, lt=1)
 
 
 @dataclass
-class LogArgs:
+class LogArgs(_Section):
     wandb: Literal["auto", "online", "offline", "disabled"] = _f("auto", "auto: online if wandb is logged in, "
                                                                          "else offline")
     project: str = _f("earlybert_ds", "wandb project")
@@ -149,7 +186,7 @@ class LogArgs:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     output_dir: str = _f("runs/earlybert", "where checkpoints, the ticket, metrics and the final model go")
     deepspeed: str | None = _f(None, "DeepSpeed JSON config; unset: ds_configs/cpu.json's defaults "
                                      "(earlybert_ds.dsconfig.DEFAULT_DS_CONFIG)")
@@ -176,66 +213,76 @@ class RunConfig:
         return cfg
 
     def validate(self) -> None:
-        """Cross-field checks that a single field's type cannot express."""
-        t, e, d = self.train, self.earlybert, self.data
+        """Every field's declared type choices and range, then what one field cannot say alone."""
+        fields = all_fields()
+        for key, hint in _hints().items():
+            value = self._get(key)
+            if (choices := _choices(hint)) is not None:
+                if not _is_choice(value, choices):
+                    raise ConfigError(f"{key}={value!r} must be one of {', '.join(map(str, choices))}")
+            elif why := _out_of_range(value, fields[key].metadata.get("bounds", {})):
+                raise ConfigError(f"{key}={value} {why}")
+        t, e, m = self.train, self.earlybert, self.model
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_last", "eval_batches",
-                     "max_nonfinite"):
-            need(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            need(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
         need(t.warmup_steps <= t.steps, f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
-        need(t.lr > 0, f"train.lr={t.lr} must be > 0")
-        need(t.zero_stage is None or t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage}: ZeRO stages "
-                                                                    "are 0, 1, 2, 3")
-        need(t.clip_grad >= 0, f"train.clip_grad={t.clip_grad} must be >= 0")
-        need(0 < d.mlm_probability < 1, f"data.mlm_probability={d.mlm_probability} must be in (0, 1)")
-        need(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-        need(d.seq_len >= 8, f"data.seq_len={d.seq_len} is too short (>= 8)")
-        need(d.vocab_size >= 1, f"data.vocab_size={d.vocab_size} must be >= 1")
-        need(d.num_workers is None or d.num_workers >= 1, f"data.num_workers={d.num_workers} must be >= 1")
-        need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-        need(t.eps > 0, f"train.eps={t.eps} must be > 0")
-        need(t.seed >= 0, f"train.seed={t.seed} must be >= 0")
-        m = self.model
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            need(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
-        need(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
         need(m.hidden_size % m.num_heads == 0, f"model.hidden_size={m.hidden_size} is not a multiple of "
                                                f"model.num_heads={m.num_heads}")
-        need(d.seq_len <= 512 or m.init_from is None, f"data.seq_len={d.seq_len}: BERT checkpoints have 512 "
-                                                      "positions")
-        f = self.finetune
-        need(f.num_labels >= 1, f"finetune.num_labels={f.num_labels} must be >= 1 (1: regression)")
-        need(f.max_len is None or f.max_len >= 8, f"finetune.max_len={f.max_len} is too short (>= 8)")
-        need(f.stride >= 0, f"finetune.stride={f.stride} must be >= 0")
-        for name in ("epochs", "search_epochs"):
-            need(getattr(f, name) is None or getattr(f, name) > 0, f"finetune.{name}={getattr(f, name)} must be > 0")
-        need(f.warmup_fraction is None or 0 <= f.warmup_fraction < 1,
-             f"finetune.warmup_fraction={f.warmup_fraction} must be in [0, 1)")
-        if e.enabled:
-            for name in ("head_ratio", "ffn_ratio"):
-                r = getattr(e, name)
-                need(0 <= r < 1, f"earlybert.{name}={r}: a pruning ratio must be in [0, 1)")
-            need(e.epsilon > 0, f"earlybert.epsilon={e.epsilon}: the mask-distance threshold must be > 0")
-            for name in ("l1_heads", "l1_ffn"):
-                need(getattr(e, name) >= 0, f"earlybert.{name}={getattr(e, name)}: an L1 coefficient must be >= 0")
-            need(e.window >= 1, f"earlybert.window={e.window} must be >= 1")
-            need(e.detect_every is None or e.detect_every >= 1,
-                 f"earlybert.detect_every={e.detect_every} must be >= 1")
-            need(e.gate_lr is None or e.gate_lr > 0, f"earlybert.gate_lr={e.gate_lr} must be > 0")
-            need(e.rewarmup_steps >= 0, f"earlybert.rewarmup_steps={e.rewarmup_steps} must be >= 0")
-            need(e.ffn_multiple >= 1, f"earlybert.ffn_multiple={e.ffn_multiple} must be >= 1")
-            fixed = e.draw in ("fixed", "random_at")  # their own budget
-            need(fixed or 1 <= e.max_search_steps < t.steps,
+        need(self.data.seq_len <= 512 or m.init_from is None, f"data.seq_len={self.data.seq_len}: BERT checkpoints "
+                                                              "have 512 positions")
+        if e.enabled and e.draw in FIXED_DRAWS:  # their own budget
+            need(e.fixed_step is not None and e.fixed_step < t.steps,
+                 f"earlybert.draw={e.draw} needs earlybert.fixed_step in [1, train.steps={t.steps})")
+        elif e.enabled:
+            need(e.max_search_steps < t.steps,
                  f"earlybert.max_search_steps={e.max_search_steps} must be in [1, train.steps={t.steps})")
-            if fixed:
-                need(e.fixed_step is not None and 1 <= e.fixed_step < t.steps,
-                     f"earlybert.draw={e.draw} needs earlybert.fixed_step in [1, train.steps={t.steps})")
+
+    def resolve(self, epoch_examples: int | None = None, world_size: int = 1) -> "RunConfig":
+        """The one step that settles the derived fields, then checks everything and freezes the config, so that
+        every component reads the same final values: an epoch-based budget (fine-tuning: ``epoch_examples``
+        training examples) becomes ``train.steps``, the search limit and the warm-up; the early-bird schedule is
+        fitted to the search budget."""
+        if epoch_examples is not None:
+            _settle_epochs(self, epoch_examples, world_size)
+        settle_detect_every(self.earlybert)
+        self.validate()
+        for part in (self, *(getattr(self, sec) for sec in _sections())):
+            object.__setattr__(part, "_frozen", True)
+        return self
+
+    def _get(self, key: str) -> Any:
+        *path, name = key.split(".")
+        return getattr(getattr(self, path[0]) if path else self, name)
+
+
+def _settle_epochs(cfg: RunConfig, examples: int, world_size: int) -> None:
+    """An epoch-based budget in steps: ``finetune.epochs`` -> ``train.steps``, ``finetune.search_epochs`` -> the
+    search limit, ``finetune.warmup_fraction`` -> ``train.warmup_steps``."""
+    t, f = cfg.train, cfg.finetune
+    per_epoch = max(1, math.ceil(examples / (t.micro_batch_size * t.grad_accum * world_size)))
+    if f.epochs is not None:
+        t.steps = max(2, math.ceil(f.epochs * per_epoch))
+    if f.search_epochs is not None:
+        cfg.earlybert.max_search_steps = min(t.steps - 1, max(1, math.ceil(f.search_epochs * per_epoch)))
+    if f.warmup_fraction is not None:
+        t.warmup_steps = int(f.warmup_fraction * t.steps)
+    logger.info("fine-tuning on %d examples: %d steps per epoch, %d steps, search limit %d", examples, per_epoch,
+                t.steps, cfg.earlybert.max_search_steps)
+
+
+def settle_detect_every(e: EarlyBertArgs) -> None:
+    """Fit the detection schedule to the search budget when ``detect_every`` is unset: ``window + 1`` checks must
+    fit in half the budget, or the test could never fire before the limit (a fine-tuning search of 16 steps with
+    checks every 10 steps and a window of 5 always drew at max_steps)."""
+    if e.detect_every is not None or not e.enabled:
+        return
+    budget = e.fixed_step if e.draw in FIXED_DRAWS else e.max_search_steps
+    e.detect_every = max(1, budget // (2 * (e.window + 1)))
+    logger.info("early-bird checks every %d step(s): %d checks fit in the search budget of %d steps (window %d)",
+                e.detect_every, budget // e.detect_every, budget, e.window)
 
 
 # ---- loading and the command line ----------------------------------------------------------------------------
@@ -245,6 +292,7 @@ def _sections() -> dict[str, type]:
             "finetune": FinetuneArgs, "log": LogArgs}
 
 
+@functools.cache
 def all_fields() -> dict[str, dataclasses.Field]:
     """Every option as ``section.name`` (or ``name`` at the top level) -> its dataclass field."""
     out = {f.name: f for f in dataclasses.fields(RunConfig) if f.name not in _sections()}
@@ -253,12 +301,26 @@ def all_fields() -> dict[str, dataclasses.Field]:
     return out
 
 
+@functools.cache
 def _hints() -> dict[str, Any]:
     hints = typing.get_type_hints(RunConfig)
     out = {k: v for k, v in hints.items() if k not in _sections()}
     for sec, cls in _sections().items():
         out.update({f"{sec}.{k}": v for k, v in typing.get_type_hints(cls).items()})
     return out
+
+
+def _choices(hint: Any) -> tuple | None:
+    """The values a ``Literal`` (or optional ``Literal``) field admits; ``None`` for other fields."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return args
+    literal = [a for a in args if typing.get_origin(a) is Literal]
+    return (*typing.get_args(literal[0]), None) if literal else None
+
+
+def _is_choice(value: Any, choices: tuple) -> bool:
+    return any(value == c and type(value) is type(c) for c in choices)  # True is not the ZeRO stage 1
 
 
 def _flatten(data: dict, source: str) -> dict[str, Any]:
@@ -284,7 +346,9 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0], source)
     if origin is Literal:
-        if value not in args:
+        if isinstance(value, str) and all(type(a) is int for a in args) and value.lstrip("-").isdigit():
+            value = int(value)  # a ZeRO stage from the command line
+        if not _is_choice(value, args):
             raise ConfigError(f"{source}: {key}={value!r} must be one of {', '.join(map(str, args))}")
         return value
     if origin is tuple:

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig
+from .config import RunConfig, TrainArgs
 from .hardware import auto_precision
 from .optim import cuda_op_available, uses_own_lamb
 
@@ -168,39 +168,9 @@ def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
     """
     cfg, source = load_ds_config(run.deepspeed)
     t = run.train
-
-    for key in cfg:
-        if key not in KNOWN_KEYS:
-            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise DSConfigError(f"{source}: unknown top-level field '{key}'{hint}: DeepSpeed would silently ignore it")
-        if key in _REJECTED:
-            raise DSConfigError(f"{source}: '{key}' is not accepted: {_REJECTED[key]}")
-    if _get(cfg, "wandb.enabled", "bool", source, auto=False):
-        raise DSConfigError(f"{source}: 'wandb' is not accepted: earlybert_ds logs to wandb itself (log.wandb); "
-                            "DeepSpeed's monitor would log against a different step")
-
-    # batch and clipping
-    _fill(cfg, "train_micro_batch_size_per_gpu", "int", t.micro_batch_size,
-          f"train.micro_batch_size={t.micro_batch_size}", source)
-    _fill(cfg, "gradient_accumulation_steps", "int", t.grad_accum, f"train.grad_accum={t.grad_accum}", source)
-    total = t.micro_batch_size * t.grad_accum * world_size
-    _fill(cfg, "train_batch_size", "int", total, f"train.micro_batch_size {t.micro_batch_size} × train.grad_accum "
-                                                 f"{t.grad_accum} × world size {world_size} = {total}", source)
-    _fill(cfg, "gradient_clipping", "number", float(t.clip_grad), f"train.clip_grad={t.clip_grad}", source)
-
-    # ZeRO stage: the run config's, else the JSON's, else 0
-    _get(cfg, "zero_optimization", "object", source, auto=False)
-    given_stage = _get(cfg, "zero_optimization.stage", "stage", source)
-    stage = t.zero_stage if t.zero_stage is not None else (0 if given_stage in (None, AUTO) else given_stage)
-    _fill(cfg, "zero_optimization.stage", "stage", stage, f"train.zero_stage={t.zero_stage}", source)
-    offload = {k: _get(cfg, f"zero_optimization.{k}.device", "str", source, auto=False) not in (None, "none")
-               for k in ("offload_optimizer", "offload_param")}
-    if offload["offload_param"] and stage != 3:
-        raise DSConfigError(f"{source}: zero_optimization.offload_param needs ZeRO stage 3, but the stage is {stage}")
-    if offload["offload_optimizer"] and stage == 0:
-        raise DSConfigError(f"{source}: zero_optimization.offload_optimizer needs ZeRO stage 1-3, but the stage is 0")
-
+    _check_top_level(cfg, source)
+    _fill_batch(cfg, t, world_size, source)
+    stage, offload = _fill_zero(cfg, t, source)
     precision = _resolve_precision(cfg, t.precision, source, on_cuda)
     if precision == "fp16" and stage == 0:
         raise DSConfigError(f"{source}: fp16 with ZeRO stage 0 is refused: DeepSpeed does not apply the loss scale "
@@ -219,6 +189,46 @@ def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
                             "its default); give a value or remove it")
     _validate_with_deepspeed(cfg, source)
     return cfg
+
+
+def _check_top_level(cfg: dict, source: str) -> None:
+    """Refuse fields DeepSpeed would ignore, and those that would fight earlybert_ds (its own wandb)."""
+    for key in cfg:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DSConfigError(f"{source}: unknown top-level field '{key}'{hint}: DeepSpeed would silently ignore it")
+        if key in _REJECTED:
+            raise DSConfigError(f"{source}: '{key}' is not accepted: {_REJECTED[key]}")
+    if _get(cfg, "wandb.enabled", "bool", source, auto=False):
+        raise DSConfigError(f"{source}: 'wandb' is not accepted: earlybert_ds logs to wandb itself (log.wandb); "
+                            "DeepSpeed's monitor would log against a different step")
+
+
+def _fill_batch(cfg: dict, t: TrainArgs, world_size: int, source: str) -> None:
+    """Batch sizes and clipping from the run config (a contradicting JSON value is refused)."""
+    _fill(cfg, "train_micro_batch_size_per_gpu", "int", t.micro_batch_size,
+          f"train.micro_batch_size={t.micro_batch_size}", source)
+    _fill(cfg, "gradient_accumulation_steps", "int", t.grad_accum, f"train.grad_accum={t.grad_accum}", source)
+    total = t.micro_batch_size * t.grad_accum * world_size
+    _fill(cfg, "train_batch_size", "int", total, f"train.micro_batch_size {t.micro_batch_size} × train.grad_accum "
+                                                 f"{t.grad_accum} × world size {world_size} = {total}", source)
+    _fill(cfg, "gradient_clipping", "number", float(t.clip_grad), f"train.clip_grad={t.clip_grad}", source)
+
+
+def _fill_zero(cfg: dict, t: TrainArgs, source: str) -> tuple[int, dict[str, bool]]:
+    """The ZeRO stage (the run config's, else the JSON's, else 0) and which offloads are on, checked together."""
+    _get(cfg, "zero_optimization", "object", source, auto=False)
+    given_stage = _get(cfg, "zero_optimization.stage", "stage", source)
+    stage = t.zero_stage if t.zero_stage is not None else (0 if given_stage in (None, AUTO) else given_stage)
+    _fill(cfg, "zero_optimization.stage", "stage", stage, f"train.zero_stage={t.zero_stage}", source)
+    offload = {k: _get(cfg, f"zero_optimization.{k}.device", "str", source, auto=False) not in (None, "none")
+               for k in ("offload_optimizer", "offload_param")}
+    if offload["offload_param"] and stage != 3:
+        raise DSConfigError(f"{source}: zero_optimization.offload_param needs ZeRO stage 3, but the stage is {stage}")
+    if offload["offload_optimizer"] and stage == 0:
+        raise DSConfigError(f"{source}: zero_optimization.offload_optimizer needs ZeRO stage 1-3, but the stage is 0")
+    return stage, offload
 
 
 def precision_choice(cfg: dict, run_precision: str | None, source: str, on_cuda: bool) -> tuple[str, str]:

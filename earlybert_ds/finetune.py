@@ -42,21 +42,6 @@ QA_TASKS = {"squad": ("train-v1.1.json", "dev-v1.1.json", False), "squad_v2": ("
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _settle_schedule(cfg: RunConfig, train_size: int) -> None:
-    """Turn the epoch-based fine-tuning budget into steps (train.steps, the search limit, warm-up)."""
-    t, f = cfg.train, cfg.finetune
-    per_epoch = max(1, math.ceil(train_size / (t.micro_batch_size * t.grad_accum * dist.world_size())))
-    if f.epochs is not None:
-        t.steps = max(2, math.ceil(f.epochs * per_epoch))
-    if f.search_epochs is not None:
-        cfg.earlybert.max_search_steps = min(t.steps - 1, max(1, math.ceil(f.search_epochs * per_epoch)))
-    if f.warmup_fraction is not None:
-        t.warmup_steps = int(f.warmup_fraction * t.steps)
-    if dist.rank() == 0:
-        logger.info("fine-tuning on %d examples: %d steps per epoch, %d steps, search limit %d", train_size,
-                    per_epoch, t.steps, cfg.earlybert.max_search_steps)
-
-
 def _sharded_outputs(engine: Engine, n: int, batch_of, micro: int, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Run the model over items ``0..n-1`` split across ranks (every rank the same number of batches, as ZeRO-3
     needs) and gather the outputs ``keys`` of all items, in order, on every rank."""
@@ -118,7 +103,7 @@ class ClassificationTask(ShardedTask):
         self.train = encode(load_task_split(self.spec, train_src, "train"), self.tokenizer, self.max_len)
         splits = self.spec.dev_splits if not f.dev_file else ("dev",)
         self.dev = {s: encode(load_task_split(self.spec, dev_src, s), self.tokenizer, self.max_len) for s in splits}
-        _settle_schedule(cfg, len(self.train))
+        self.epoch_examples = len(self.train)
         self.batches = ShardedBatches(len(self.train), t.micro_batch_size, t.grad_accum, dist.world_size(),
                                       dist.rank(), t.seed)
 
@@ -170,7 +155,7 @@ class QATask(ShardedTask):
         self.dev_examples = load_squad(f.dev_file or Path(f.data) / dev_name)
         self.dev = prepare_features(self.dev_examples, self.tokenizer, self.max_len, f.stride, training=False)
         n = len(self.train["input_ids"])
-        _settle_schedule(cfg, n)
+        self.epoch_examples = n
         self.batches = ShardedBatches(n, t.micro_batch_size, t.grad_accum, dist.world_size(), dist.rank(), t.seed)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:

@@ -138,45 +138,53 @@ def zero_partitions(wrapper: torch.optim.Optimizer) -> dict[torch.Tensor, Partit
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    def sliced(flat: torch.Tensor, sizes: list[int], offsets: list[int], left: int, group: Any) -> Partition:
-        spans = []
-        for k, (size, offset) in enumerate(zip(sizes, offsets)):
-            lo, hi = max(offset, left), min(offset + size, left + flat.numel())
-            if lo < hi:
-                spans.append((k, lo - left, hi - lo))
-        return Partition(tuple(spans), len(sizes), group)
-
     out = {}
     if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        for sub, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
-            params, group = wrapper.fp16_groups[sub], wrapper.sub_group_process_groups[sub]
-            rank, spans, start = torch.distributed.get_rank(group), [], 0
-            for k, p in enumerate(params):
-                length = min(p.partition_numel(), max(0, p.ds_numel - rank * p.partition_numel()))
-                if length:
-                    spans.append((k, start, length))
-                start += p.partition_numel()
-            if start != flat.numel():
-                raise RuntimeError(f"LAMB under ZeRO-3: sub-group {sub} holds {flat.numel()} elements, its "
-                                   f"parameters' partitions {start}: DeepSpeed's layout is not the one expected")
-            out[flat] = Partition(tuple(spans), len(params), group)
+        out = {flat: _zero3_partition(wrapper, sub, flat)
+               for sub, flat in enumerate(wrapper.fp32_partitioned_groups_flat)}
     elif isinstance(wrapper, DeepSpeedZeroOptimizer):  # stages 1 and 2
         for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
             group = wrapper.real_dp_process_group[i]
             parts = wrapper.parallel_partitioned_bit16_groups[i]
             left = sum(t.numel() for t in parts[:torch.distributed.get_rank(group)])
-            out[flat] = sliced(flat, [m.numel() for m in wrapper.round_robin_bit16_meta[i]],
+            out[flat] = _sliced(flat, [m.numel() for m in wrapper.round_robin_bit16_meta[i]],
                                wrapper.round_robin_bit16_offsets[i], left, group)
     elif isinstance(wrapper, BF16_Optimizer):
         for i, flat in enumerate(wrapper.fp32_groups_flat_partition):
             group = wrapper.real_dp_process_group[i]
             sizes = [p.numel() for p in wrapper.bf16_groups[i]]
             offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-            out[flat] = sliced(flat, sizes, offsets, torch.distributed.get_rank(group) * flat.numel(), group)
+            out[flat] = _sliced(flat, sizes, offsets, torch.distributed.get_rank(group) * flat.numel(), group)
     elif not isinstance(wrapper, (Lamb, FP16_UnfusedOptimizer)):  # these two step each parameter's own tensor
         raise RuntimeError(f"LAMB cannot keep its per-parameter trust ratio under DeepSpeed's "
                            f"{type(wrapper).__name__}; use --train.optimizer adamw")
     return out
+
+
+def _sliced(flat: torch.Tensor, sizes: list[int], offsets: list[int], left: int, group: Any) -> Partition:
+    """The parameters (of ``sizes``, at ``offsets`` in their group's flat tensor) that fall in this rank's slice
+    ``flat``, which starts at ``left``."""
+    spans = []
+    for k, (size, offset) in enumerate(zip(sizes, offsets)):
+        lo, hi = max(offset, left), min(offset + size, left + flat.numel())
+        if lo < hi:
+            spans.append((k, lo - left, hi - lo))
+    return Partition(tuple(spans), len(sizes), group)
+
+
+def _zero3_partition(wrapper: Any, sub: int, flat: torch.Tensor) -> Partition:
+    """ZeRO-3 sub-group ``sub``: this rank's slice of each parameter, concatenated in order into ``flat``."""
+    params, group = wrapper.fp16_groups[sub], wrapper.sub_group_process_groups[sub]
+    rank, spans, start = torch.distributed.get_rank(group), [], 0
+    for k, p in enumerate(params):
+        length = min(p.partition_numel(), max(0, p.ds_numel - rank * p.partition_numel()))
+        if length:
+            spans.append((k, start, length))
+        start += p.partition_numel()
+    if start != flat.numel():
+        raise RuntimeError(f"LAMB under ZeRO-3: sub-group {sub} holds {flat.numel()} elements, its "
+                           f"parameters' partitions {start}: DeepSpeed's layout is not the one expected")
+    return Partition(tuple(spans), len(params), group)
 
 
 def cuda_op_available(op: str) -> bool:

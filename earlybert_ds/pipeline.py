@@ -32,7 +32,7 @@ from .engine import Engine
 from .hardware import job_peak_flops
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, initial_config, initial_model
 from .monitor import Monitor
-from .search import SearchStage, check_prunable, random_ticket, settle_detect_every
+from .search import SearchStage, check_prunable, random_ticket
 from .shrink import shrink
 from .summary import run_summary, write_summary
 from .ticket import Ticket
@@ -54,9 +54,8 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     with dist.claim_output_dir(cfg.output_dir, resume or bool(resume_from), checkpoint.RUN_CONFIG) as out:
         # decided once, so that no file-system view can split the ranks across stages
         start = dist.on_rank0(checkpoint.where_to_start, cfg, out, resume, resume_from)
-        task = make_task(cfg)  # may settle derived fields of cfg (e.g. steps from epochs)
-        settle_detect_every(cfg.earlybert)  # from the search budget, now settled
-        cfg.validate()
+        task = make_task(cfg)
+        cfg.resolve(task.epoch_examples, dist.world_size())  # derived fields settled, then frozen
         if start.phase == "efficient":
             dist.on_rank0(checkpoint.check_ticket_fits, cfg, task.tokenizer, start.ticket)
         full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)

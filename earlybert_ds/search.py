@@ -32,15 +32,13 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .config import ConfigError, EarlyBertArgs
+from .config import FIXED_DRAWS, ConfigError, EarlyBertArgs
 from .plots import plot_gates, plot_mask_distances
 from .ticket import Masks, PruneSpec, Scores, Ticket, TicketError, draw_masks, index_mask, mask_distance, random_masks
 
 logger = logging.getLogger("earlybert_ds")
 
 SCORES = ("magnitude", "signed", "taylor")
-#: draw rules whose search ends at ``fixed_step`` rather than at convergence
-FIXED_DRAWS = ("fixed", "random_at")
 
 
 # ---- the gates ----------------------------------------------------------------------------------------------------
@@ -217,19 +215,6 @@ class EarlyBirdDetector:
             ffn=[index_mask(idx, n) for idx, n in zip(prev["ffn"], prev["sizes"][1])],
         )
         self.history = deque(state["history"], maxlen=self.window)
-
-
-def settle_detect_every(e: EarlyBertArgs) -> None:
-    """Fit the detection schedule to the search budget when ``detect_every`` is unset: ``window + 1`` checks must
-    fit in half the budget, or the test could never fire before the limit (a fine-tuning search of 16 steps with
-    checks every 10 steps and a window of 5 always drew at max_steps)."""
-    if e.detect_every is not None or not e.enabled:
-        return
-    budget = e.fixed_step if e.draw in FIXED_DRAWS else e.max_search_steps
-    e.detect_every = max(1, budget // (2 * (e.window + 1)))
-    if dist.rank() == 0:
-        logger.info("early-bird checks every %d step(s): %d checks fit in the search budget of %d steps (window %d)",
-                    e.detect_every, budget // e.detect_every, budget, e.window)
 
 
 # ---- what is drawn -------------------------------------------------------------------------------------------------

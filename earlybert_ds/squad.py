@@ -58,43 +58,22 @@ def load_squad(path: str | Path, strict: bool = True) -> list[QAExample]:
         raise TaskDataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except OSError as e:
         raise TaskDataError(f"{path}: cannot read: {e}") from None
-
-    def get(obj: Any, key: str, where: str, kind: type) -> Any:
-        if not isinstance(obj, dict) or key not in obj:
-            raise TaskDataError(f"{path}: {where} has no field {key!r}")
-        value = obj[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise TaskDataError(f"{path}: {where}: field {key!r} must be a {kind.__name__}, got {value!r:.80}")
-        return value
-
     examples: list[QAExample] = []
     seen: set[str] = set()
-    for i, article in enumerate(get(doc, "data", "the top level", list)):
+    for i, article in enumerate(_field(doc, "data", "the top level", list, path)):
         title = article.get("title", "") if isinstance(article, dict) else ""
-        for j, para in enumerate(get(article, "paragraphs", f"data[{i}]", list)):
+        for j, para in enumerate(_field(article, "paragraphs", f"data[{i}]", list, path)):
             where = f"data[{i}].paragraphs[{j}]"
-            context = get(para, "context", where, str)
-            for k, qa in enumerate(get(para, "qas", where, list)):
-                qid = get(qa, "id", f"{where}.qas[{k}]", str)
+            context = _field(para, "context", where, str, path)
+            for k, qa in enumerate(_field(para, "qas", where, list, path)):
+                qid = _field(qa, "id", f"{where}.qas[{k}]", str, path)
                 qwhere = f"question {qid!r} ({where}.qas[{k}])"
                 if qid in seen:
                     raise TaskDataError(f"{path}: {qwhere}: duplicate question id")
                 seen.add(qid)
-                question = get(qa, "question", qwhere, str)
-                impossible = get(qa, "is_impossible", qwhere, bool) if "is_impossible" in qa else None
-                answers = []
-                for n, a in enumerate([] if impossible else get(qa, "answers", qwhere, list)):
-                    text = get(a, "text", f"{qwhere} answers[{n}]", str)
-                    start = get(a, "answer_start", f"{qwhere} answers[{n}]", int)
-                    found = context[start:start + len(text)]
-                    if found != text:
-                        msg = (f"{path}: {qwhere}: answer {text!r} is not at answer_start {start} "
-                               f"(the context there reads {found!r})")
-                        if strict:
-                            raise TaskDataError(msg)
-                        logger.warning("%s; answer dropped", msg)
-                        continue
-                    answers.append(Answer(text, start))
+                question = _field(qa, "question", qwhere, str, path)
+                impossible = _field(qa, "is_impossible", qwhere, bool, path) if "is_impossible" in qa else None
+                answers = [] if impossible else _answers(qa, context, qwhere, path, strict)
                 if not impossible and not answers:
                     if strict:
                         raise TaskDataError(f"{path}: {qwhere}: an answerable question needs at least one answer")
@@ -102,6 +81,34 @@ def load_squad(path: str | Path, strict: bool = True) -> list[QAExample]:
                     continue
                 examples.append(QAExample(qid, question, context, tuple(answers), impossible, title))
     return examples
+
+
+def _field(obj: Any, key: str, where: str, kind: type, path: Path) -> Any:
+    """``obj[key]``, which must exist and be a ``kind``; the error names the file and where in it."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise TaskDataError(f"{path}: {where} has no field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TaskDataError(f"{path}: {where}: field {key!r} must be a {kind.__name__}, got {value!r:.80}")
+    return value
+
+
+def _answers(qa: dict, context: str, qwhere: str, path: Path, strict: bool) -> list[Answer]:
+    """A question's answers, each checked to sit at its ``answer_start`` in ``context``."""
+    answers = []
+    for n, a in enumerate(_field(qa, "answers", qwhere, list, path)):
+        text = _field(a, "text", f"{qwhere} answers[{n}]", str, path)
+        start = _field(a, "answer_start", f"{qwhere} answers[{n}]", int, path)
+        found = context[start:start + len(text)]
+        if found != text:
+            msg = (f"{path}: {qwhere}: answer {text!r} is not at answer_start {start} "
+                   f"(the context there reads {found!r})")
+            if strict:
+                raise TaskDataError(msg)
+            logger.warning("%s; answer dropped", msg)
+            continue
+        answers.append(Answer(text, start))
+    return answers
 
 
 def prepare_features(

@@ -35,6 +35,7 @@ class Task(Protocol):
     model_class: type[EarlyBertPreTrainedModel]
     model_overrides: dict[str, Any]  # config fields the task decides (e.g. num_labels)
     tokenizer: Any
+    epoch_examples: int | None  # training examples per epoch where the budget is in epochs (fine-tuning)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for the next optimizer step."""
@@ -79,6 +80,7 @@ class ShardedTask:
     checkpoints record, and its epoch; its training metrics from the models' ``task_loss``."""
 
     batches: ShardedBatches
+    epoch_examples: int | None = None  # a budget in steps
 
     def step_metrics(self, outputs: list[Any], device: torch.device) -> dict[str, float]:
         return step_metrics(outputs, device, [float(o.task_loss) for o in outputs])

@@ -72,3 +72,51 @@ def test_out_of_range_values_name_their_field(key, value):
     section, name = key.split(".")
     with pytest.raises(ConfigError, match=rf"^{key}={value}"):
         RunConfig.from_dict({section: {name: value}})
+
+
+BOUNDED = sorted((k, f.metadata["bounds"]) for k, f in all_fields().items() if f.metadata.get("bounds"))
+
+
+@pytest.mark.parametrize("key, bounds", BOUNDED, ids=[k for k, _ in BOUNDED])
+def test_each_declared_range_is_enforced_at_its_edges(key, bounds):
+    section, name = key.split(".")
+    edge = bounds.get("ge", bounds.get("gt"))
+    outside = [edge if "gt" in bounds else edge - 1e-9 if isinstance(edge, float) else edge - 1]
+    if "lt" in bounds:
+        outside.append(bounds["lt"])
+    for value in outside:
+        with pytest.raises(ConfigError, match=rf"^{key}="):
+            RunConfig.from_dict({section: {name: value}})
+    cfg = RunConfig()  # set in code, not loaded: validate() still holds it to the declared range
+    setattr(getattr(cfg, section), name, outside[0])
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        cfg.validate()
+
+
+def test_zero_stage_parses_from_the_command_line_and_refuses_booleans():
+    assert RunConfig.from_dict({"train": {"zero_stage": "2"}}).train.zero_stage == 2
+    for bad in (True, 4, "three"):
+        with pytest.raises(ConfigError, match="train.zero_stage=.* must be one of 0, 1, 2, 3"):
+            RunConfig.from_dict({"train": {"zero_stage": bad}})
+
+
+def test_resolve_settles_derived_fields_once_then_freezes():
+    cfg = RunConfig.from_dict({"train": {"micro_batch_size": 8},
+                               "finetune": {"epochs": 2.0, "search_epochs": 0.5, "warmup_fraction": 0.1}})
+    assert cfg.resolve(epoch_examples=100, world_size=2) is cfg  # 100 / (8 x 2) -> 7 steps per epoch
+    assert (cfg.train.steps, cfg.earlybert.max_search_steps, cfg.train.warmup_steps) == (14, 4, 1)
+    assert cfg.earlybert.detect_every == 1  # 4 // (2 x (window 5 + 1)), at least 1
+    for section, name in (("train", "steps"), ("earlybert", "detect_every")):
+        with pytest.raises(dataclasses.FrozenInstanceError, match="resolved and frozen"):
+            setattr(getattr(cfg, section), name, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.output_dir = "elsewhere"
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg  # what is saved loads back, unfrozen
+    steps_only = RunConfig().resolve()  # pre-training: the budget is in steps, nothing to settle but the schedule
+    assert steps_only.train.steps == RunConfig().train.steps
+
+
+def test_resolve_refuses_derived_values_that_break_a_constraint():
+    cfg = RunConfig.from_dict({"train": {"warmup_steps": 30}, "finetune": {"warmup_fraction": None, "epochs": 0.01}})
+    with pytest.raises(ConfigError, match="train.warmup_steps=30 exceeds train.steps=2"):
+        cfg.resolve(epoch_examples=8)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from earlybert_ds.config import ConfigError, EarlyBertArgs, RunConfig
+from earlybert_ds.config import ConfigError, EarlyBertArgs, RunConfig, settle_detect_every
 from earlybert_ds.data import load_tokenizer
 from earlybert_ds.engine import lr_lambda
 from earlybert_ds.modeling import EarlyBertForPreTraining, EarlyBertForSequenceClassification
@@ -25,7 +25,6 @@ from earlybert_ds.search import (
     head_gate_params,
     read_gates,
     scores_of,
-    settle_detect_every,
 )
 from earlybert_ds.ticket import Masks, PruneSpec, Scores, Ticket, TicketError, draw_masks, random_masks
 
