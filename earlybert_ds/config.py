@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,16 +53,15 @@ def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = N
 
 def _out_of_range(value: Any, bounds: dict[str, float]) -> str | None:
     """Why ``value`` is outside ``bounds`` (``None`` passes: optional fields are unset)."""
-    if value is None or not bounds:
+    if value is None or all(_COMPARE[op](value, v) for op, v in bounds.items()):
         return None
     lo, hi = bounds.get("ge", bounds.get("gt")), bounds.get("lt")
-    ok = ((value >= bounds["ge"] if "ge" in bounds else True) and (value > bounds["gt"] if "gt" in bounds else True)
-          and (value < hi if hi is not None else True))
-    if ok:
-        return None
     if hi is None:
         return f"must be {'>=' if 'ge' in bounds else '>'} {lo:g}"
     return f"must be in {'[' if 'ge' in bounds else '('}{lo:g}, {hi:g})"
+
+
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "lt": operator.lt}
 
 
 @dataclass
