@@ -19,8 +19,9 @@ from earlybert_ds.config import RunConfig
 from earlybert_ds.data import load_tokenizer, prepare_corpus
 spec = json.loads(sys.argv[1])
 tok = load_tokenizer(spec.pop("tokenizer"))
+data = RunConfig.from_dict({"data": spec}).data
 t0 = time.perf_counter()
-prepare_corpus(RunConfig.from_dict({"data": spec}).data, tok, seed=0)
+prepare_corpus(data, tok, seed=0)
 wall = time.perf_counter() - t0
 mb = lambda who: resource.getrusage(who).ru_maxrss / 1024
 print(json.dumps({"wall_s": wall, "peak_rss_mb": mb(resource.RUSAGE_SELF),
@@ -76,7 +77,6 @@ def _print_data(result: dict) -> None:
     for r in result["runs"]:
         print(f"| {r['corpus_mb']:.0f} | {r['workers']} | {r['wall_s']:.0f} | {r['mb_per_s']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |")
-
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -77,7 +77,6 @@ def section_task(root: Path, out: Path, train_per_class: int, dev_per_class: int
             "dev": str(out / "dev.jsonl")}
 
 
-
 def finetune_settings(args: argparse.Namespace, data: dict[str, Any], detect_every: bool = True) -> dict[str, Any]:
     """The settings every fine-tuning run shares: the model, the task, the budget (and the search schedule, unless
     ``detect_every`` is false: then the runs derive it from their search budget)."""
@@ -129,7 +128,6 @@ def _print_finetune(result: dict) -> None:
         print(f"{name:<16}{'-' if r['ticket_step'] is None else r['ticket_step']:>7}{r['flop_ratio']:>11.3f}"
               f"{r['process_s']:>8.0f}{r['process_cpu_s']:>7.0f}{rel:>12.3f}{r['final_dev_accuracy']:>9.3f}"
               f"{gap:>+12.3f}")
-
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -51,8 +51,9 @@ def lamb(args: argparse.Namespace) -> dict:
         runs = list(pool.map(run, jobs))
     final = {a: {r["seed"]: r["final_val_loss"] for r in runs if r["arm"] == a} for a in arms}
     diff = [final["lamb"][s] - final["adamw"][s] for s in range(args.seeds)]
-    summary = {"batch": {"adamw": args.small_batch, "lamb": args.large_batch}, "lr": {"adamw": args.lr, "lamb": lamb_lr},
-               "steps": {"adamw": args.steps, "lamb": args.steps // k}, "tokens": runs[0]["tokens"],
+    summary = {"batch": {"adamw": args.small_batch, "lamb": args.large_batch},
+               "lr": {"adamw": args.lr, "lamb": lamb_lr}, "steps": {"adamw": args.steps, "lamb": args.steps // k},
+               "tokens": runs[0]["tokens"],
                "val_loss": {a: interval(list(v.values())) for a, v in final.items()},
                "lamb_minus_adamw": interval(diff), "diffs": diff,
                "target_met": bool(np.mean(diff) <= 0.01 * np.mean(list(final["adamw"].values())))}
@@ -70,7 +71,6 @@ def _print_lamb(result: dict) -> None:
     d = s["lamb_minus_adamw"]
     print(f"LAMB − AdamW (paired by seed): {d['mean']:+.4f} ± {d['ci95']:.4f}; target (LAMB within 1% of AdamW's "
           f"loss at the same tokens): {'met' if s['target_met'] else 'MISSED'}")
-
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -223,8 +223,9 @@ def _print_throughput(result: dict) -> None:
             print(f"{f'({v}) {VARIANTS[v]}':<38}{tps:>9.0f}{s['speedup'][v]:>8.3f}{s['speedup_wall'][v]:>7.3f}"
                   f"{flops[v] / 1e9:>10.3f}{flops[v] / flops['a']:>13.3f}{s['gflops_per_s'][v]:>8.1f}"
                   f"{s['mfu'][v]:>7.1%}{s['peak_mem_mb'][v]:>8.0f}")
+        matmul = "x".join(map(str, PEAK_SHAPES[result["device"]]))
         print(f"MFU against this machine's {result['precision']} matmul peak, measured in each process after its "
-              f"steps: median {s['peak_flops']['a'] / 1e9:.0f} GFLOP/s (matmul {'x'.join(map(str, PEAK_SHAPES[result['device']]))})")
+              f"steps: median {s['peak_flops']['a'] / 1e9:.0f} GFLOP/s (matmul {matmul})")
         for v, ratio in s["realized_over_theoretical"].items():
             print(f"({v}): FLOP ratio {s['flop_ratio'][v]:.3f} -> theoretical speedup {1 / s['flop_ratio'][v]:.3f}, "
                   f"realized {s['speedup'][v]:.3f}, realized/theoretical {ratio:.3f} (target >= 0.95)")
@@ -237,8 +238,6 @@ def _print_throughput(result: dict) -> None:
         print("targets: " + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in s["targets_met"].items()))
 
 
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("throughput", help="training-step tokens/s, FLOP ratio and peak memory of five variants")
     t.add_argument("--shapes", default="base,small", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -246,7 +245,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=3, help="measured steps per process (their median counts)")
     t.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (allocator, optimizer state)")
     t.add_argument("--repeats", type=int, default=3, help="rounds of interleaved processes, one per variant")
-    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: as the runs' auto (bf16 on CUDA and on CPUs with bf16 units, else fp32)")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="default: as the runs' auto (bf16 on CUDA and on CPUs with bf16 units, else fp32)")
     t.add_argument("--variants", default="abcde", help="which of abcde, in round order; a is the reference: "
                    + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     t.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
