@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging()
     if args.command == "bench":
-        from .bench import main as bench
+        from .bench.__main__ import main as bench
 
         return bench(args.args)
     try:

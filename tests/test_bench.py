@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from earlybert_ds import bench
+from earlybert_ds.bench import common, finetune, pretrain, throughput, tickets
+from earlybert_ds.bench.__main__ import main
 
 from conftest import REPO
 
@@ -44,38 +45,38 @@ def test_throughput_smoke(tmp_path):
 
 
 def test_uneven_ticket_has_paper_ratios_and_uneven_widths():
-    shape = bench.SHAPES["base"]
-    ticket = bench.uneven_ticket(shape)
+    shape = common.SHAPES["base"]
+    ticket = throughput.uneven_ticket(shape)
     assert ticket.heads_per_layer == [8] * 12  # 1/3 of 12 heads pruned in every layer
     assert sum(ticket.intermediate_sizes) == round(0.6 * 12 * 3072)  # 40% of the FFN neurons, across layers
     assert len(set(ticket.intermediate_sizes)) == 12
-    aligned = bench.uneven_ticket(shape, ffn_multiple=64)  # variant (e)
+    aligned = throughput.uneven_ticket(shape, ffn_multiple=64)  # variant (e)
     assert all(w % 64 == 0 for w in aligned.intermediate_sizes)
 
 
 def test_shrunk_variants_are_ticket_shaped():
-    shape = bench.SHAPES["tiny"]
-    for variant, multiple in bench.SHRUNK.items():
-        config = bench.build_variant(variant, shape).config
-        assert config.intermediate_sizes == bench.uneven_ticket(shape, multiple).intermediate_sizes
+    shape = common.SHAPES["tiny"]
+    for variant, multiple in throughput.SHRUNK.items():
+        config = throughput.build_variant(variant, shape).config
+        assert config.intermediate_sizes == throughput.uneven_ticket(shape, multiple).intermediate_sizes
         assert not config.use_gates
 
 
 def test_time_to_interpolates_between_validations():
     curve = [(10.0, 5.0, 10), (20.0, 4.0, 20), (30.0, 3.0, 30)]
-    assert bench._time_to(curve, 3.5) == pytest.approx(25.0)
-    assert bench._time_to(curve, 6.0) == 10.0
-    assert bench._time_to(curve, 2.0) is None
+    assert pretrain._time_to(curve, 3.5) == pytest.approx(25.0)
+    assert pretrain._time_to(curve, 6.0) == 10.0
+    assert pretrain._time_to(curve, 2.0) is None
 
 
 def test_pretrain_names_the_missing_corpus(tmp_path, capsys):
-    assert bench.main(["pretrain", "--corpus", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "runs")]) == 2
+    assert main(["pretrain", "--corpus", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "runs")]) == 2
     assert "apt-get install python3.11-doc" in capsys.readouterr().err
 
 
 def _docs_tree(root):
     """A miniature Python-docs _sources tree: three pages per section, four prose paragraphs per page."""
-    for section in bench.SECTIONS:
+    for section in finetune.SECTIONS:
         for page in range(3):
             paras = [f"Paragraph {i} of {section} page {page} says :func:`~os.{section}` and ``code`` in plain words "
                      "long enough to count as prose here." for i in range(4)]
@@ -87,25 +88,25 @@ def _docs_tree(root):
 
 def test_paragraphs_keep_prose_and_strip_markup(tmp_path):
     _docs_tree(tmp_path)
-    paras = bench._paragraphs(tmp_path / "faq" / "p0.rst.txt", min_words=12)
+    paras = finetune._paragraphs(tmp_path / "faq" / "p0.rst.txt", min_words=12)
     assert paras == [f"Paragraph {i} of faq page 0 says os.faq and code in plain words long enough to count as "
                      "prose here." for i in range(4)]
 
 
 def test_section_task_splits_by_page_and_balances(tmp_path):
     _docs_tree(tmp_path / "docs")
-    data = bench.section_task(tmp_path / "docs", tmp_path / "data", train_per_class=5, dev_per_class=3)
+    data = finetune.section_task(tmp_path / "docs", tmp_path / "data", train_per_class=5, dev_per_class=3)
     rows = {side: [json.loads(line) for line in (tmp_path / "data" / f"{side}.jsonl").read_text().splitlines()]
             for side in ("train", "dev")}
     # a quarter of each section's 12 paragraphs goes to dev by whole pages: one page of 4, of which 3 are sampled
-    assert data["counts"] == {s: {"dev": 3, "train": 5} for s in bench.SECTIONS}
-    assert {r["label"] for r in rows["train"]} == set(range(len(bench.SECTIONS)))
+    assert data["counts"] == {s: {"dev": 3, "train": 5} for s in finetune.SECTIONS}
+    assert {r["label"] for r in rows["train"]} == set(range(len(finetune.SECTIONS)))
     assert not {r["page"] for r in rows["train"]} & {r["page"] for r in rows["dev"]}
-    assert all(bench.SECTIONS[r["label"]] == r["page"].split("/")[0] for side in rows.values() for r in side)
+    assert all(finetune.SECTIONS[r["label"]] == r["page"].split("/")[0] for side in rows.values() for r in side)
 
 
 def test_finetune_names_the_missing_corpus(tmp_path, capsys):
-    assert bench.main(["finetune", "--corpus", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "r")]) == 2
+    assert main(["finetune", "--corpus", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "r")]) == 2
     assert "python3.11-doc" in capsys.readouterr().err
 
 
@@ -143,7 +144,7 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
                                                (0.61, 0.59, 0.54, 0.55)]):
         runs += [_ticket_run("full", seed, full, 100.0), _ticket_run("eb", seed, eb, 70.0 + seed, 10, 0.6),
                  _ticket_run("random@0", seed, r0, 60.0, 0, 0.6), _ticket_run("random@eb", seed, rs, 71.0, 10, 0.6)]
-    s = bench.summarise_tickets(runs, "dev_accuracy", higher_is_better=True)
+    s = tickets.summarise_tickets(runs, "dev_accuracy", higher_is_better=True)
     t = 4.302653  # t(0.975, 2 degrees of freedom)
     full = s["methods"]["full"]["metric"]
     assert full["mean"] == pytest.approx(0.61) and full["ci95"] == pytest.approx(t * 0.01 / 3 ** 0.5)
@@ -158,17 +159,17 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     assert paired["full"]["diffs"] == pytest.approx(diffs)
     sd = float(np.std(diffs, ddof=1))
     assert paired["full"]["ci95"] == pytest.approx(t * sd / 3 ** 0.5)
-    loss = bench.summarise_tickets(runs, "val_loss", higher_is_better=False)  # lower is better: gain flips sign
+    loss = tickets.summarise_tickets(runs, "val_loss", higher_is_better=False)  # lower is better: gain flips sign
     assert loss["paired"]["eb"]["random@0"]["gain"]["mean"] == pytest.approx(-paired["random@0"]["mean"])
 
 
 def test_matched_control_keeps_the_method_and_draws_at_its_step():
-    methods = bench.ticket_methods(5e-5, 10)
-    opts = bench.matched_control(methods["continue"], 17)
+    methods = tickets.ticket_methods(5e-5, 10)
+    opts = tickets.matched_control(methods["continue"], 17)
     assert opts[:len(methods["continue"])] == methods["continue"]  # same weights rule, same search settings
     assert opts[-4:] == ["--earlybert.draw", "random_at", "--earlybert.fixed_step", "17"]
     assert methods["gate_lr1000"][-2:] == ["--earlybert.gate_lr", "0.05"]
-    jobs = bench._tickets_jobs(argparse.Namespace(first_seed=0, seeds=2, matched=["paper"]),
+    jobs = tickets._tickets_jobs(argparse.Namespace(first_seed=0, seeds=2, matched=["paper"]),
                                {"full": [], "paper": []})
     assert jobs == [("full", 0, None), ("paper", 0, None), ("random@paper", 0, "paper"),
                     ("full", 1, None), ("paper", 1, None), ("random@paper", 1, "paper")]

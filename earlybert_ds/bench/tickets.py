@@ -1,0 +1,270 @@
+"""The tickets suite: ticket quality over K seeds of each method (full model, EarlyBERT as published, random
+tickets at step 0 and at each method's own step, search variants) at the same budget, real runs of the fine-tuning
+or the pre-training task, and each method's paired differences against the controls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..plots import plot_intervals
+from .common import (PYTHON_DOCS, SHAPES, BenchError, _machine, _prepare_data, _python_docs, _run, _run_args,
+                     cli_options, interval)
+from .finetune import finetune_settings, section_task
+from .pretrain import pretrain_settings
+
+#: The paper-faithful EarlyBERT, spelt out so that it stays the paper's whatever the defaults become.
+PAPER = ["--earlybert.score", "magnitude", "--earlybert.gate_lr", "none", "--earlybert.l1_heads", "1e-4",
+         "--earlybert.l1_ffn", "1e-4", "--earlybert.weights", "rewind", "--earlybert.rewarmup_steps", "0"]
+CONTROLS = ("full", "random@0")  # the references every variant is compared with (besides its matched control)
+
+
+def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
+    """The tickets suite's methods: name -> its own options. ``paper`` is EarlyBERT as published, ``default`` the
+    command's defaults; each lever changes one setting of the paper's."""
+    return {
+        "full": ["--earlybert.enabled", "false"],
+        "paper": PAPER,
+        "random@0": ["--earlybert.draw", "random"],
+        "default": [],
+        "gate_lr100": PAPER + ["--earlybert.gate_lr", f"{100 * lr:g}"],
+        "gate_lr1000": PAPER + ["--earlybert.gate_lr", f"{1000 * lr:g}"],
+        "l1x10": PAPER + ["--earlybert.l1_heads", "1e-3", "--earlybert.l1_ffn", "1e-3"],
+        "signed": PAPER + ["--earlybert.score", "signed"],
+        "taylor": PAPER + ["--earlybert.score", "taylor"],
+        "continue": PAPER + ["--earlybert.weights", "continue"],
+        "rewarmup": PAPER + ["--earlybert.rewarmup_steps", str(rewarmup)],
+        "taylor+continue": PAPER + ["--earlybert.score", "taylor", "--earlybert.weights", "continue"],
+    }
+
+
+def matched_control(options: list[str], step: int) -> list[str]:
+    """The same-step random control of a method: its very options (weights rule, search settings, data order),
+    but a random ticket drawn at ``step``, the step the method drew its own ticket at."""
+    return options + ["--earlybert.draw", "random_at", "--earlybert.fixed_step", str(step)]
+
+
+def _tickets_jobs(args: argparse.Namespace, methods: dict[str, list[str]]) -> list[tuple[str, int, str | None]]:
+    """(method, seed, method it is the matched control of) in run order: interleaved by seed, every matched
+    control right after the rest of its seed, so that load on a shared machine falls on all methods alike."""
+    jobs = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        jobs += [(m, seed, None) for m in methods]
+        jobs += [(f"random@{m}", seed, m) for m in args.matched]
+    return jobs
+
+
+def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The methods to run (name -> its own options), once ``args`` has --quick's and the task's defaults."""
+    if args.quick:
+        args.seeds, args.train_per_class, args.dev_per_class, args.epochs, args.max_len = 2, 8, 4, 1.0, 32
+        args.model_size, args.steps, args.eval_batches = "tiny", 24, 2
+    args.batch = args.batch or (32 if args.task == "finetune" else 16)
+    args.lr = args.lr or (5e-5 if args.task == "finetune" else 1e-3)
+    args.matched = [m for m in args.matched.split(",") if m]
+    methods = ticket_methods(args.lr, args.rewarmup)
+    for spec in args.variant:
+        name, _, opts = spec.partition("=")
+        methods[name] = opts.split()
+    names = args.methods.split(",")
+    if unknown := (set(names) | set(args.matched)) - set(methods):
+        raise BenchError(f"--methods/--matched: unknown {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(methods)} (or add one with --variant NAME=OPTIONS)")
+    if set(args.matched) & {"full", "random@0"}:
+        raise BenchError("--matched: the controls have no ticket of their own to match")
+    return {m: methods[m] for m in names}
+
+
+def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str, Any] | None]:
+    """The task's settings shared by every run (the seed left out: each run has its own), its command, the key of
+    its metric, and its data (fine-tuning: the section task, made here)."""
+    root = _python_docs(args.corpus)
+    if args.task == "finetune":
+        data = section_task(root, Path(args.out_dir) / "data", args.train_per_class, args.dev_per_class, args.seed)
+        settings, command, key = finetune_settings(args, data, detect_every=False), "finetune", "dev_accuracy"
+    else:
+        args.corpus, data = str(root), None
+        settings, command, key = pretrain_settings(args, detect_every=False), "pretrain", "val_loss"
+    settings.pop("train.seed", None)
+    if args.precision:
+        settings["train.precision"] = args.precision
+    return settings, command, key, data
+
+
+def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]], methods: dict[str, list[str]],
+              common: list[str], command: str, key: str) -> list[dict]:
+    """The runs of ``jobs``, ``args.parallel`` at a time; a run made before with the same options is reused."""
+    done: dict[tuple[str, int], Future] = {}
+
+    def run(job: tuple[str, int, str | None]) -> dict | None:
+        name, seed, of = job
+        if of is None:
+            opts = methods[name]
+        else:
+            method = done[(of, seed)].result()
+            if method is None:
+                return None
+            opts = matched_control(methods[of], method["ticket_step"])
+        out = Path(args.out_dir) / f"{name}-s{seed}"
+        record, options = out.with_name(out.name + ".json"), common + ["--train.seed", str(seed)] + opts
+        if record.is_file() and not args.overwrite:  # the same run, already made: reused (more seeds, more methods)
+            r = json.loads(record.read_text())
+            if r["command"][4:-2] == options:
+                return r
+        if args.summarise_only:
+            return None
+        r = _run(command, options, out, args.threads, key)
+        r.update(method=name, seed=seed, options=opts, metric=r[f"final_{key}"])
+        record.write_text(json.dumps(r) + "\n")
+        print(f"[tickets {args.task}] {name} seed {seed}: {key} {r['metric']:.4f}, CPU {r['process_cpu_s']:.0f} s, "
+              f"ticket {r['ticket_step']} ({r['ticket_reason']})", file=sys.stderr, flush=True)
+        return r
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for job in jobs:  # in order: a matched control waits for its method, which was submitted before it
+            done[job[:2]] = pool.submit(run, job)
+        return [r for r in (f.result() for f in done.values()) if r is not None]
+
+
+def tickets(args: argparse.Namespace) -> dict:
+    """K seeds of each method at the same total budget (real runs), per-method means with intervals, and each
+    variant's paired differences against the random controls and the full model."""
+    methods = _methods(args)
+    settings, command, key, data = _task(args)
+    jobs = _tickets_jobs(args, methods)
+    if args.task == "pretrain":
+        for seed in sorted({s for _, s, _ in jobs}):  # the corpus' split depends on the seed: prepare each up front
+            _prepare_data({**settings, "train.seed": seed})
+    common = cli_options(settings)
+    result: dict[str, Any] = {"suite": "tickets", "task": args.task, "machine": _machine(), "args": _run_args(args),
+                              "options": common, "methods": {**methods}, "data": data}
+    result["runs"] = _run_jobs(args, jobs, methods, common, command, key)
+    result["summary"] = summarise_tickets(result["runs"], key, higher_is_better=args.task == "finetune")
+    if args.plot:
+        s = result["summary"]["methods"]
+        plot_intervals({m: (v["cpu_vs_full"]["mean"], v["cpu_vs_full"]["ci95"], v["metric"]["mean"],
+                            v["metric"]["ci95"]) for m, v in s.items() if "cpu_vs_full" in v},
+                       "CPU time relative to the full model (paired by seed)", key, args.plot,
+                       title=f"bench tickets ({args.task}): mean and 95% interval over seeds")
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    return result
+
+
+def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dict[str, Any]:
+    """Per method: the metric's mean and 95% interval over seeds, CPU time relative to the full model of the same
+    seed, ticket steps and reasons, FLOP ratio, the search share s and the time-saved bound 1 - (s + (1 - s) r).
+    Per method with a ticket: the paired (same-seed) differences against the full model, the random ticket at
+    step 0 and its own same-step random control (``gain`` is the difference signed so that > 0 is better)."""
+    by: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    sign = 1.0 if higher_is_better else -1.0
+    out: dict[str, Any] = {"metric": key, "higher_is_better": higher_is_better, "methods": {}, "paired": {}}
+    for m, seeds in by.items():
+        rs = list(seeds.values())
+        s: dict[str, Any] = {"metric": interval([r["metric"] for r in rs]), "values": [r["metric"] for r in rs],
+                             "seeds": list(seeds), "flop_ratio": float(np.mean([r["flop_ratio"] for r in rs])),
+                             "cpu_s": interval([r["process_cpu_s"] for r in rs]),
+                             "wall_s": interval([r["process_s"] for r in rs]),
+                             "ticket_steps": [r["ticket_step"] for r in rs],
+                             "reasons": [r["ticket_reason"] for r in rs]}
+        full = by.get("full", {})
+        if full and m != "full":
+            common = [sd for sd in seeds if sd in full]
+            s["cpu_vs_full"] = interval([seeds[sd]["process_cpu_s"] / full[sd]["process_cpu_s"] for sd in common])
+        elif m == "full":
+            s["cpu_vs_full"] = {"mean": 1.0, "ci95": 0.0, "n": len(rs)}
+        if rs[0]["ticket_step"] is not None:
+            shares = [r["ticket_step"] / r["steps"] for r in rs]
+            s["search_share"] = float(np.mean(shares))
+            s["time_saved_bound"] = float(np.mean([1 - (sh + (1 - sh) * r["flop_ratio"]) for sh, r in zip(shares, rs)]))
+        out["methods"][m] = s
+    for m, seeds in by.items():
+        if m in CONTROLS or m.startswith("random@"):
+            continue
+        pairs = {}
+        for ref in ("full", "random@0", f"random@{m}"):
+            common = [sd for sd in seeds if sd in by.get(ref, {})]
+            if common:
+                diffs = [seeds[sd]["metric"] - by[ref][sd]["metric"] for sd in common]
+                pairs[ref] = {**interval(diffs), "gain": interval([sign * d for d in diffs]), "diffs": diffs}
+        out["paired"][m] = pairs
+    return out
+
+
+def _print_tickets(result: dict) -> None:
+    s, key = result["summary"], result["summary"]["metric"]
+    print(f"\nbench tickets ({result['task']}): {key} over seeds, mean ± 95% t-interval; CPU time paired by seed")
+    print(f"{'method':<18}{'n':>3}{key:>20}{'CPU vs full':>18}{'FLOP ratio':>11}{'bound':>7}  ticket steps (reason)")
+    for m, v in s["methods"].items():
+        cpu = f"{v['cpu_vs_full']['mean']:.3f} ± {v['cpu_vs_full']['ci95']:.3f}" if "cpu_vs_full" in v else "-"
+        steps = ", ".join(f"{st}" for st in v["ticket_steps"]) if v["ticket_steps"][0] is not None else "-"
+        reasons = ",".join(sorted(set(filter(None, v["reasons"])))) or "-"
+        bound = f"{v['time_saved_bound']:.2f}" if "time_saved_bound" in v else "-"
+        print(f"{m:<18}{v['metric']['n']:>3}{v['metric']['mean']:>12.4f} ± {v['metric']['ci95']:.4f}"
+              f"{cpu:>18}"
+              f"{v['flop_ratio']:>11.3f}{bound:>7}  {steps} ({reasons})")
+    print(f"\npaired differences in {key} (method − reference, same seed), mean ± 95% t-interval")
+    for m, refs in s["paired"].items():
+        print(f"{m:<18}" + "   ".join(f"vs {ref}: {d['mean']:+.4f} ± {d['ci95']:.4f} (n={d['n']})"
+                                      for ref, d in refs.items()))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser("tickets", help="ticket quality: K seeds x methods (full, EarlyBERT as published, random "
+                                       "tickets at step 0 and at the method's own step, search variants)")
+    k.add_argument("--task", choices=("finetune", "pretrain"), default="finetune")
+    k.add_argument("--methods", default="full,paper,random@0,default",
+                   help="comma-separated, of " + ", ".join(ticket_methods(1.0, 1)) + " and any --variant")
+    k.add_argument("--matched", default="paper,default",
+                   help="methods that get a same-step random control (random@METHOD: the method's options, a random "
+                        "ticket drawn at the step it drew its own)")
+    k.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="another method: a name and its earlybert-ds options, e.g. "
+                        "'tc=--earlybert.score taylor --earlybert.weights continue' (repeatable)")
+    k.add_argument("--seeds", type=int, default=5, help="seeds per method (--train.seed)")
+    k.add_argument("--first-seed", type=int, default=0)
+    k.add_argument("--parallel", type=int, default=1, help="runs at a time (with --threads 1: one per core)")
+    k.add_argument("--rewarmup", type=int, default=10, help="re-warm-up steps of the 'rewarmup' lever")
+    k.add_argument("--corpus", help=f"the Python docs' _sources directory (default: {PYTHON_DOCS})")
+    k.add_argument("--batch", type=int, help="sequences per step (default: 32 fine-tuning, 16 pre-training)")
+    k.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5 fine-tuning, 1e-3 pre-training)")
+    k.add_argument("--evals", type=int, default=1, help="validations per run (the last one counts)")
+    _task_arguments(k)
+    k.add_argument("--plot", default="", help="PNG of each method's metric against its CPU time (with intervals)")
+    k.add_argument("--quick", action="store_true", help="tiny inputs, 2 seeds (smoke test)")
+    k.add_argument("--out-dir", default="runs/bench-tickets", help="the runs' output directories (and data)")
+    k.add_argument("--overwrite", action="store_true",
+                   help="rerun runs already in --out-dir (default: a run made before with the same command is reused)")
+    k.add_argument("--summarise-only", action="store_true",
+                   help="run nothing: summarise the runs of these methods and seeds already in --out-dir")
+    k.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
+    k.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="every run's train.precision (default: the runs' auto: bf16 on CUDA and on CPUs with bf16 "
+                        "units, else fp32)")
+    k.add_argument("--out", help="write the raw numbers as JSON here")
+    k.set_defaults(func=tickets, report=_print_tickets)
+
+
+def _task_arguments(k: argparse.ArgumentParser) -> None:
+    """The options of one task only (the finetune and pretrain suites' own, other defaults)."""
+    k.add_argument("--model", help="fine-tuning: pretrained BERT directory (default: MiniLM)")
+    k.add_argument("--train-per-class", type=int, default=300, help="fine-tuning: training paragraphs per section")
+    k.add_argument("--dev-per-class", type=int, default=160,
+                   help="fine-tuning: dev paragraphs per section (160: ~1,100 dev paragraphs, standard error of one "
+                        "accuracy <= 1.5 points)")
+    k.add_argument("--max-len", type=int, default=64, help="fine-tuning: tokens per paragraph")
+    k.add_argument("--epochs", type=float, default=2.0, help="fine-tuning: epochs")
+    k.add_argument("--search-epochs", type=float, default=0.2, help="fine-tuning: EarlyBERT's search budget")
+    k.add_argument("--seed", type=int, default=0, help="fine-tuning: seed of the data split")
+    k.add_argument("--model-size", choices=list(SHAPES), default="small", help="pre-training: the model")
+    k.add_argument("--steps", type=int, default=400, help="pre-training: steps of every run (search included)")
+    k.add_argument("--eval-batches", type=int, default=10, help="pre-training: micro-batches per validation")
+    k.add_argument("--cache-dir", help="pre-training: tokenised-corpus cache (default: ~/.cache/earlybert_ds)")
