@@ -297,18 +297,14 @@ class EncoderOutput(ModelOutput):
 class EarlyBertModel(EarlyBertPreTrainedModel):
     """The bare encoder (embeddings, ticket-shaped layers, pooler)."""
 
+    _input_embed_layer = "word_embeddings"  # transformers' get/set_input_embeddings find embeddings.word_embeddings
+
     def __init__(self, config: EarlyBertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embeddings.word_embeddings = value
 
     def forward(
         self,
