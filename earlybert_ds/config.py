@@ -207,6 +207,8 @@ class RunConfig(_Section):
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
+        """A checked config from sections as mappings (``{"train": {"lr": 3e-4}}``, a saved ``run_config.json``) or
+        ``section.field`` keys (``{"train.lr": 3e-4}``, as the benchmarks write their settings), or both."""
         cfg = cls()
         _apply(cfg, _flatten(data, source), source)
         cfg.validate()

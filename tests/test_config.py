@@ -120,3 +120,11 @@ def test_resolve_refuses_derived_values_that_break_a_constraint():
     cfg = RunConfig.from_dict({"train": {"warmup_steps": 30}, "finetune": {"warmup_fraction": None, "epochs": 0.01}})
     with pytest.raises(ConfigError, match="train.warmup_steps=30 exceeds train.steps=2"):
         cfg.resolve(epoch_examples=8)
+
+
+def test_from_dict_takes_sections_or_dotted_keys_alike():
+    dotted = RunConfig.from_dict({"data.vocab_size": 600, "log.progress": False, "train": {"lr": 0.5}})
+    nested = RunConfig.from_dict({"data": {"vocab_size": 600}, "log": {"progress": False}, "train": {"lr": 0.5}})
+    assert dotted == nested and dotted.given == nested.given == {"data.vocab_size", "log.progress", "train.lr"}
+    with pytest.raises(ConfigError, match="unknown field 'data.vocab'"):
+        RunConfig.from_dict({"data.vocab": 600})

@@ -88,21 +88,9 @@ def cli_options(settings: dict[str, Any]) -> list[str]:
             for x in (SHORTCUTS.get(k, f"--{k}"), str(v).lower() if isinstance(v, bool) else str(v))]
 
 
-def run_config(settings: dict[str, Any]) -> RunConfig:
-    """The validated run config of ``settings`` (``section.field`` -> value), as the real runs build it."""
-    nested: dict[str, Any] = {}
-    for key, value in settings.items():
-        *sections, name = key.split(".")
-        section = nested
-        for sec in sections:
-            section = section.setdefault(sec, {})
-        section[name] = value
-    return RunConfig.from_dict(nested)
-
-
 def _prepare_data(settings: dict[str, Any]) -> None:
     """Train the WordPiece vocabulary and pack the corpus once, up front, so that no run's time includes it."""
-    cfg = run_config(settings)
+    cfg = RunConfig.from_dict(settings)
     prepare_corpus(cfg.data, tokenizer_for(cfg.data), cfg.train.seed)
 
 
