@@ -51,6 +51,9 @@ def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = N
     return field(default=default, metadata={"help": help, "bounds": bounds})
 
 
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "lt": operator.lt}
+
+
 def _out_of_range(value: Any, bounds: dict[str, float]) -> str | None:
     """Why ``value`` is outside ``bounds`` (``None`` passes: optional fields are unset)."""
     if value is None or all(_COMPARE[op](value, v) for op, v in bounds.items()):
@@ -59,9 +62,6 @@ def _out_of_range(value: Any, bounds: dict[str, float]) -> str | None:
     if hi is None:
         return f"must be {'>=' if 'ge' in bounds else '>'} {lo:g}"
     return f"must be in {'[' if 'ge' in bounds else '('}{lo:g}, {hi:g})"
-
-
-_COMPARE = {"ge": operator.ge, "gt": operator.gt, "lt": operator.lt}
 
 
 @dataclass
