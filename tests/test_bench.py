@@ -132,18 +132,27 @@ def test_finetune_quick_runs_all_three(tmp_path):
     assert (tmp_path / "ft.png").stat().st_size > 0 and "acc vs full" in proc.stdout
 
 
-def _ticket_run(method, seed, metric, cpu, step=None, flop_ratio=1.0, steps=100):
+def _ticket_run(method, seed, metric, cpu, step=None, flop_ratio=1.0, steps=100, train_loss=None):
     return {"method": method, "seed": seed, "metric": metric, "process_cpu_s": cpu, "process_s": cpu + 1,
             "ticket_step": step, "ticket_reason": None if step is None else "converged", "flop_ratio": flop_ratio,
-            "steps": steps}
+            "steps": steps, "train_loss": train_loss}
+
+
+def test_train_loss_tail_is_the_mean_over_the_second_half_of_the_steps(tmp_path):
+    rows = [{"step": s, "loss": float(s)} for s in (2, 4, 6, 8)] + [{"step": 8, "dev_accuracy": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert common.train_loss_tail(tmp_path) == pytest.approx(7.0)  # steps 6 and 8 of 8
+    assert common.train_loss_tail(tmp_path / "absent") is None
 
 
 def test_tickets_summary_intervals_and_paired_differences_by_hand():
     runs = []
     for seed, (full, eb, r0, rs) in enumerate([(0.60, 0.58, 0.55, 0.54), (0.62, 0.57, 0.56, 0.53),
                                                (0.61, 0.59, 0.54, 0.55)]):
-        runs += [_ticket_run("full", seed, full, 100.0), _ticket_run("eb", seed, eb, 70.0 + seed, 10, 0.6),
-                 _ticket_run("random@0", seed, r0, 60.0, 0, 0.6), _ticket_run("random@eb", seed, rs, 71.0, 10, 0.6)]
+        runs += [_ticket_run("full", seed, full, 100.0),
+                 _ticket_run("eb", seed, eb, 70.0 + seed, 10, 0.6, train_loss=1.0 + seed),
+                 _ticket_run("random@0", seed, r0, 60.0, 0, 0.6),
+                 _ticket_run("random@eb", seed, rs, 71.0, 10, 0.6, train_loss=1.5 + 2 * seed)]
     s = tickets.summarise_tickets(runs, "dev_accuracy", higher_is_better=True)
     t = 4.302653  # t(0.975, 2 degrees of freedom)
     full = s["methods"]["full"]["metric"]
@@ -155,6 +164,10 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     assert set(paired) == {"full", "random@0", "random@eb"} and "random@eb" not in s["paired"]
     # eb - random@eb per seed: +0.04, +0.04, +0.04 -> mean 0.04, no spread
     assert paired["random@eb"]["mean"] == pytest.approx(0.04) and paired["random@eb"]["ci95"] == pytest.approx(0)
+    # train loss eb - random@eb per seed: -0.5, -1.5, -2.5; where either side lacks it, no train-loss difference
+    assert paired["random@eb"]["train_loss"]["mean"] == pytest.approx(-1.5)
+    assert paired["random@eb"]["train_loss"]["ci95"] == pytest.approx(4.302653 * 1.0 / 3 ** 0.5)
+    assert "train_loss" not in paired["full"] and "train_loss" not in paired["random@0"]
     diffs = [0.58 - 0.60, 0.57 - 0.62, 0.59 - 0.61]
     assert paired["full"]["diffs"] == pytest.approx(diffs)
     sd = float(np.std(diffs, ddof=1))
@@ -195,6 +208,8 @@ def test_tickets_quick_runs_seeds_and_controls(tmp_path):
         assert runs[("random@0", s)]["ticket_step"] == 0
     summary = result["summary"]
     assert summary["methods"]["full"]["metric"]["n"] == 2 and set(summary["paired"]) == {"paper"}
+    assert all(0 < r["train_loss"] < 20 for r in runs.values())  # each run's own metrics.jsonl, read back
+    assert "train_loss" in summary["paired"]["paper"]["random@paper"]
     assert (tmp_path / "t.png").stat().st_size > 0 and "paired differences" in proc.stdout
 
 

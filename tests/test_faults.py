@@ -16,9 +16,9 @@ import torch
 from earlybert_ds.atomic import atomic_directory, atomic_write_text
 from earlybert_ds.faults import FAULT_ENV
 
-from conftest import launch, losses, metrics, tiny_run_args
+from conftest import MACHINE_PRECISION, launch, losses, metrics, tiny_run_args
 
-Z2 = {"train.zero_stage": 2, "train.precision": "bf16"}
+Z2 = {"train.zero_stage": 2, "train.precision": MACHINE_PRECISION}  # as zero2_run
 
 
 def _crash(args: list[str], fault: str) -> None:

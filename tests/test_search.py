@@ -28,7 +28,7 @@ from earlybert_ds.search import (
 )
 from earlybert_ds.ticket import Masks, PruneSpec, Scores, Ticket, TicketError, draw_masks, random_masks
 
-from conftest import launch, metrics, run_single, tiny_config, tiny_run_args
+from conftest import MACHINE_PRECISION, launch, metrics, run_single, tiny_config, tiny_run_args
 
 L1_HEADS, L1_FFN, LR, GATE_LR = 1e-3, 2e-3, 1e-3, 0.05
 
@@ -201,7 +201,7 @@ def test_taylor_search_two_ranks_same_ticket(corpus, tmp_path, stage):
     """A 2-rank ZeRO-2/3 search with Taylor scores: every rank accumulates the same scores (the stage checks it at
     every draw) and switches with the same ticket, drawn by convergence."""
     out = tmp_path / "run"
-    proc = launch(tiny_run_args(*corpus, out, **{"train.zero_stage": stage, "train.precision": "bf16",
+    proc = launch(tiny_run_args(*corpus, out, **{"train.zero_stage": stage, "train.precision": MACHINE_PRECISION,
                                                  "earlybert.score": "taylor", "earlybert.gate_lr": 0.05,
                                                  "train.save_every": 100}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

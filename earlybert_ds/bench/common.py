@@ -100,6 +100,18 @@ def _curve(out: Path, start: float, key: str) -> list[tuple[float, float, int]]:
     return [(r["time"] - start, r[key], r["step"]) for r in rows if key in r]
 
 
+def train_loss_tail(out: Path) -> float | None:
+    """The mean training loss logged over the second half of a run's steps (``out/metrics.jsonl``; ``None`` without
+    it): beside the dev metric it tells a worse fit from a worse generalisation."""
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    losses = {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}
+    half = max(losses, default=0) / 2
+    tail = [v for step, v in losses.items() if step > half]
+    return float(np.mean(tail)) if tail else None
+
+
 def _output_dirs(args: argparse.Namespace, known: dict[str, list[str]]) -> dict[str, Path]:
     """Each requested run's output directory, refusing unknown runs and (without --overwrite) existing ones."""
     outs = {name: Path(args.out_dir) / name for name in args.runs.split(",")}
@@ -134,6 +146,7 @@ def _run(command: str, options: list[str], out: Path, threads: int | None, key: 
             "heads_per_layer": ticket.get("heads_per_layer"), "intermediate_sizes": ticket.get("intermediate_sizes"),
             "flop_ratio": summary["flop_ratio"], "params_final": summary["params_final"], "stages": summary["stages"],
             **{k: v for k, v in summary.items() if k.startswith("final_")}, "curve": _curve(out, start, key),
+            "train_loss": train_loss_tail(out),
             "mask_distances": summary["mask_distances"], "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
 
 

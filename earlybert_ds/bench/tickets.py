@@ -16,7 +16,7 @@ import numpy as np
 
 from ..plots import plot_intervals
 from .common import (PYTHON_DOCS, SHAPES, BenchError, _machine, _prepare_data, _python_docs, _run, _run_args,
-                     cli_options, interval)
+                     cli_options, interval, train_loss_tail)
 from .finetune import finetune_settings, section_task
 from .pretrain import pretrain_settings
 
@@ -117,7 +117,7 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
         if record.is_file() and not args.overwrite:  # the same run, already made: reused (more seeds, more methods)
             r = json.loads(record.read_text())
             if r["command"][4:-2] == options:
-                return r
+                return {**r, "train_loss": r.get("train_loss", train_loss_tail(out))}  # older records lack it
         if args.summarise_only:
             return None
         r = _run(command, options, out, args.threads, key)
@@ -195,6 +195,11 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
             if common:
                 diffs = [seeds[sd]["metric"] - by[ref][sd]["metric"] for sd in common]
                 pairs[ref] = {**interval(diffs), "gain": interval([sign * d for d in diffs]), "diffs": diffs}
+                fits = [seeds[sd].get("train_loss") is not None and by[ref][sd].get("train_loss") is not None
+                        for sd in common]
+                if all(fits):  # the training loss's paired difference: a worse fit, or a worse generalisation?
+                    pairs[ref]["train_loss"] = interval([seeds[sd]["train_loss"] - by[ref][sd]["train_loss"]
+                                                         for sd in common])
         out["paired"][m] = pairs
     return out
 
@@ -213,8 +218,13 @@ def _print_tickets(result: dict) -> None:
               f"{v['flop_ratio']:>11.3f}{bound:>7}  {steps} ({reasons})")
     print(f"\npaired differences in {key} (method − reference, same seed), mean ± 95% t-interval")
     for m, refs in s["paired"].items():
-        print(f"{m:<18}" + "   ".join(f"vs {ref}: {d['mean']:+.4f} ± {d['ci95']:.4f} (n={d['n']})"
+        print(f"{m:<18}" + "   ".join(f"vs {ref}: {d['mean']:+.4f} ± {d['ci95']:.4f} (n={d['n']})" + _fit(d)
                                       for ref, d in refs.items()))
+
+
+def _fit(d: dict) -> str:
+    t = d.get("train_loss")
+    return f" [train loss {t['mean']:+.3f} ± {t['ci95']:.3f}]" if t else ""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
