@@ -117,7 +117,9 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
         if record.is_file() and not args.overwrite:  # the same run, already made: reused (more seeds, more methods)
             r = json.loads(record.read_text())
             if r["command"][4:-2] == options:
-                return {**r, "train_loss": r.get("train_loss", train_loss_tail(out))}  # older records lack it
+                if "train_loss" not in r:  # a record from before the suite kept it
+                    r["train_loss"] = train_loss_tail(out)
+                return r
         if args.summarise_only:
             return None
         r = _run(command, options, out, args.threads, key)
@@ -161,7 +163,8 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
     """Per method: the metric's mean and 95% interval over seeds, CPU time relative to the full model of the same
     seed, ticket steps and reasons, FLOP ratio, the search share s and the time-saved bound 1 - (s + (1 - s) r).
     Per method with a ticket: the paired (same-seed) differences against the full model, the random ticket at
-    step 0 and its own same-step random control (``gain`` is the difference signed so that > 0 is better)."""
+    step 0 and its own same-step random control (``gain`` is the difference signed so that > 0 is better), and
+    where both sides have it the paired difference in training loss: a worse fit, or a worse generalisation?"""
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
         by.setdefault(r["method"], {})[r["seed"]] = r
@@ -195,11 +198,9 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
             if common:
                 diffs = [seeds[sd]["metric"] - by[ref][sd]["metric"] for sd in common]
                 pairs[ref] = {**interval(diffs), "gain": interval([sign * d for d in diffs]), "diffs": diffs}
-                fits = [seeds[sd].get("train_loss") is not None and by[ref][sd].get("train_loss") is not None
-                        for sd in common]
-                if all(fits):  # the training loss's paired difference: a worse fit, or a worse generalisation?
-                    pairs[ref]["train_loss"] = interval([seeds[sd]["train_loss"] - by[ref][sd]["train_loss"]
-                                                         for sd in common])
+                fits = [(seeds[sd].get("train_loss"), by[ref][sd].get("train_loss")) for sd in common]
+                if all(a is not None and b is not None for a, b in fits):
+                    pairs[ref]["train_loss"] = interval([a - b for a, b in fits])
         out["paired"][m] = pairs
     return out
 
