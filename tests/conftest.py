@@ -18,9 +18,11 @@ from earlybert_ds.hardware import auto_precision  # noqa: E402
 from earlybert_ds.modeling import EarlyBertConfig  # noqa: E402
 
 #: What ``auto`` picks on this CPU: bf16 where it has bf16 units, fp32 on AVX2-only CPUs, where bf16 is emulated and
-#: a tiny 2-rank launch takes ~50 s longer. The multi-rank tests that are not about bf16 run at it;
-#: ``test_zero3_bf16_pipeline_two_ranks`` and the in-process ZeRO tests run bf16 on every CPU.
+#: slow. The multi-rank tests that are not about bf16 run at it; ``test_zero3_bf16_pipeline_two_ranks`` and the
+#: in-process ZeRO tests run bf16 on every CPU.
 MACHINE_PRECISION = auto_precision(False)[0]
+#: The reference run's ZeRO stage and precision (``zero2_run``), shared by the tests that compare with it.
+ZERO2 = {"train.zero_stage": 2, "train.precision": MACHINE_PRECISION}
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +155,6 @@ def zero2_run(corpus, tmp_path_factory) -> Path:
     """The reference: an uninterrupted 2-rank ZeRO-2 run of the whole pipeline (tiny_run_args), at the machine's
     precision."""
     out = tmp_path_factory.mktemp("z2") / "run"
-    proc = launch(tiny_run_args(*corpus, out, **{"train.zero_stage": 2, "train.precision": MACHINE_PRECISION,
-                                                 "log.wandb": "offline"}))
+    proc = launch(tiny_run_args(*corpus, out, **ZERO2, **{"log.wandb": "offline"}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

@@ -16,9 +16,7 @@ import torch
 from earlybert_ds.atomic import atomic_directory, atomic_write_text
 from earlybert_ds.faults import FAULT_ENV
 
-from conftest import MACHINE_PRECISION, launch, losses, metrics, tiny_run_args
-
-Z2 = {"train.zero_stage": 2, "train.precision": MACHINE_PRECISION}  # as zero2_run
+from conftest import ZERO2, launch, losses, metrics, tiny_run_args
 
 
 def _crash(args: list[str], fault: str) -> None:
@@ -33,7 +31,7 @@ def test_a_job_crashed_at_every_stage_resumes_bit_identical_to_an_uninterrupted_
     """One job, killed in each stage and in the middle of each kind of write, resumed with --resume after each
     crash: it must end with the same ticket and the same loss at every step as the uninterrupted ``zero2_run``."""
     out = tmp_path / "run"
-    args = tiny_run_args(*corpus, out, **Z2)
+    args = tiny_run_args(*corpus, out, **ZERO2)
     ckpts = out / "checkpoints"
     _crash(args, "step:6@rank1")  # a rank SIGKILLed mid-search
     assert (ckpts / "latest").read_text() == "global_step4" and not (out / "ticket").exists()

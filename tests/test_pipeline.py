@@ -16,7 +16,7 @@ from transformers import AutoModelForMaskedLM
 
 from wandb_offline import read_history, read_summary
 
-from conftest import MACHINE_PRECISION, launch, losses, run_single, tiny_run_args
+from conftest import MACHINE_PRECISION, ZERO2, launch, losses, run_single, tiny_run_args
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +109,7 @@ def test_zero3_bf16_pipeline_two_ranks(corpus, tmp_path):
 def test_resume_from_ticket_on_one_rank(corpus, tmp_path, zero2_run):
     out = tmp_path / "one"
     ticket_step = json.loads((zero2_run / "ticket" / "ticket.json").read_text())["step"]
-    _ok(run_single(tiny_run_args(*corpus, out, **{"train.zero_stage": 2, "train.precision": MACHINE_PRECISION})
-                   + ["--resume-from", str(zero2_run / "ticket")]))
+    _ok(run_single(tiny_run_args(*corpus, out, **ZERO2) + ["--resume-from", str(zero2_run / "ticket")]))
     loss = losses(out)
     assert min(loss) == ticket_step + 1 and max(loss) == STEPS
     assert all(map(lambda x: x == x and abs(x) < 100, loss.values()))
