@@ -136,10 +136,12 @@ class EarlyBertArgs(_Section):
     ffn_method: Literal["layerwise", "global"] = _f("global", "FFN pruning: per layer or across layers")
     ffn_multiple: int = _f(64, "round kept FFN widths up to a multiple of this: odd widths lose ~15% of the "
                                "speedup to slow GEMM kernels (bench throughput, variant c vs e); 1: exact ratio", ge=1)
-    draw: Literal["earlybird", "fixed", "random", "random_at"] = _f(
+    draw: Literal["earlybird", "fixed", "random", "random_at", "given"] = _f(
         "earlybird", "earlybird: when masks converge; fixed: at fixed_step; random: a random ticket at step 0 (the "
                      "paper's baseline); random_at: the same search, then a random ticket at fixed_step (the control "
-                     "that isolates which units are kept)")
+                     "that isolates which units are kept); given: no search, earlybert.ticket from step 0")
+    ticket: str | None = _f(None, "draw=given: a ticket.json (or a run's ticket/ directory) drawn elsewhere, e.g. by "
+                                  "another run or task; it keeps its own ratios and must fit the model")
     detect_every: int | None = _f(None, "compute masks and their distance every N search steps; unset: from the "
                                         "search budget, so that window+1 checks fit in half of it", ge=1)
     window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon", ge=1)
@@ -235,10 +237,13 @@ class RunConfig(_Section):
                                                f"model.num_heads={m.num_heads}")
         need(self.data.seq_len <= 512 or m.init_from is None, f"data.seq_len={self.data.seq_len}: BERT checkpoints "
                                                               "have 512 positions")
+        need(e.draw == "given" or e.ticket is None, f"earlybert.ticket={e.ticket} needs earlybert.draw=given")
+        need(e.draw != "given" or bool(e.ticket), "earlybert.draw=given needs earlybert.ticket (a ticket.json)")
+        need(e.ticket is None or Path(e.ticket).exists(), f"earlybert.ticket={e.ticket}: no such ticket file")
         if e.enabled and e.draw in FIXED_DRAWS:  # their own budget
             need(e.fixed_step is not None and e.fixed_step < t.steps,
                  f"earlybert.draw={e.draw} needs earlybert.fixed_step in [1, train.steps={t.steps})")
-        elif e.enabled:
+        elif e.enabled and e.draw == "earlybird":  # random and given draw at step 0, without a search
             need(e.max_search_steps < t.steps,
                  f"earlybert.max_search_steps={e.max_search_steps} must be in [1, train.steps={t.steps})")
 

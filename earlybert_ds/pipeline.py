@@ -32,7 +32,7 @@ from .engine import Engine
 from .hardware import job_peak_flops
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, initial_config, initial_model
 from .monitor import Monitor
-from .search import SearchStage, check_prunable, random_ticket
+from .search import SearchStage, check_prunable, given_ticket, random_ticket
 from .shrink import shrink
 from .summary import run_summary, write_summary
 from .ticket import Ticket
@@ -90,6 +90,8 @@ def search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tup
     cfg = run.cfg
     if cfg.earlybert.draw == "random":  # the paper's baseline: no search, a random ticket at the same ratios
         return random_ticket(cfg.earlybert, full_config, cfg.train.seed), None
+    if cfg.earlybert.draw == "given":  # no search either: a ticket drawn elsewhere
+        return given_ticket(cfg.earlybert, full_config), None
     stage = SearchStage(cfg.earlybert, cfg.train.seed, run.monitor, run.search_log, run.out / "plots")
     engine = Engine(initial_model(cfg, run.task, gates=True), cfg, start_step=0)
     if start.checkpoint:

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,13 +226,28 @@ def prune_spec(e: EarlyBertArgs) -> PruneSpec:
 
 
 def check_prunable(e: EarlyBertArgs, config: Any) -> None:
-    """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied)."""
+    """Fail before training when the ratios cannot be applied to this model (e.g. a layer would be emptied), or
+    when a given ticket does not fit it."""
+    if e.draw == "given":
+        given_ticket(e, config)
+        return
     ones = Scores([np.ones(config.num_attention_heads)] * config.num_hidden_layers,
                   [np.ones(config.intermediate_size)] * config.num_hidden_layers)
     try:
         draw_masks(ones, prune_spec(e))
     except TicketError as e:
         raise ConfigError(f"earlybert ratios do not fit the model: {e}") from e
+
+
+def given_ticket(e: EarlyBertArgs, config: Any) -> Ticket:
+    """A ticket drawn elsewhere (``earlybert.ticket``: by another run, on another task, or from a trained model's
+    scores), applied at step 0 like the random baseline, with its own ratios."""
+    try:
+        ticket = Ticket.load(e.ticket)
+        ticket.validate_for(config)
+    except TicketError as err:
+        raise ConfigError(f"earlybert.ticket: {err}") from err
+    return replace(ticket, step=0, reason="given")
 
 
 def random_ticket(e: EarlyBertArgs, config: Any, seed: int) -> Ticket:

@@ -22,7 +22,7 @@ TICKET_FORMAT = "earlybert_ds.ticket"
 TICKET_VERSION = 1
 TICKET_FILE = "ticket.json"
 Method = Literal["layerwise", "global"]
-REASONS = ("converged", "max_steps", "fixed", "random")
+REASONS = ("converged", "max_steps", "fixed", "random", "given")
 
 
 class TicketError(ValueError):

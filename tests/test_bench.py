@@ -10,11 +10,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from earlybert_ds.bench import common, finetune, pretrain, throughput, tickets
 from earlybert_ds.bench.__main__ import main
+from earlybert_ds.data import load_tokenizer
+from earlybert_ds.modeling import EarlyBertForSequenceClassification
+from earlybert_ds.tasks import custom_task, encode, load_task_split
+from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 
 @pytest.mark.slow
@@ -174,6 +179,53 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     assert paired["full"]["ci95"] == pytest.approx(t * sd / 3 ** 0.5)
     loss = tickets.summarise_tickets(runs, "val_loss", higher_is_better=False)  # lower is better: gain flips sign
     assert loss["paired"]["eb"]["random@0"]["gain"]["mean"] == pytest.approx(-paired["random@0"]["mean"])
+
+
+def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, minilm_dir):
+    """The oracle's scores against central differences of the loss in each gate (at 1, in float64), summed over
+    batches: the ticket keeps the units with the largest. (The model's own loss is cast to float32, too coarse for
+    differences of h = 1e-5, so the loss is taken here from its float64 logits.)"""
+    torch.manual_seed(0)
+    model = EarlyBertForSequenceClassification(tiny_config(vocab_size=30522, num_labels=3, intermediate_size=16))
+    final = tmp_path / "full" / "final"
+    model.save_pretrained(final)
+    load_tokenizer(minilm_dir).save_pretrained(final)
+    words = "lists dicts sockets threads modules classes strings bytes".split()
+    rows = [{"text": f"paragraph {i} about {w} and more words", "label": i % 3} for i, w in enumerate(words)]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = PruneSpec(head_ratio=0.5, ffn_ratio=0.5, ffn_multiple=1)
+    path = tickets.oracle_ticket(tmp_path / "full", str(tmp_path / "dev.jsonl"), 16, 3, tmp_path / "o.json", spec)
+
+    gated = EarlyBertForSequenceClassification.from_pretrained(final, use_gates=True).double().eval()
+    data = encode(load_task_split(custom_task(3, "text"), tmp_path / "dev.jsonl", "dev"), load_tokenizer(final), 16)
+    batches = [data.collate([data[i] for i in range(k, min(k + 3, len(data)))]) for k in range(0, len(data), 3)]
+
+    def score(gate: torch.nn.Parameter, i: int, h: float = 1e-5) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for b in batches:
+                up_down = []
+                for d in (h, -h):
+                    gate[i] += d
+                    logits = gated(**{k: v for k, v in b.items() if k != "labels"}).logits
+                    up_down.append(float(torch.nn.functional.cross_entropy(logits, b["labels"])))
+                    gate[i] -= d
+                total += abs(up_down[0] - up_down[1]) / (2 * h)
+        return total
+
+    layers = gated.bert.encoder.layer
+    hand = Scores([np.array([score(m.attention.head_gates, i) for i in range(4)]) for m in layers],
+                  [np.array([score(m.ffn.ffn_gates, i) for i in range(16)]) for m in layers])
+    ticket = Ticket.load(path)
+    assert (ticket.heads, ticket.ffn) == draw_masks(hand, spec).kept()
+    assert (ticket.step, ticket.reason, ticket.spec) == (0, "given", spec)
+
+
+def test_oracles_need_the_full_model_before_them():
+    args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
+                              methods="oracle@dev,full")
+    with pytest.raises(common.BenchError, match="'full' listed before them"):
+        tickets._methods(args)
 
 
 def test_matched_control_keeps_the_method_and_draws_at_its_step():

@@ -38,6 +38,10 @@ def test_help_documents_every_option():
     ({"earlybert.head_ratio": 1.0}, ["earlybert.head_ratio=1.0", "[0, 1)"]),
     ({"earlybert.draw": "lottery"}, ["earlybert.draw='lottery' must be one of earlybird, fixed, random"]),
     ({"earlybert.max_search_steps": 30}, ["earlybert.max_search_steps=30", "train.steps=30"]),
+    ({"earlybert.draw": "given"}, ["earlybert.draw=given needs earlybert.ticket"]),
+    ({"earlybert.draw": "given", "earlybert.ticket": "/no/such/ticket.json"}, ["earlybert.ticket",
+                                                                              "no such ticket file"]),
+    ({"earlybert.ticket": "/no/such/ticket.json"}, ["earlybert.ticket=/no/such/ticket.json needs earlybert.draw"]),
 ])
 def test_bad_run_config_fails_before_anything(capsys, corpus, tmp_path, overrides, needles):
     out = tmp_path / "run"

@@ -213,6 +213,45 @@ def test_taylor_search_two_ranks_same_ticket(corpus, tmp_path, stage):
     assert any("gate_spread/ffn" in m for m in metrics(out))
 
 
+def _given(tmp_path, hidden: int = 32) -> tuple[Ticket, str]:
+    """A hand-made ticket for the tiny model of ``tiny_run_args`` (with its own ratios), saved to a file."""
+    ticket = Ticket(step=11, reason="converged", heads=[[0, 2], [1, 2, 3]], ffn=[list(range(0, 64, 2)), [5, 9]],
+                    spec=PruneSpec(head_ratio=0.5, ffn_ratio=0.5, ffn_method="global", ffn_multiple=1),
+                    hidden_size=hidden, num_attention_heads=4, intermediate_size=64)
+    return ticket, str(ticket.save(tmp_path / f"given{hidden}.json"))
+
+
+def test_given_ticket_trains_from_step_0(corpus, tmp_path):
+    """draw=given: no search; the given ticket's very units from step 0, the kept weights the initial model's."""
+    given, path = _given(tmp_path)
+    out = tmp_path / "run"
+    proc = run_single(tiny_run_args(*corpus, out, **{"earlybert.draw": "given", "earlybert.ticket": path,
+                                                     "train.save_every": 0, "train.steps": 8}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ticket = Ticket.load(out / "ticket")
+    assert (ticket.step, ticket.reason, ticket.spec) == (0, "given", given.spec)
+    assert (ticket.heads, ticket.ffn) == (given.heads, given.ffn)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "search" not in summary["stages"] and summary["steps"] == 8
+    small = EarlyBertForPreTraining.from_pretrained(out / "final").config
+    assert small.heads_per_layer == [2, 3] and small.intermediate_sizes == [32, 2]
+    cfg = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+    task = MLMTask.__new__(MLMTask)
+    task.tokenizer = load_tokenizer(out / "ticket" / "tokenizer")
+    init = initial_model(cfg, task, gates=True).bert.encoder.layer[1].ffn.intermediate.weight
+    kept = EarlyBertForPreTraining.from_pretrained(out / "ticket").bert.encoder.layer[1].ffn.intermediate.weight
+    assert torch.equal(kept, init[[5, 9]])  # rewound: the given rows of the initial weights
+
+
+def test_given_ticket_that_does_not_fit_fails_before_training(corpus, tmp_path):
+    _, path = _given(tmp_path, hidden=48)
+    proc = run_single(tiny_run_args(*corpus, tmp_path / "run", **{"earlybert.draw": "given",
+                                                                  "earlybert.ticket": path}))
+    assert proc.returncode != 0
+    assert "earlybert.ticket" in proc.stderr and "does not fit the model" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["rewind", "continue"])
 def test_same_step_random_control(corpus, tmp_path, weights):

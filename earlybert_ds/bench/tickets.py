@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..checkpoint import FINAL_DIR
+from ..config import EarlyBertArgs
+from ..data import load_tokenizer
+from ..modeling import EarlyBertForSequenceClassification
 from ..plots import plot_intervals
+from ..search import TaylorImportance, prune_spec
+from ..tasks import custom_task, encode, load_task_split
+from ..ticket import PruneSpec, Ticket, draw_masks
 from .common import (PYTHON_DOCS, SHAPES, BenchError, _machine, _prepare_data, _python_docs, _run, _run_args,
                      cli_options, interval, train_loss_tail)
 from .finetune import finetune_settings, section_task
@@ -24,6 +32,11 @@ from .pretrain import pretrain_settings
 PAPER = ["--earlybert.score", "magnitude", "--earlybert.gate_lr", "none", "--earlybert.l1_heads", "1e-4",
          "--earlybert.l1_ffn", "1e-4", "--earlybert.weights", "rewind", "--earlybert.rewarmup_steps", "0"]
 CONTROLS = ("full", "random@0")  # the references every variant is compared with (besides its matched control)
+#: Diagnostic tickets, not methods: drawn after training, from the Taylor importance of the units of the trained full
+#: model of the same seed over a labelled split, then trained from step 0 like random@0 (``--earlybert.draw given``).
+#: They measure what the choice of units can be worth at these ratios; ``oracle@dev`` reads the very dev labels it is
+#: scored on: a ceiling, not something a user could run.
+ORACLES = {"oracle@train": "train", "oracle@dev": "dev"}
 
 
 def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
@@ -42,7 +55,25 @@ def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
         "continue": PAPER + ["--earlybert.weights", "continue"],
         "rewarmup": PAPER + ["--earlybert.rewarmup_steps", str(rewarmup)],
         "taylor+continue": PAPER + ["--earlybert.score", "taylor", "--earlybert.weights", "continue"],
+        **{name: ["--earlybert.draw", "given"] for name in ORACLES},
     }
+
+
+def oracle_ticket(full_run: Path, split_file: str, max_len: int, batch: int, path: Path,
+                  spec: PruneSpec = prune_spec(EarlyBertArgs())) -> Path:
+    """Write to ``path`` the ticket (of the default ratios) that keeps the units of the trained model in
+    ``full_run/final`` with the largest Taylor importance |dL/dg| (its gates, inserted at 1), summed over batches of
+    ``split_file`` as the search's scores are summed over steps (dropout off)."""
+    model = EarlyBertForSequenceClassification.from_pretrained(full_run / FINAL_DIR, use_gates=True)
+    model.eval()
+    task = custom_task(model.config.num_labels, "text")
+    data = encode(load_task_split(task, split_file, "dev"), load_tokenizer(full_run / FINAL_DIR), max_len)
+    taylor = TaylorImportance(0.0, 0.0)  # no L1 term to take out: the loss is the task's alone
+    for inputs in torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=data.collate):
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        taylor.accumulate(model, None)
+    return Ticket.from_masks(draw_masks(taylor.total, spec), 0, "given", spec, model.config).save(path)
 
 
 def matched_control(options: list[str], step: int) -> list[str]:
@@ -79,6 +110,12 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
                          f"{', '.join(methods)} (or add one with --variant NAME=OPTIONS)")
     if set(args.matched) & {"full", "random@0"}:
         raise BenchError("--matched: the controls have no ticket of their own to match")
+    if oracles := [m for m in names if m in ORACLES]:
+        if args.task != "finetune" or "full" not in names or names.index("full") > names.index(oracles[0]):
+            raise BenchError(f"--methods: {', '.join(oracles)} are drawn from the full model's fine-tuning run: "
+                             "they need --task finetune and 'full' listed before them")
+        if set(args.matched) & set(ORACLES):
+            raise BenchError("--matched: an oracle is drawn at step 0; random@0 is its control")
     return {m: methods[m] for m in names}
 
 
@@ -99,20 +136,26 @@ def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str,
 
 
 def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]], methods: dict[str, list[str]],
-              common: list[str], command: str, key: str) -> list[dict]:
-    """The runs of ``jobs``, ``args.parallel`` at a time; a run made before with the same options is reused."""
+              common: list[str], command: str, key: str, data: dict[str, Any] | None) -> list[dict]:
+    """The runs of ``jobs``, ``args.parallel`` at a time; a run made before with the same options is reused. An
+    oracle waits for the full run of its seed, as a matched control for its method."""
     done: dict[tuple[str, int], Future] = {}
 
     def run(job: tuple[str, int, str | None]) -> dict | None:
         name, seed, of = job
-        if of is None:
+        out = Path(args.out_dir) / f"{name}-s{seed}"
+        if name in ORACLES:  # drawn from the trained full model of this seed
+            if done[("full", seed)].result() is None:
+                return None
+            ticket = out.with_name(out.name + ".ticket.json")
+            opts = methods[name] + ["--earlybert.ticket", str(ticket)]
+        elif of is None:
             opts = methods[name]
         else:
             method = done[(of, seed)].result()
             if method is None:
                 return None
             opts = matched_control(methods[of], method["ticket_step"])
-        out = Path(args.out_dir) / f"{name}-s{seed}"
         record, options = out.with_name(out.name + ".json"), common + ["--train.seed", str(seed)] + opts
         if record.is_file() and not args.overwrite:  # the same run, already made: reused (more seeds, more methods)
             r = json.loads(record.read_text())
@@ -122,6 +165,8 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
                 return r
         if args.summarise_only:
             return None
+        if name in ORACLES:
+            oracle_ticket(Path(args.out_dir) / f"full-s{seed}", data[ORACLES[name]], args.max_len, args.batch, ticket)
         r = _run(command, options, out, args.threads, key)
         r.update(method=name, seed=seed, options=opts, metric=r[f"final_{key}"])
         record.write_text(json.dumps(r) + "\n")
@@ -147,7 +192,7 @@ def tickets(args: argparse.Namespace) -> dict:
     common = cli_options(settings)
     result: dict[str, Any] = {"suite": "tickets", "task": args.task, "machine": _machine(), "args": _run_args(args),
                               "options": common, "methods": {**methods}, "data": data}
-    result["runs"] = _run_jobs(args, jobs, methods, common, command, key)
+    result["runs"] = _run_jobs(args, jobs, methods, common, command, key, data)
     result["summary"] = summarise_tickets(result["runs"], key, higher_is_better=args.task == "finetune")
     if args.plot:
         s = result["summary"]["methods"]
