@@ -221,6 +221,17 @@ def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, mini
     assert (ticket.step, ticket.reason, ticket.spec) == (0, "given", spec)
 
 
+def test_same_widths_keeps_each_layers_width_with_other_units():
+    given = Ticket(step=0, reason="given", heads=[[0, 1, 2], [3]], ffn=[list(range(40)), [0, 1]],
+                   spec=PruneSpec(head_ratio=0.5, ffn_ratio=0.5, ffn_multiple=1), hidden_size=32,
+                   num_attention_heads=4, intermediate_size=64)
+    twin = tickets.same_widths(given, seed=3)
+    assert twin.heads_per_layer == [3, 1] and twin.intermediate_sizes == [40, 2]
+    assert twin.ffn[0] != given.ffn[0] and all(u == sorted(set(u)) for u in twin.heads + twin.ffn)
+    assert twin == tickets.same_widths(given, seed=3) != tickets.same_widths(given, seed=4)
+    twin.check()
+
+
 def test_oracles_need_the_full_model_before_them():
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
                               methods="oracle@dev,full")

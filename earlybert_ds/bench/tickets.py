@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,10 @@ CONTROLS = ("full", "random@0")  # the references every variant is compared with
 #: Diagnostic tickets, not methods: drawn after training, from the Taylor importance of the units of the trained full
 #: model of the same seed over a labelled split, then trained from step 0 like random@0 (``--earlybert.draw given``).
 #: They measure what the choice of units can be worth at these ratios; ``oracle@dev`` reads the very dev labels it is
-#: scored on: a ceiling, not something a user could run.
-ORACLES = {"oracle@train": "train", "oracle@dev": "dev"}
+#: scored on: a ceiling, not something a user could run. ``widths@dev`` keeps ``oracle@dev``'s width per layer but
+#: random units within each layer: oracle@dev − widths@dev is what its choice of units is worth, widths@dev −
+#: random@0 what its (unbalanced) widths are worth.
+ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@dev": "dev"}
 
 
 def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
@@ -74,6 +77,17 @@ def oracle_ticket(full_run: Path, split_file: str, max_len: int, batch: int, pat
         model(**inputs).loss.backward()
         taylor.accumulate(model, None)
     return Ticket.from_masks(draw_masks(taylor.total, spec), 0, "given", spec, model.config).save(path)
+
+
+def same_widths(ticket: Ticket, seed: int) -> Ticket:
+    """A random ticket with ``ticket``'s number of heads and FFN neurons in every layer."""
+    rng = np.random.default_rng(seed)
+
+    def pick(kept: list[list[int]], n: int) -> list[list[int]]:
+        return [sorted(rng.choice(n, len(k), replace=False).tolist()) for k in kept]
+
+    return replace(ticket, reason="given", heads=pick(ticket.heads, ticket.num_attention_heads),
+                   ffn=pick(ticket.ffn, ticket.intermediate_size))
 
 
 def matched_control(options: list[str], step: int) -> list[str]:
@@ -167,6 +181,8 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
             return None
         if name in ORACLES:
             oracle_ticket(Path(args.out_dir) / f"full-s{seed}", data[ORACLES[name]], args.max_len, args.batch, ticket)
+            if name.startswith("widths@"):
+                same_widths(Ticket.load(ticket), seed).save(ticket)
         r = _run(command, options, out, args.threads, key)
         r.update(method=name, seed=seed, options=opts, metric=r[f"final_{key}"])
         record.write_text(json.dumps(r) + "\n")
