@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..plots import plot_curves
 from .common import (PYTHON_DOCS, BenchError, _machine, _minilm, _output_dirs, _python_docs, _run, _run_args,
                      _run_options, cli_options)
@@ -72,7 +73,8 @@ def section_task(root: Path, out: Path, train_per_class: int, dev_per_class: int
     out.mkdir(parents=True, exist_ok=True)
     for side, rows in sides.items():
         order = rng.permutation(len(rows))
-        (out / f"{side}.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
+        # whole or absent: a suite started beside a running one rewrites the same files under its runs
+        atomic_write_text(out / f"{side}.jsonl", "".join(json.dumps(rows[i]) + "\n" for i in order))
     return {"classes": list(SECTIONS), "counts": counts, "train": str(out / "train.jsonl"),
             "dev": str(out / "dev.jsonl")}
 
