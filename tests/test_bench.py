@@ -179,6 +179,11 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     assert paired["full"]["ci95"] == pytest.approx(t * sd / 3 ** 0.5)
     loss = tickets.summarise_tickets(runs, "val_loss", higher_is_better=False)  # lower is better: gain flips sign
     assert loss["paired"]["eb"]["random@0"]["gain"]["mean"] == pytest.approx(-paired["random@0"]["mean"])
+    oracles = [_ticket_run(m, seed, acc, 60.0, 0, 0.6) for seed in (0, 1)
+               for m, acc in (("oracle@dev", 0.6 + seed / 100), ("widths@dev", 0.5))]
+    o = tickets.summarise_tickets(runs + oracles, "dev_accuracy", higher_is_better=True)["paired"]["oracle@dev"]
+    assert set(o) == {"full", "random@0", "widths@dev"}  # an oracle's units against random ones at its widths
+    assert o["widths@dev"]["diffs"] == pytest.approx([0.10, 0.11]) and o["random@0"]["n"] == 2
 
 
 def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, minilm_dir):

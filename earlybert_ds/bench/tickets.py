@@ -224,8 +224,9 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
     """Per method: the metric's mean and 95% interval over seeds, CPU time relative to the full model of the same
     seed, ticket steps and reasons, FLOP ratio, the search share s and the time-saved bound 1 - (s + (1 - s) r).
     Per method with a ticket: the paired (same-seed) differences against the full model, the random ticket at
-    step 0 and its own same-step random control (``gain`` is the difference signed so that > 0 is better), and
-    where both sides have it the paired difference in training loss: a worse fit, or a worse generalisation?"""
+    step 0 and its own same-step random control (an oracle: its same-widths random ticket; ``gain`` is the
+    difference signed so that > 0 is better), and where both sides have it the paired difference in training loss:
+    a worse fit, or a worse generalisation?"""
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
         by.setdefault(r["method"], {})[r["seed"]] = r
@@ -254,7 +255,8 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
         if m in CONTROLS or m.startswith("random@"):
             continue
         pairs = {}
-        for ref in ("full", "random@0", f"random@{m}"):
+        widths = [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else []  # its units' worth
+        for ref in ("full", "random@0", f"random@{m}", *widths):
             common = [sd for sd in seeds if sd in by.get(ref, {})]
             if common:
                 diffs = [seeds[sd]["metric"] - by[ref][sd]["metric"] for sd in common]
