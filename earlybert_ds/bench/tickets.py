@@ -36,10 +36,10 @@ CONTROLS = ("full", "random@0")  # the references every variant is compared with
 #: Diagnostic tickets, not methods: drawn after training, from the Taylor importance of the units of the trained full
 #: model of the same seed over a labelled split, then trained from step 0 like random@0 (``--earlybert.draw given``).
 #: They measure what the choice of units can be worth at these ratios; ``oracle@dev`` reads the very dev labels it is
-#: scored on: a ceiling, not something a user could run. ``widths@dev`` keeps ``oracle@dev``'s width per layer but
-#: random units within each layer: oracle@dev − widths@dev is what its choice of units is worth, widths@dev −
-#: random@0 what its (unbalanced) widths are worth.
-ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@dev": "dev"}
+#: scored on: a ceiling, not something a user could run. ``widths@train`` / ``widths@dev`` keep the oracle's width per
+#: layer but random units within each layer: oracle − widths is what its choice of units is worth, widths − random@0
+#: what its (unbalanced) widths are worth.
+ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@train": "train", "widths@dev": "dev"}
 
 
 def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
@@ -86,7 +86,7 @@ def same_widths(ticket: Ticket, seed: int) -> Ticket:
     def pick(kept: list[list[int]], n: int) -> list[list[int]]:
         return [sorted(rng.choice(n, len(k), replace=False).tolist()) for k in kept]
 
-    return replace(ticket, reason="given", heads=pick(ticket.heads, ticket.num_attention_heads),
+    return replace(ticket, heads=pick(ticket.heads, ticket.num_attention_heads),
                    ffn=pick(ticket.ffn, ticket.intermediate_size))
 
 
