@@ -44,24 +44,24 @@ class _Section:
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002 - as argparse
-       lt: float | None = None) -> Any:
+       lt: float | None = None, le: float | None = None) -> Any:
     """A field with its help text and its range, declared once here: :meth:`RunConfig.validate` checks every
     field's range, however the value was set (file, command line, code, a derived field)."""
-    bounds = {op: v for op, v in (("ge", ge), ("gt", gt), ("lt", lt)) if v is not None}
+    bounds = {op: v for op, v in (("ge", ge), ("gt", gt), ("lt", lt), ("le", le)) if v is not None}
     return field(default=default, metadata={"help": help, "bounds": bounds})
 
 
-_COMPARE = {"ge": operator.ge, "gt": operator.gt, "lt": operator.lt}
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "lt": operator.lt, "le": operator.le}
 
 
 def _out_of_range(value: Any, bounds: dict[str, float]) -> str | None:
     """Why ``value`` is outside ``bounds`` (``None`` passes: optional fields are unset)."""
     if value is None or all(_COMPARE[op](value, v) for op, v in bounds.items()):
         return None
-    lo, hi = bounds.get("ge", bounds.get("gt")), bounds.get("lt")
+    lo, hi = bounds.get("ge", bounds.get("gt")), bounds.get("lt", bounds.get("le"))
     if hi is None:
         return f"must be {'>=' if 'ge' in bounds else '>'} {lo:g}"
-    return f"must be in {'[' if 'ge' in bounds else '('}{lo:g}, {hi:g})"
+    return f"must be in {'[' if 'ge' in bounds else '('}{lo:g}, {hi:g}{']' if 'le' in bounds else ')'}"
 
 
 @dataclass
@@ -130,6 +130,10 @@ class EarlyBertArgs(_Section):
     score: Literal["magnitude", "signed", "taylor"] = _f(
         "magnitude", "what units are ranked by: magnitude |gate| (the paper); signed gate values (the official "
                      "code); taylor: |gate x dL/dgate| summed over the search steps (first-order Taylor importance)")
+    taylor_decay: float = _f(1.0, "score=taylor: the running total is multiplied by this before each step's score is "
+                                  "added; 1: the plain sum; < 1: an exponential average over the last ~1/(1 - decay) "
+                                  "steps, which forgets the first steps' ranking (in fine-tuning it reverses later)",
+                             gt=0, le=1)
     head_ratio: float = _f(1 / 3, "fraction of attention heads pruned", ge=0, lt=1)
     ffn_ratio: float = _f(0.4, "fraction of FFN neurons pruned", ge=0, lt=1)
     head_method: Literal["layerwise", "global"] = _f("layerwise", "head pruning: per layer or across layers")
@@ -240,6 +244,8 @@ class RunConfig(_Section):
         need(e.draw == "given" or e.ticket is None, f"earlybert.ticket={e.ticket} needs earlybert.draw=given")
         need(e.draw != "given" or bool(e.ticket), "earlybert.draw=given needs earlybert.ticket (a ticket.json)")
         need(e.ticket is None or Path(e.ticket).exists(), f"earlybert.ticket={e.ticket}: no such ticket file")
+        need(e.taylor_decay == 1.0 or e.score == "taylor",
+             f"earlybert.taylor_decay={e.taylor_decay:g} needs earlybert.score=taylor (it discounts the Taylor sums)")
         if e.enabled and e.draw in FIXED_DRAWS:  # their own budget
             need(e.fixed_step is not None and e.fixed_step < t.steps,
                  f"earlybert.draw={e.draw} needs earlybert.fixed_step in [1, train.steps={t.steps})")

@@ -110,14 +110,17 @@ def gate_stats(gates: Scores, threshold: float = 1e-2) -> dict[str, float]:
 
 class TaylorImportance:
     """Σ over the search steps of |g · ∂L/∂g| per gate, with L the task loss (the L1 term's gradient, coef·sign(g),
-    is taken out): the first-order estimate of how much the loss changes when the unit is removed.
+    is taken out): the first-order estimate of how much the loss changes when the unit is removed. With ``decay``
+    < 1 the sum is discounted, Σ_t decay^(T−t)·|g·∂L/∂g|_t, so that it ranks units as the model of the last
+    ~1/(1 − decay) steps does: fine-tuning from a pre-trained encoder ranks the layers the other way round in its
+    first steps (a freshly initialised head) than once trained (README, "When the good widths appear").
 
     Gradients are read in full with DeepSpeed's ``safe_get_full_grad`` after the step's last backward and before its
     optimizer step: under ZeRO-1/2 they are partitioned by then, under ZeRO-3 so are the gates; both are gathered,
     so every rank accumulates the same numbers (checked at every draw by :meth:`digest`)."""
 
-    def __init__(self, l1_heads: float, l1_ffn: float):
-        self.l1 = {"heads": l1_heads, "ffn": l1_ffn}
+    def __init__(self, l1_heads: float, l1_ffn: float, decay: float = 1.0):
+        self.l1, self.decay = {"heads": l1_heads, "ffn": l1_ffn}, decay
         self.total: Scores | None = None
 
     def accumulate(self, model: nn.Module, optimizer: Any, grad_scale: float = 1.0) -> None:
@@ -135,8 +138,9 @@ class TaylorImportance:
         if self.total is None:
             self.total = step
         else:
-            self.total = Scores([a + b for a, b in zip(self.total.heads, step.heads)],
-                                [a + b for a, b in zip(self.total.ffn, step.ffn)])
+            d = self.decay
+            self.total = Scores([d * a + b for a, b in zip(self.total.heads, step.heads)],
+                                [d * a + b for a, b in zip(self.total.ffn, step.ffn)])
 
     def digest(self) -> str:
         if self.total is None:
@@ -273,7 +277,7 @@ class SearchStage:
             history, plots
         self.ticket: Ticket | None = None
         self.detector = EarlyBirdDetector(window=e.window, epsilon=e.epsilon)
-        self.taylor = TaylorImportance(e.l1_heads, e.l1_ffn) if e.score == "taylor" else None
+        self.taylor = TaylorImportance(e.l1_heads, e.l1_ffn, e.taylor_decay) if e.score == "taylor" else None
         self.limit = e.fixed_step if e.draw in FIXED_DRAWS else e.max_search_steps
 
     def before_step(self, engine: Any) -> None:

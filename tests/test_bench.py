@@ -15,7 +15,7 @@ import torch
 from earlybert_ds.bench import common, finetune, pretrain, throughput, tickets
 from earlybert_ds.bench.__main__ import main
 from earlybert_ds.data import load_tokenizer
-from earlybert_ds.modeling import EarlyBertForSequenceClassification
+from earlybert_ds.modeling import EarlyBertForSequenceClassification, load_hf_bert
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
@@ -224,6 +224,40 @@ def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, mini
     ticket = Ticket.load(path)
     assert (ticket.heads, ticket.ffn) == draw_masks(hand, spec).kept()
     assert (ticket.step, ticket.reason, ticket.spec) == (0, "given", spec)
+
+
+def test_width_profile_reads_each_step_against_the_final_ticket(tmp_path, minilm_dir):
+    """Step 0 (the pre-trained encoder with a fresh head drawn with the seed) and a checkpoint holding that very
+    state give the same ticket, the one oracle_ticket draws from a final model in that state, and keep of the final
+    ticket what the two oracle tickets share; the last step is the final model's own ticket, all of it kept."""
+    def encoder(head_seed: int) -> EarlyBertForSequenceClassification:
+        torch.manual_seed(head_seed)
+        return load_hf_bert(minilm_dir, EarlyBertForSequenceClassification, num_labels=3)
+
+    rows = [{"text": f"paragraph {i} about {w} and more words", "label": i % 3}
+            for i, w in enumerate("lists dicts sockets threads modules classes".split())]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for head_seed in (0, 1):
+        run = runs[head_seed] = tmp_path / f"full{head_seed}"
+        encoder(head_seed).save_pretrained(run / "final")
+        load_tokenizer(minilm_dir).save_pretrained(run / "final")
+        (run / "run_config.json").write_text(json.dumps({"model": {"init_from": str(minilm_dir)}}))
+    ckpt = runs[1] / "checkpoints" / "global_step2"
+    ckpt.mkdir(parents=True)
+    torch.save({"module": encoder(0).state_dict()}, ckpt / "mp_rank_00_model_states.pt")  # DeepSpeed's layout
+    spec = PruneSpec(ffn_ratio=0.4, ffn_multiple=1)
+    profile = tickets.width_profile(runs[1], str(train), 16, 6, [0, 2, 5], 6, 0, spec)
+
+    start, final = (Ticket.load(tickets.oracle_ticket(runs[s], str(train), 16, 6, tmp_path / f"o{s}.json", spec))
+                    for s in (0, 1))
+    shared = sum(len(set(a) & set(b)) for a, b in zip(start.ffn, final.ffn)) / sum(map(len, final.ffn))
+    assert [r["step"] for r in profile] == [0, 2, 5]
+    assert profile[0] == {**profile[1], "step": 0} and profile[0]["ffn_widths"] == start.intermediate_sizes
+    assert profile[0]["ffn_kept_of_final"] == pytest.approx(shared) and 0.0 < shared < 1.0
+    assert profile[2]["ffn_widths"] == final.intermediate_sizes
+    assert profile[2]["ffn_kept_of_final"] == profile[2]["heads_kept_of_final"] == 1.0
 
 
 def test_same_widths_keeps_each_layers_width_with_other_units():

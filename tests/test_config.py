@@ -84,6 +84,8 @@ def test_each_declared_range_is_enforced_at_its_edges(key, bounds):
     outside = [edge if "gt" in bounds else edge - 1e-9 if isinstance(edge, float) else edge - 1]
     if "lt" in bounds:
         outside.append(bounds["lt"])
+    if "le" in bounds:
+        outside.append(bounds["le"] + 1e-9)
     for value in outside:
         with pytest.raises(ConfigError, match=rf"^{key}="):
             RunConfig.from_dict({section: {name: value}})
@@ -91,6 +93,14 @@ def test_each_declared_range_is_enforced_at_its_edges(key, bounds):
     setattr(getattr(cfg, section), name, outside[0])
     with pytest.raises(ConfigError, match=rf"^{key}="):
         cfg.validate()
+
+
+def test_taylor_decay_needs_the_taylor_score():
+    assert RunConfig.from_dict({"earlybert": {"score": "taylor", "taylor_decay": 1.0}}).earlybert.taylor_decay == 1.0
+    with pytest.raises(ConfigError, match=r"^earlybert.taylor_decay=1.5 must be in \(0, 1\]"):
+        RunConfig.from_dict({"earlybert": {"score": "taylor", "taylor_decay": 1.5}})
+    with pytest.raises(ConfigError, match="earlybert.taylor_decay=0.9 needs earlybert.score=taylor"):
+        RunConfig.from_dict({"earlybert": {"taylor_decay": 0.9}})
 
 
 def test_zero_stage_parses_from_the_command_line_and_refuses_booleans():

@@ -133,6 +133,26 @@ def test_scores_rank_by_magnitude_signed_or_taylor():
     assert clone.digest() == taylor.digest()
 
 
+def test_taylor_decay_discounts_earlier_steps_by_hand():
+    """Two steps of a 1-head, 2-neuron toy model: total = decay * |g·(dL/dg)|_1 + |g·(dL/dg)|_2, with the L1 term's
+    gradient coef·sign(g) taken out of each."""
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head_gates = torch.nn.Parameter(torch.tensor([0.5]))
+            self.ffn_gates = torch.nn.Parameter(torch.tensor([2.0, -1.0]))
+
+    toy, coef = Toy(), 0.1
+    steps = [(torch.tensor([0.3]), torch.tensor([0.2, 0.4])), (torch.tensor([-0.1]), torch.tensor([0.6, -0.2]))]
+    for decay, expect_h, expect_f in ((1.0, [0.1 + 0.1], [0.2 + 1.0, 0.5 + 0.1]),
+                                      (0.5, [0.5 * 0.1 + 0.1], [0.5 * 0.2 + 1.0, 0.5 * 0.5 + 0.1])):
+        taylor = TaylorImportance(coef, coef, decay)
+        for gh, gf in steps:  # |g·(grad - coef·sign g)|: head 0.5·(0.3-0.1), 0.5·|-0.1-0.1|; ffn 2·(0.2-0.1) ...
+            toy.head_gates.grad, toy.ffn_gates.grad = gh, gf
+            taylor.accumulate(toy, None)
+        assert taylor.total.heads[0] == pytest.approx(expect_h) and taylor.total.ffn[0] == pytest.approx(expect_f)
+
+
 def test_gate_stats_sparsity_and_spread():
     stats = gate_stats(Scores(heads=[np.array([1.0, 0.0]), np.array([0.005, -1.0])], ffn=[np.array([2.0, 2.0])]))
     assert stats["gate_sparsity/heads"] == 0.5 and stats["gate_sparsity/ffn"] == 0.0

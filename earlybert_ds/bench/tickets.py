@@ -16,14 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..checkpoint import FINAL_DIR
 from ..config import EarlyBertArgs
 from ..data import load_tokenizer
-from ..modeling import EarlyBertForSequenceClassification
+from ..modeling import EarlyBertForSequenceClassification, load_hf_bert
 from ..plots import plot_intervals
-from ..search import TaylorImportance, prune_spec
+from ..search import TaylorImportance, is_gate, prune_spec
 from ..tasks import custom_task, encode, load_task_split
-from ..ticket import PruneSpec, Ticket, draw_masks
+from ..ticket import Masks, PruneSpec, Scores, Ticket, draw_masks
 from .common import (PYTHON_DOCS, SHAPES, BenchError, _machine, _prepare_data, _python_docs, _run, _run_args,
                      cli_options, interval, train_loss_tail)
 from .finetune import finetune_settings, section_task
@@ -62,21 +63,72 @@ def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
     }
 
 
-def oracle_ticket(full_run: Path, split_file: str, max_len: int, batch: int, path: Path,
-                  spec: PruneSpec = prune_spec(EarlyBertArgs())) -> Path:
-    """Write to ``path`` the ticket (of the default ratios) that keeps the units of the trained model in
-    ``full_run/final`` with the largest Taylor importance |dL/dg| (its gates, inserted at 1), summed over batches of
-    ``split_file`` as the search's scores are summed over steps (dropout off)."""
-    model = EarlyBertForSequenceClassification.from_pretrained(full_run / FINAL_DIR, use_gates=True)
+def _split_data(run: Path, split_file: str, max_len: int, num_labels: int) -> Any:
+    """A labelled split of the custom task, tokenised as ``run`` was."""
+    task = custom_task(num_labels, "text")
+    return encode(load_task_split(task, split_file, "dev"), load_tokenizer(run / FINAL_DIR), max_len)
+
+
+def taylor_scores(model: EarlyBertForSequenceClassification, data: Any, batch: int) -> Scores:
+    """Each unit's Taylor importance Σ_batches |dL/dg| in ``model`` (its gates at 1, dropout off) over ``data``,
+    summed as the search sums its scores over steps."""
     model.eval()
-    task = custom_task(model.config.num_labels, "text")
-    data = encode(load_task_split(task, split_file, "dev"), load_tokenizer(full_run / FINAL_DIR), max_len)
     taylor = TaylorImportance(0.0, 0.0)  # no L1 term to take out: the loss is the task's alone
     for inputs in torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=data.collate):
         model.zero_grad(set_to_none=True)
         model(**inputs).loss.backward()
         taylor.accumulate(model, None)
-    return Ticket.from_masks(draw_masks(taylor.total, spec), 0, "given", spec, model.config).save(path)
+    return taylor.total
+
+
+def oracle_ticket(full_run: Path, split_file: str, max_len: int, batch: int, path: Path,
+                  spec: PruneSpec = prune_spec(EarlyBertArgs())) -> Path:
+    """Write to ``path`` the ticket (of the default ratios) that keeps the units of the trained model in
+    ``full_run/final`` with the largest Taylor importance over ``split_file``."""
+    model = EarlyBertForSequenceClassification.from_pretrained(full_run / FINAL_DIR, use_gates=True)
+    scores = taylor_scores(model, _split_data(full_run, split_file, max_len, model.config.num_labels), batch)
+    return Ticket.from_masks(draw_masks(scores, spec), 0, "given", spec, model.config).save(path)
+
+
+def width_profile(full_run: Path, split_file: str, max_len: int, batch: int, steps: list[int], examples: int,
+                  seed: int, spec: PruneSpec = prune_spec(EarlyBertArgs())) -> list[dict[str, Any]]:
+    """When the trained model's ranking of units appears: at each of ``steps`` (0: the pre-trained encoder with a
+    fresh head drawn with ``seed``, not the run's own draw; else the run's checkpoint there; the last: its final
+    model), the FFN widths per layer of the ticket that Taylor importance over ``examples`` training examples (a
+    fixed random subset) would draw, and the share of the final ticket's FFN neurons and heads it keeps."""
+    model = EarlyBertForSequenceClassification.from_pretrained(full_run / FINAL_DIR, use_gates=True)
+    data = _split_data(full_run, split_file, max_len, model.config.num_labels)
+    subset = torch.utils.data.Subset(data, np.random.default_rng(0).permutation(len(data))[:examples].tolist())
+    subset.collate = data.collate
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def masks_at(step: int) -> Masks:
+        if step == 0:
+            torch.manual_seed(seed)
+            init = json.loads((full_run / "run_config.json").read_text())["model"]["init_from"]
+            state = load_hf_bert(init, EarlyBertForSequenceClassification, use_gates=True,
+                                 num_labels=model.config.num_labels).state_dict()
+        elif step == steps[-1]:
+            state = final
+        else:  # a single-process ZeRO-0 run's checkpoint: the module's full state
+            state = torch.load(full_run / "checkpoints" / f"global_step{step}" / "mp_rank_00_model_states.pt",
+                               map_location="cpu", weights_only=False)["module"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or not all(is_gate(k) for k in missing):
+            raise BenchError(f"{full_run}: the state at step {step} does not fit the model")
+        return draw_masks(taylor_scores(model, subset, batch), spec)
+
+    ref = masks_at(steps[-1])
+
+    def share(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return sum(int((x & y).sum()) for x, y in zip(a, b)) / sum(int(y.sum()) for y in b)
+
+    rows = []
+    for step in steps:
+        m = ref if step == steps[-1] else masks_at(step)
+        rows.append({"step": step, "ffn_widths": [int(f.sum()) for f in m.ffn], "ffn_kept_of_final":
+                     share(m.ffn, ref.ffn), "heads_kept_of_final": share(m.heads, ref.heads)})
+    return rows
 
 
 def same_widths(ticket: Ticket, seed: int) -> Ticket:
@@ -130,6 +182,9 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
                              "they need --task finetune and 'full' listed before them")
         if set(args.matched) & set(ORACLES):
             raise BenchError("--matched: an oracle is drawn at step 0; random@0 is its control")
+    if args.profile_steps and (args.task != "finetune" or "full" not in names):
+        raise BenchError("--profile-steps: the profile is read from the full model's fine-tuning run: it needs "
+                         "--task finetune and 'full' in --methods")
     return {m: methods[m] for m in names}
 
 
@@ -210,6 +265,8 @@ def tickets(args: argparse.Namespace) -> dict:
                               "options": common, "methods": {**methods}, "data": data}
     result["runs"] = _run_jobs(args, jobs, methods, common, command, key, data)
     result["summary"] = summarise_tickets(result["runs"], key, higher_is_better=args.task == "finetune")
+    if args.profile_steps:
+        result["profiles"] = _profiles(args, [r for r in result["runs"] if r["method"] == "full"], data)
     if args.plot:
         s = result["summary"]["methods"]
         plot_intervals({m: (v["cpu_vs_full"]["mean"], v["cpu_vs_full"]["ci95"], v["metric"]["mean"],
@@ -218,6 +275,27 @@ def tickets(args: argparse.Namespace) -> dict:
                        title=f"bench tickets ({args.task}): mean and 95% interval over seeds")
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
+
+
+def _profiles(args: argparse.Namespace, full_runs: list[dict], data: dict[str, Any]) -> dict[str, Any]:
+    """Each full run's :func:`width_profile` at 0, ``--profile-steps`` and its last step (kept beside the run)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    out = {}
+    for r in sorted(full_runs, key=lambda r: r["seed"]):
+        run, steps = Path(args.out_dir) / f"full-s{r['seed']}", [0, *args.profile_steps, r["steps"]]
+        if missing := [st for st in args.profile_steps if not (run / "checkpoints" / f"global_step{st}").is_dir()]:
+            raise BenchError(f"--profile-steps: {run} has no checkpoint at step(s) {missing}: give the full runs a "
+                             "cadence that saves them all, e.g. --variant 'full=--earlybert.enabled false "
+                             "--train.save_every 6 --train.keep_last 30'")
+        cache = run.with_name(run.name + ".profile.json")
+        key = {"steps": steps, "examples": args.profile_examples}
+        if cache.is_file() and json.loads(cache.read_text())["key"] == key:
+            rows = json.loads(cache.read_text())["rows"]
+        else:
+            rows = width_profile(run, data["train"], args.max_len, args.batch, steps, args.profile_examples, r["seed"])
+            atomic_write_text(cache, json.dumps({"key": key, "rows": rows}) + "\n")
+        out[str(r["seed"])] = rows
+    return out
 
 
 def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dict[str, Any]:
@@ -280,6 +358,14 @@ def _print_tickets(result: dict) -> None:
         print(f"{m:<18}{v['metric']['n']:>3}{v['metric']['mean']:>12.4f} ± {v['metric']['ci95']:.4f}"
               f"{cpu:>18}"
               f"{v['flop_ratio']:>11.3f}{bound:>7}  {steps} ({reasons})")
+    if profiles := result.get("profiles"):
+        print(f"\nTaylor width profile of the full runs (mean of {len(profiles)} seeds): FFN neurons kept per layer, "
+              "share of the final ticket's FFN neurons / heads kept")
+        for i, row in enumerate(next(iter(profiles.values()))):
+            rows = [p[i] for p in profiles.values()]
+            widths = np.mean([r["ffn_widths"] for r in rows], axis=0).round().astype(int).tolist()
+            print(f"step {row['step']:>4}  {widths}  {np.mean([r['ffn_kept_of_final'] for r in rows]):.2f} / "
+                  f"{np.mean([r['heads_kept_of_final'] for r in rows]):.2f}")
     print(f"\npaired differences in {key} (method − reference, same seed), mean ± 95% t-interval")
     for m, refs in s["paired"].items():
         print(f"{m:<18}" + "   ".join(f"vs {ref}: {d['mean']:+.4f} ± {d['ci95']:.4f} (n={d['n']})" + _fit(d)
@@ -312,6 +398,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5 fine-tuning, 1e-3 pre-training)")
     k.add_argument("--evals", type=int, default=1, help="validations per run (the last one counts)")
     _task_arguments(k)
+    k.add_argument("--profile-steps", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   help="fine-tuning: comma-separated steps at which to read each full run's checkpoint and draw the "
+                        "ticket its Taylor scores would give (when the trained model's widths per layer appear); the "
+                        "full runs must save there (see --variant)")
+    k.add_argument("--profile-examples", type=int, default=640, help="training examples each profile step is "
+                                                                      "scored on")
     k.add_argument("--plot", default="", help="PNG of each method's metric against its CPU time (with intervals)")
     k.add_argument("--quick", action="store_true", help="tiny inputs, 2 seeds (smoke test)")
     k.add_argument("--out-dir", default="runs/bench-tickets", help="the runs' output directories (and data)")
