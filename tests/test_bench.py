@@ -288,6 +288,10 @@ def test_matched_control_keeps_the_method_and_draws_at_its_step():
                                {"full": [], "paper": []})
     assert jobs == [("full", 0, None), ("paper", 0, None), ("random@paper", 0, "paper"),
                     ("full", 1, None), ("paper", 1, None), ("random@paper", 1, "paper")]
+    jobs = tickets._tickets_jobs(argparse.Namespace(first_seed=3, seeds=2, matched=[]),
+                                 {"full": [], "widths@next": [], "random@0": []})
+    assert jobs == [("full", 3, None), ("random@0", 3, None), ("full", 4, None), ("random@0", 4, None),
+                    ("widths@next", 3, None), ("widths@next", 4, None)]  # after the full runs they are drawn from
 
 
 @pytest.mark.slow

@@ -39,8 +39,11 @@ CONTROLS = ("full", "random@0")  # the references every variant is compared with
 #: They measure what the choice of units can be worth at these ratios; ``oracle@dev`` reads the very dev labels it is
 #: scored on: a ceiling, not something a user could run. ``widths@train`` / ``widths@dev`` keep the oracle's width per
 #: layer but random units within each layer: oracle − widths is what its choice of units is worth, widths − random@0
-#: what its (unbalanced) widths are worth.
-ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@train": "train", "widths@dev": "dev"}
+#: what its (unbalanced) widths are worth. ``widths@next`` takes its widths from the full run of the *next* seed (the
+#: last seed: the first's), another data order and head: whether the widths belong to the model and the task, so that
+#: one full fine-tuning could give them to every later run, or to the run.
+ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@train": "train", "widths@dev": "dev",
+           "widths@next": "train"}
 
 
 def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
@@ -150,12 +153,14 @@ def matched_control(options: list[str], step: int) -> list[str]:
 
 def _tickets_jobs(args: argparse.Namespace, methods: dict[str, list[str]]) -> list[tuple[str, int, str | None]]:
     """(method, seed, method it is the matched control of) in run order: interleaved by seed, every matched
-    control right after the rest of its seed, so that load on a shared machine falls on all methods alike."""
-    jobs = []
+    control right after the rest of its seed, so that load on a shared machine falls on all methods alike;
+    widths@next last, after every full run it can be drawn from (a run waits only for runs submitted before it)."""
+    jobs, last = [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        jobs += [(m, seed, None) for m in methods]
+        jobs += [(m, seed, None) for m in methods if m != "widths@next"]
         jobs += [(f"random@{m}", seed, m) for m in args.matched]
-    return jobs
+        last += [("widths@next", seed, None)] if "widths@next" in methods else []
+    return jobs + last
 
 
 def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -207,16 +212,17 @@ def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str,
 def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]], methods: dict[str, list[str]],
               common: list[str], command: str, key: str, data: dict[str, Any] | None) -> list[dict]:
     """The runs of ``jobs``, ``args.parallel`` at a time; a run made before with the same options is reused. An
-    oracle waits for the full run of its seed, as a matched control for its method."""
+    oracle waits for the full run it is drawn from, as a matched control for its method."""
     done: dict[tuple[str, int], Future] = {}
 
     def run(job: tuple[str, int, str | None]) -> dict | None:
         name, seed, of = job
         out = Path(args.out_dir) / f"{name}-s{seed}"
-        if name in ORACLES:  # drawn from the trained full model of this seed
-            if done[("full", seed)].result() is None:
+        source = args.first_seed + (seed - args.first_seed + 1) % args.seeds if name == "widths@next" else seed
+        if name in ORACLES:  # drawn from the trained full model of this seed (widths@next: of the next one)
+            if done[("full", source)].result() is None:
                 return None
-            ticket = out.with_name(out.name + ".ticket.json")
+            ticket = out.with_name(out.name + (f".from-s{source}" if source != seed else "") + ".ticket.json")
             opts = methods[name] + ["--earlybert.ticket", str(ticket)]
         elif of is None:
             opts = methods[name]
@@ -235,7 +241,8 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
         if args.summarise_only:
             return None
         if name in ORACLES:
-            oracle_ticket(Path(args.out_dir) / f"full-s{seed}", data[ORACLES[name]], args.max_len, args.batch, ticket)
+            oracle_ticket(Path(args.out_dir) / f"full-s{source}", data[ORACLES[name]], args.max_len, args.batch,
+                          ticket)
             if name.startswith("widths@"):
                 same_widths(Ticket.load(ticket), seed).save(ticket)
         r = _run(command, options, out, args.threads, key)
@@ -333,7 +340,8 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
         if m in CONTROLS or m.startswith("random@"):
             continue
         pairs = {}
-        widths = [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else []  # its units' worth
+        widths = [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else \
+            ["widths@train"] if m == "widths@next" else []  # an oracle's units' worth; another run's widths' worth
         for ref in ("full", "random@0", f"random@{m}", *widths):
             common = [sd for sd in seeds if sd in by.get(ref, {})]
             if common:
