@@ -271,10 +271,14 @@ def test_same_widths_keeps_each_layers_width_with_other_units():
     twin.check()
 
 
-def test_oracles_need_the_full_model_before_them():
+def test_oracles_need_the_full_model_before_them_and_widths_next_another_seed():
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
                               methods="oracle@dev,full")
     with pytest.raises(common.BenchError, match="'full' listed before them"):
+        tickets._methods(args)
+    args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
+                              methods="full,widths@next", seeds=1, profile_steps=[])
+    with pytest.raises(common.BenchError, match="widths@next is drawn from another seed's full run"):
         tickets._methods(args)
 
 

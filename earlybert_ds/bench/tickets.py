@@ -187,6 +187,8 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
                              "they need --task finetune and 'full' listed before them")
         if set(args.matched) & set(ORACLES):
             raise BenchError("--matched: an oracle is drawn at step 0; random@0 is its control")
+    if "widths@next" in names and args.seeds < 2:
+        raise BenchError("--methods: widths@next is drawn from another seed's full run: it needs --seeds >= 2")
     if args.profile_steps and (args.task != "finetune" or "full" not in names):
         raise BenchError("--profile-steps: the profile is read from the full model's fine-tuning run: it needs "
                          "--task finetune and 'full' in --methods")
