@@ -298,8 +298,9 @@ def _profiles(args: argparse.Namespace, full_runs: list[dict], data: dict[str, A
                              "--train.save_every 6 --train.keep_last 30'")
         cache = run.with_name(run.name + ".profile.json")
         key = {"steps": steps, "examples": args.profile_examples}
-        if cache.is_file() and json.loads(cache.read_text())["key"] == key:
-            rows = json.loads(cache.read_text())["rows"]
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") == key:
+            rows = cached["rows"]
         else:
             rows = width_profile(run, data["train"], args.max_len, args.batch, steps, args.profile_examples, r["seed"])
             atomic_write_text(cache, json.dumps({"key": key, "rows": rows}) + "\n")
