@@ -184,6 +184,11 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     o = tickets.summarise_tickets(runs + oracles, "dev_accuracy", higher_is_better=True)["paired"]["oracle@dev"]
     assert set(o) == {"full", "random@0", "widths@dev"}  # an oracle's units against random ones at its widths
     assert o["widths@dev"]["diffs"] == pytest.approx([0.10, 0.11]) and o["random@0"]["n"] == 2
+    others = [_ticket_run(m, seed, acc, 60.0, 0, 0.6) for seed in (0, 1)
+              for m, acc in (("widths@next", 0.52 + seed / 100), ("widths@train", 0.5))]
+    n = tickets.summarise_tickets(runs + others, "dev_accuracy", higher_is_better=True)["paired"]["widths@next"]
+    assert set(n) == {"full", "random@0", "widths@train"}  # another run's widths against the run's own
+    assert n["widths@train"]["diffs"] == pytest.approx([0.02, 0.03])
 
 
 def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, minilm_dir):

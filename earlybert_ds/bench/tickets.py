@@ -288,7 +288,8 @@ def tickets(args: argparse.Namespace) -> dict:
 
 def _profiles(args: argparse.Namespace, full_runs: list[dict], data: dict[str, Any]) -> dict[str, Any]:
     """Each full run's :func:`width_profile` at 0, ``--profile-steps`` and its last step (kept beside the run)."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = {}
     for r in sorted(full_runs, key=lambda r: r["seed"]):
         run, steps = Path(args.out_dir) / f"full-s{r['seed']}", [0, *args.profile_steps, r["steps"]]
