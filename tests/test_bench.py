@@ -19,7 +19,7 @@ from earlybert_ds.modeling import EarlyBertForSequenceClassification, load_hf_be
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
-from conftest import REPO, tiny_config
+from conftest import REPO, metrics, run_single, tiny_config, tiny_run_args
 
 
 @pytest.mark.slow
@@ -263,6 +263,35 @@ def test_width_profile_reads_each_step_against_the_final_ticket(tmp_path, minilm
     assert profile[0]["ffn_kept_of_final"] == pytest.approx(shared) and 0.0 < shared < 1.0
     assert profile[2]["ffn_widths"] == final.intermediate_sizes
     assert profile[2]["ffn_kept_of_final"] == profile[2]["heads_kept_of_final"] == 1.0
+
+
+@pytest.mark.parametrize("score", ["magnitude", "taylor"])
+def test_gate_profile_reads_a_bf16_search_as_the_search_did(corpus, tmp_path, score):
+    """A real bf16 search that draws at step 12 and saves at 4 and 8: the profile reads the gates' fp32 master copies
+    (the module's bf16 copies are all still 1.0) and the Taylor sums from the checkpoints, and the ticket they give
+    at step 8 lies at the very distance from the final ticket that the search itself logged at its check of step
+    12 (checks every 4 steps)."""
+    out = tmp_path / "run"
+    proc = run_single(tiny_run_args(*corpus, out, **{
+        "train.precision": "bf16", "earlybert.draw": "fixed", "earlybert.fixed_step": 12, "earlybert.detect_every": 4,
+        "earlybert.score": score, "train.steps": 16, "train.save_every": 4, "train.keep_last": 10}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module = torch.load(out / "checkpoints" / "global_step8" / "mp_rank_00_model_states.pt", weights_only=False)
+    halves = torch.cat([v.flatten() for k, v in module["module"].items() if k.endswith("ffn_gates")])
+    gates, taylor = tickets.checkpoint_gates(out / "checkpoints" / "global_step8")
+    masters = torch.from_numpy(np.concatenate(gates.ffn))
+    assert halves.dtype == torch.bfloat16 and torch.equal(masters.bfloat16(), halves)  # the module's copies, rounded
+    assert (masters != halves.float()).float().mean() > 0.5 and (taylor is not None) == (score == "taylor")
+
+    profile = tickets.gate_profile(out, [4, 8])
+    logged = {m["step"]: m for m in metrics(out) if "mask_distance/ffn" in m}
+    assert [r["step"] for r in profile] == [4, 8, 12] and sorted(logged) == [8, 12]
+    assert profile[1]["distance_to_final"] == {"heads": logged[12]["mask_distance/heads"],
+                                               "ffn": logged[12]["mask_distance/ffn"]}
+    final = Ticket.load(out / "ticket")
+    assert profile[2]["ffn_widths"] == final.intermediate_sizes and profile[2]["ffn_kept_of_final"] == 1.0
+    assert all(0.0 < r["ffn_kept_of_final"] <= 1.0 and sum(r["ffn_widths"]) == sum(final.intermediate_sizes)
+               for r in profile)
 
 
 def test_same_widths_keeps_each_layers_width_with_other_units():

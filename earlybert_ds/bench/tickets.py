@@ -22,9 +22,9 @@ from ..config import EarlyBertArgs
 from ..data import load_tokenizer
 from ..modeling import EarlyBertForSequenceClassification, load_hf_bert
 from ..plots import plot_intervals
-from ..search import TaylorImportance, is_gate, prune_spec
+from ..search import TaylorImportance, is_gate, prune_spec, scores_of
 from ..tasks import custom_task, encode, load_task_split
-from ..ticket import Masks, PruneSpec, Scores, Ticket, draw_masks
+from ..ticket import Masks, PruneSpec, Scores, Ticket, draw_masks, mask_distance
 from .common import (PYTHON_DOCS, SHAPES, BenchError, _machine, _prepare_data, _python_docs, _run, _run_args,
                      cli_options, interval, train_loss_tail)
 from .finetune import finetune_settings, section_task
@@ -122,16 +122,57 @@ def width_profile(full_run: Path, split_file: str, max_len: int, batch: int, ste
         return draw_masks(taylor_scores(model, subset, batch), spec)
 
     ref = masks_at(steps[-1])
-
-    def share(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-        return sum(int((x & y).sum()) for x, y in zip(a, b)) / sum(int(y.sum()) for y in b)
-
     rows = []
     for step in steps:
         m = ref if step == steps[-1] else masks_at(step)
         rows.append({"step": step, "ffn_widths": [int(f.sum()) for f in m.ffn], "ffn_kept_of_final":
-                     share(m.ffn, ref.ffn), "heads_kept_of_final": share(m.heads, ref.heads)})
+                     _share(m.ffn, ref.ffn), "heads_kept_of_final": _share(m.heads, ref.heads)})
     return rows
+
+
+def checkpoint_gates(ckpt: Path) -> tuple[Scores, TaylorImportance | None]:
+    """The gates in a single-process ZeRO-0 search checkpoint, and its Taylor sums where the search kept them. Under
+    bf16/fp16 the values come from the optimizer's fp32 master copies (the gates' group is the last one): the module's
+    half-precision copies round gates within 2^-7 of 1 to 1.0, and with them every ranking."""
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    names = [k for k in state["module"] if is_gate(k)]
+    masters = (state.get("optimizer") or {}).get("fp32_groups")
+    values = list(masters[-1]) if masters else [state["module"][k] for k in names]
+    if not names or len(values) != len(names):
+        raise BenchError(f"{ckpt}: not a search checkpoint with one fp32 copy per gate ({len(names)} gates)")
+    gates = {k: v.detach().float().numpy() for k, v in zip(names, values)}
+    scores = Scores(heads=[v for k, v in gates.items() if k.endswith("head_gates")],
+                    ffn=[v for k, v in gates.items() if k.endswith("ffn_gates")])
+    taylor_state = state.get("earlybert", {}).get("search", {}).get("taylor")
+    if taylor_state is None:
+        return scores, None
+    taylor = TaylorImportance(0.0, 0.0)
+    taylor.load_state_dict(taylor_state)
+    return scores, taylor
+
+
+def gate_profile(search_run: Path, steps: list[int]) -> list[dict[str, Any]]:
+    """When a search's ticket settles: at each of ``steps`` (checkpoints of a search run that draws late, at
+    ``earlybert.fixed_step``), the ticket its scores (the run's ``earlybert.score``) would draw, compared with the
+    ticket it drew at the end: FFN widths per layer, the share of the final ticket's FFN neurons and heads kept, and
+    the normalised Hamming distance to it."""
+    earlybert = EarlyBertArgs(**json.loads((search_run / "run_config.json").read_text())["earlybert"])
+    spec, final = prune_spec(earlybert), Ticket.load(search_run / "ticket")
+    ref = final.masks()
+    rows = []
+    for step in steps:
+        gates, taylor = checkpoint_gates(search_run / "checkpoints" / f"global_step{step}")
+        m = draw_masks(scores_of(earlybert.score, gates, taylor), spec)
+        rows.append({"step": step, "ffn_widths": [int(f.sum()) for f in m.ffn],
+                     "ffn_kept_of_final": _share(m.ffn, ref.ffn), "heads_kept_of_final": _share(m.heads, ref.heads),
+                     "distance_to_final": mask_distance(m, ref)})
+    return rows + [{"step": final.step, "ffn_widths": final.intermediate_sizes, "ffn_kept_of_final": 1.0,
+                    "heads_kept_of_final": 1.0, "distance_to_final": {"heads": 0.0, "ffn": 0.0}}]
+
+
+def _share(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """The share of the units kept by masks ``b`` that masks ``a`` keep too."""
+    return sum(int((x & y).sum()) for x, y in zip(a, b)) / sum(int(y.sum()) for y in b)
 
 
 def same_widths(ticket: Ticket, seed: int) -> Ticket:
@@ -189,9 +230,12 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
             raise BenchError("--matched: an oracle is drawn at step 0; random@0 is its control")
     if "widths@next" in names and args.seeds < 2:
         raise BenchError("--methods: widths@next is drawn from another seed's full run: it needs --seeds >= 2")
-    if args.profile_steps and (args.task != "finetune" or "full" not in names):
-        raise BenchError("--profile-steps: the profile is read from the full model's fine-tuning run: it needs "
-                         "--task finetune and 'full' in --methods")
+    if args.profile_steps and args.profile_of not in names:
+        raise BenchError(f"--profile-steps: the profile is read from the runs of --profile-of {args.profile_of}, "
+                         "which --methods does not list")
+    if args.profile_steps and (args.profile_of == "full") != (args.task == "finetune"):
+        raise BenchError("--profile-of: fine-tuning profiles the full runs (the Taylor importance of the model as it "
+                         "trains); pre-training profiles a search that draws late (its gates as they train)")
     return {m: methods[m] for m in names}
 
 
@@ -275,7 +319,7 @@ def tickets(args: argparse.Namespace) -> dict:
     result["runs"] = _run_jobs(args, jobs, methods, common, command, key, data)
     result["summary"] = summarise_tickets(result["runs"], key, higher_is_better=args.task == "finetune")
     if args.profile_steps:
-        result["profiles"] = _profiles(args, [r for r in result["runs"] if r["method"] == "full"], data)
+        result["profiles"] = _profiles(args, [r for r in result["runs"] if r["method"] == args.profile_of], data)
     if args.plot:
         s = result["summary"]["methods"]
         plot_intervals({m: (v["cpu_vs_full"]["mean"], v["cpu_vs_full"]["ci95"], v["metric"]["mean"],
@@ -286,25 +330,32 @@ def tickets(args: argparse.Namespace) -> dict:
     return result
 
 
-def _profiles(args: argparse.Namespace, full_runs: list[dict], data: dict[str, Any]) -> dict[str, Any]:
-    """Each full run's :func:`width_profile` at 0, ``--profile-steps`` and its last step (kept beside the run)."""
+def _profiles(args: argparse.Namespace, runs: list[dict], data: dict[str, Any] | None) -> dict[str, Any]:
+    """Each profiled run's profile at ``--profile-steps`` (kept beside the run): fine-tuning, the full runs'
+    :func:`width_profile` from step 0 to their last; pre-training, the :func:`gate_profile` of ``--profile-of``'s
+    searches."""
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {}
-    for r in sorted(full_runs, key=lambda r: r["seed"]):
-        run, steps = Path(args.out_dir) / f"full-s{r['seed']}", [0, *args.profile_steps, r["steps"]]
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        run = Path(args.out_dir) / f"{args.profile_of}-s{r['seed']}"
         if missing := [st for st in args.profile_steps if not (run / "checkpoints" / f"global_step{st}").is_dir()]:
-            raise BenchError(f"--profile-steps: {run} has no checkpoint at step(s) {missing}: give the full runs a "
-                             "cadence that saves them all, e.g. --variant 'full=--earlybert.enabled false "
+            how = "--earlybert.enabled false" if args.task == "finetune" else \
+                "--earlybert.draw fixed --earlybert.fixed_step LATE"
+            raise BenchError(f"--profile-steps: {run} has no checkpoint at step(s) {missing}: give the profiled runs "
+                             f"a cadence that saves them all, e.g. --variant '{args.profile_of}={how} "
                              "--train.save_every 6 --train.keep_last 30'")
-        cache = run.with_name(run.name + ".profile.json")
-        key = {"steps": steps, "examples": args.profile_examples}
+        cache, steps = run.with_name(run.name + ".profile.json"), [0, *args.profile_steps, r["steps"]]
+        key = {"steps": steps, "examples": args.profile_examples} if args.task == "finetune" else \
+            {"steps": args.profile_steps, "gates": r["ticket_step"]}
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         if cached.get("key") == key:
             rows = cached["rows"]
-        else:
+        elif args.task == "finetune":
             rows = width_profile(run, data["train"], args.max_len, args.batch, steps, args.profile_examples, r["seed"])
-            atomic_write_text(cache, json.dumps({"key": key, "rows": rows}) + "\n")
+        else:
+            rows = gate_profile(run, args.profile_steps)
+        atomic_write_text(cache, json.dumps({"key": key, "rows": rows}) + "\n")
         out[str(r["seed"])] = rows
     return out
 
@@ -371,8 +422,10 @@ def _print_tickets(result: dict) -> None:
               f"{cpu:>18}"
               f"{v['flop_ratio']:>11.3f}{bound:>7}  {steps} ({reasons})")
     if profiles := result.get("profiles"):
-        print(f"\nTaylor width profile of the full runs (mean of {len(profiles)} seeds): FFN neurons kept per layer, "
-              "share of the final ticket's FFN neurons / heads kept")
+        what = "Taylor width profile of the full runs" if result["task"] == "finetune" else \
+            f"gate profile of the {result['args'].get('profile_of')} searches"
+        print(f"\n{what} (mean of {len(profiles)} seeds): FFN neurons kept per layer, share of the final ticket's "
+              "FFN neurons / heads kept")
         for i, row in enumerate(next(iter(profiles.values()))):
             rows = [p[i] for p in profiles.values()]
             widths = np.mean([r["ffn_widths"] for r in rows], axis=0).round().astype(int).tolist()
@@ -411,9 +464,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--evals", type=int, default=1, help="validations per run (the last one counts)")
     _task_arguments(k)
     k.add_argument("--profile-steps", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                   help="fine-tuning: comma-separated steps at which to read each full run's checkpoint and draw the "
-                        "ticket its Taylor scores would give (when the trained model's widths per layer appear); the "
-                        "full runs must save there (see --variant)")
+                   help="comma-separated steps at which to read each profiled run's checkpoint and draw the ticket "
+                        "it would give (fine-tuning: Taylor scores of the full model as it trains, when the trained "
+                        "model's widths per layer appear; pre-training: a long search's own scores, when its ticket "
+                        "settles); the runs must save there (see --variant)")
+    k.add_argument("--profile-of", default="full", metavar="METHOD",
+                   help="the method whose runs are profiled: fine-tuning, full; pre-training, a search that draws "
+                        "late (--earlybert.draw fixed) and saves a checkpoint at each profile step")
     k.add_argument("--profile-examples", type=int, default=640, help="training examples each profile step is "
                                                                       "scored on")
     k.add_argument("--plot", default="", help="PNG of each method's metric against its CPU time (with intervals)")
