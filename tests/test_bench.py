@@ -305,7 +305,7 @@ def test_same_widths_keeps_each_layers_width_with_other_units():
     twin.check()
 
 
-def test_oracles_need_the_full_model_before_them_and_widths_next_another_seed():
+def test_oracles_and_drawn_tickets_need_their_source_before_them():
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
                               methods="oracle@dev,full")
     with pytest.raises(common.BenchError, match="'full' listed before them"):
@@ -313,6 +313,13 @@ def test_oracles_need_the_full_model_before_them_and_widths_next_another_seed():
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
                               methods="full,widths@next", seeds=1, profile_steps=[])
     with pytest.raises(common.BenchError, match="widths@next is drawn from another seed's full run"):
+        tickets._methods(args)
+    args = argparse.Namespace(quick=False, batch=None, lr=None, task="pretrain", matched="", rewarmup=10, variant=[],
+                              methods="full,ticket@paper,paper")
+    with pytest.raises(common.BenchError, match="ticket@paper trains the ticket of 'paper'"):
+        tickets._methods(args)
+    args.methods, args.matched = "full,paper,ticket@paper", "ticket@paper"
+    with pytest.raises(common.BenchError, match="random@0 is its control"):
         tickets._methods(args)
 
 
@@ -334,24 +341,28 @@ def test_matched_control_keeps_the_method_and_draws_at_its_step():
 
 @pytest.mark.slow
 def test_tickets_quick_runs_seeds_and_controls(tmp_path):
-    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT and the two random controls."""
+    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT, the two random controls, and
+    EarlyBERT's own ticket trained from step 0 (ticket@paper)."""
     _docs_tree(tmp_path / "docs")
     out = tmp_path / "tickets.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "tickets", "--quick", "--corpus", str(tmp_path / "docs"),
-         "--methods", "full,paper,random@0", "--matched", "paper", "--out-dir", str(tmp_path / "runs"),
+         "--methods", "full,paper,random@0,ticket@paper", "--matched", "paper", "--out-dir", str(tmp_path / "runs"),
          "--plot", str(tmp_path / "t.png"), "--threads", "1", "--parallel", "2", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     runs = {(r["method"], r["seed"]): r for r in result["runs"]}
-    assert set(runs) == {(m, s) for m in ("full", "paper", "random@0", "random@paper") for s in (0, 1)}
+    assert set(runs) == {(m, s) for m in ("full", "paper", "random@0", "random@paper", "ticket@paper") for s in (0, 1)}
     for s in (0, 1):  # the control drew at the method's own step, with a random ticket
         assert runs[("random@paper", s)]["ticket_step"] == runs[("paper", s)]["ticket_step"] >= 1
         assert runs[("random@paper", s)]["ticket_reason"] == "random"
         assert runs[("random@0", s)]["ticket_step"] == 0
+        drawn, given = (Ticket.load(tmp_path / "runs" / f"{m}-s{s}" / "ticket") for m in ("paper", "ticket@paper"))
+        assert (given.step, given.reason, given.heads, given.ffn) == (0, "given", drawn.heads, drawn.ffn)
     summary = result["summary"]
-    assert summary["methods"]["full"]["metric"]["n"] == 2 and set(summary["paired"]) == {"paper"}
+    assert summary["methods"]["full"]["metric"]["n"] == 2 and set(summary["paired"]) == {"paper", "ticket@paper"}
+    assert set(summary["paired"]["ticket@paper"]) == {"full", "random@0"}
     assert all(0 < r["train_loss"] < 20 for r in runs.values())  # each run's own metrics.jsonl, read back
     assert "train_loss" in summary["paired"]["paper"]["random@paper"]
     assert (tmp_path / "t.png").stat().st_size > 0 and "paired differences" in proc.stdout

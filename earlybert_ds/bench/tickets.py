@@ -44,6 +44,9 @@ CONTROLS = ("full", "random@0")  # the references every variant is compared with
 #: one full fine-tuning could give them to every later run, or to the run.
 ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@train": "train", "widths@dev": "dev",
            "widths@next": "train"}
+#: ``ticket@M``: the ticket that method M's run of the same seed drew, trained from step 0 like random@0: what M's
+#: choice of units is worth with no search cost and no mid-schedule restart (e.g. M a search that draws late).
+DRAWN = "ticket@"
 
 
 def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
@@ -217,6 +220,13 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
         name, _, opts = spec.partition("=")
         methods[name] = opts.split()
     names = args.methods.split(",")
+    for i, name in enumerate(names):
+        if name.startswith(DRAWN):
+            source = name.removeprefix(DRAWN)
+            if source not in names[:i] or source in CONTROLS:
+                raise BenchError(f"--methods: {name} trains the ticket of {source!r}, which must be a method with a "
+                                 "ticket of its own listed before it")
+            methods[name] = ["--earlybert.draw", "given"]
     if unknown := (set(names) | set(args.matched)) - set(methods):
         raise BenchError(f"--methods/--matched: unknown {', '.join(sorted(unknown))}; choose from "
                          f"{', '.join(methods)} (or add one with --variant NAME=OPTIONS)")
@@ -226,8 +236,8 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
         if args.task != "finetune" or "full" not in names or names.index("full") > names.index(oracles[0]):
             raise BenchError(f"--methods: {', '.join(oracles)} are drawn from the full model's fine-tuning run: "
                              "they need --task finetune and 'full' listed before them")
-        if set(args.matched) & set(ORACLES):
-            raise BenchError("--matched: an oracle is drawn at step 0; random@0 is its control")
+    if any(m in ORACLES or m.startswith(DRAWN) for m in args.matched):
+        raise BenchError("--matched: an oracle or ticket@ is trained from step 0; random@0 is its control")
     if "widths@next" in names and args.seeds < 2:
         raise BenchError("--methods: widths@next is drawn from another seed's full run: it needs --seeds >= 2")
     if args.profile_steps and args.profile_of not in names:
@@ -258,7 +268,7 @@ def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str,
 def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]], methods: dict[str, list[str]],
               common: list[str], command: str, key: str, data: dict[str, Any] | None) -> list[dict]:
     """The runs of ``jobs``, ``args.parallel`` at a time; a run made before with the same options is reused. An
-    oracle waits for the full run it is drawn from, as a matched control for its method."""
+    oracle waits for the full run it is drawn from, a ticket@M for M's run, as a matched control for its method."""
     done: dict[tuple[str, int], Future] = {}
 
     def run(job: tuple[str, int, str | None]) -> dict | None:
@@ -270,6 +280,11 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
                 return None
             ticket = out.with_name(out.name + (f".from-s{source}" if source != seed else "") + ".ticket.json")
             opts = methods[name] + ["--earlybert.ticket", str(ticket)]
+        elif name.startswith(DRAWN):  # the ticket its source method's run of this seed drew
+            source_run = name.removeprefix(DRAWN)
+            if done[(source_run, seed)].result() is None:
+                return None
+            opts = methods[name] + ["--earlybert.ticket", str(Path(args.out_dir) / f"{source_run}-s{seed}" / "ticket")]
         elif of is None:
             opts = methods[name]
         else:
@@ -447,7 +462,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                        "tickets at step 0 and at the method's own step, search variants)")
     k.add_argument("--task", choices=("finetune", "pretrain"), default="finetune")
     k.add_argument("--methods", default="full,paper,random@0,default",
-                   help="comma-separated, of " + ", ".join(ticket_methods(1.0, 1)) + " and any --variant")
+                   help="comma-separated, of " + ", ".join(ticket_methods(1.0, 1)) + " and any --variant; "
+                        "ticket@M: the ticket method M drew (same seed), trained from step 0")
     k.add_argument("--matched", default="paper,default",
                    help="methods that get a same-step random control (random@METHOD: the method's options, a random "
                         "ticket drawn at the step it drew its own)")
