@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from .config import add_config_arguments, config_from_args
+from .config import COMMAND_DEFAULTS, add_config_arguments, config_from_args
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -32,14 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=fmt)
     p.add_argument("--corpus", help="shortcut for --data.corpus")
     _common(p)
-    add_config_arguments(p, skip=("finetune",))
+    add_config_arguments(p, skip=("finetune",), defaults=COMMAND_DEFAULTS["pretrain"])
     f = sub.add_parser("finetune", help="EarlyBERT fine-tuning on a GLUE-style or SQuAD-style task",
                        description=__doc__, formatter_class=fmt)
     f.add_argument("--task", help="shortcut for --finetune.task")
     f.add_argument("--model", help="shortcut for --model.init_from: the pre-trained model directory")
     f.add_argument("--data", help="shortcut for --finetune.data")
     _common(f)
-    add_config_arguments(f)
+    add_config_arguments(f, defaults=COMMAND_DEFAULTS["finetune"])
     b = sub.add_parser("bench", help="benchmarks (see python -m earlybert_ds.bench --help)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -67,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pretrain":
             from .pretrain import pretrain
 
-            pretrain(config_from_args(args, extra={"data.corpus": args.corpus}), args.resume, args.resume_from)
+            cfg = config_from_args(args, defaults=COMMAND_DEFAULTS["pretrain"], extra={"data.corpus": args.corpus})
+            pretrain(cfg, args.resume, args.resume_from)
         else:
-            from .finetune import FINETUNE_DEFAULTS, finetune
+            from .finetune import finetune
 
-            cfg = config_from_args(args, defaults=FINETUNE_DEFAULTS, extra={
+            cfg = config_from_args(args, defaults=COMMAND_DEFAULTS["finetune"], extra={
                 "finetune.task": args.task, "model.init_from": args.model, "finetune.data": args.data})
             finetune(cfg, args.resume, args.resume_from)
         from .distributed import shutdown

@@ -425,9 +425,22 @@ def load_config_file(path: str | Path) -> dict:
     return data or {}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+#: Each command's defaults where they differ from the fields' own. Fine-tuning: BERT's fine-tuning recipe; the
+#: paper's ``rewind`` (to the pre-trained weights) stays. Pre-training from scratch: ``continue``, as measured by
+#: ``bench tickets --task pretrain`` (README, "Pre-training at 1,000 steps": rewind ends 1.6% above the full model's
+#: loss, continue within its interval).
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"earlybert.weights": "continue"},
+    "finetune": {"train.lr": 2e-5, "train.micro_batch_size": 32, "train.weight_decay": 0.01,
+                 "train.betas": (0.9, 0.999), "train.eval_every": 0, "train.save_every": 0, "model.dropout": 0.1},
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                         defaults: dict[str, Any] | None = None) -> None:
     """Add ``--config`` and one ``--section.field`` option per field (values are parsed and checked later);
-    sections in ``skip`` are left out (they still load from a config file)."""
+    sections in ``skip`` are left out (they still load from a config file); ``defaults``, the command's own, are
+    the ones its ``--help`` shows."""
     parser.add_argument("--config", help="JSON or YAML run-config file (command-line options override it)")
     groups = {sec: parser.add_argument_group(f"{sec} options") for sec in _sections() if sec not in skip}
     for key, f in all_fields().items():
@@ -436,7 +449,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             continue
         group = groups[sec] if sec else parser
         flag = "--" + key.replace("_", "-") if sec is None else "--" + key
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(key, f.default if f.default is not dataclasses.MISSING else None)
         group.add_argument(flag, dest=f"cfg:{key}", default=None, metavar=_metavar(key),
                            help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
 

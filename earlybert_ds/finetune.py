@@ -35,9 +35,6 @@ from .tasks import (
 
 logger = logging.getLogger("earlybert_ds")
 
-#: The fine-tuning defaults of BERT/EarlyBERT that differ from pre-training's.
-FINETUNE_DEFAULTS = {"train.lr": 2e-5, "train.micro_batch_size": 32, "train.weight_decay": 0.01,
-                     "train.betas": (0.9, 0.999), "train.eval_every": 0, "train.save_every": 0, "model.dropout": 0.1}
 QA_TASKS = {"squad": ("train-v1.1.json", "dev-v1.1.json", False), "squad_v2": ("train-v2.0.json", "dev-v2.0.json", True)}
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

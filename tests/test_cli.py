@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from earlybert_ds.cli import main
+from earlybert_ds.cli import build_parser, main
+from earlybert_ds.config import COMMAND_DEFAULTS, config_from_args
 
 from conftest import REPO, tiny_run_args
 
@@ -28,6 +30,19 @@ def test_help_documents_every_option():
                    "--earlybert.epsilon", "--earlybert.weights", "--data.whole_word_mask", "--log.wandb"):
         assert option in out
     assert "{rewind,continue}" in out and "(default: 0.1)" in out
+
+
+@pytest.mark.parametrize("command, weights, lr", [("pretrain", "continue", "0.001"), ("finetune", "rewind", "2e-05")])
+def test_each_command_shows_and_applies_its_own_defaults(command, weights, lr):
+    """Pre-training continues the searched weights (measured: README), fine-tuning rewinds them to the pre-trained
+    ones (the paper); --help says what the command will do, not the bare fields' defaults."""
+    out = subprocess.run([sys.executable, "-m", "earlybert_ds", command, "--help"], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    shown = dict(re.findall(r"\n  (--[\w.]+) .*?\(default: ([^)]*)\)", out, re.S))
+    assert (shown["--earlybert.weights"], shown["--train.lr"]) == (weights, lr)
+    args = build_parser().parse_args([command, "--output-dir", "x"])
+    cfg = config_from_args(args, defaults=COMMAND_DEFAULTS[command])
+    assert (cfg.earlybert.weights, cfg.train.lr) == (weights, float(lr))
 
 
 @pytest.mark.parametrize("overrides, needles", [

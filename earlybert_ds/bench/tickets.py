@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -268,8 +269,11 @@ def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str,
 def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]], methods: dict[str, list[str]],
               common: list[str], command: str, key: str, data: dict[str, Any] | None) -> list[dict]:
     """The runs of ``jobs``, ``args.parallel`` at a time; a run made before with the same options is reused. An
-    oracle waits for the full run it is drawn from, a ticket@M for M's run, as a matched control for its method."""
+    oracle waits for the full run it is drawn from, a ticket@M for M's run, as a matched control for its method;
+    a job that waits holds no slot (one thread per job, ``args.parallel`` slots for the runs themselves), so the
+    next seeds' runs go on meanwhile."""
     done: dict[tuple[str, int], Future] = {}
+    slots = threading.Semaphore(args.parallel)  # waiters wake in the order they came: runs stay interleaved by seed
 
     def run(job: tuple[str, int, str | None]) -> dict | None:
         name, seed, of = job
@@ -301,19 +305,20 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
                 return r
         if args.summarise_only:
             return None
-        if name in ORACLES:
-            oracle_ticket(Path(args.out_dir) / f"full-s{source}", data[ORACLES[name]], args.max_len, args.batch,
-                          ticket)
-            if name.startswith("widths@"):
-                same_widths(Ticket.load(ticket), seed).save(ticket)
-        r = _run(command, options, out, args.threads, key)
+        with slots:
+            if name in ORACLES:
+                oracle_ticket(Path(args.out_dir) / f"full-s{source}", data[ORACLES[name]], args.max_len, args.batch,
+                              ticket)
+                if name.startswith("widths@"):
+                    same_widths(Ticket.load(ticket), seed).save(ticket)
+            r = _run(command, options, out, args.threads, key)
         r.update(method=name, seed=seed, options=opts, metric=r[f"final_{key}"])
         record.write_text(json.dumps(r) + "\n")
         print(f"[tickets {args.task}] {name} seed {seed}: {key} {r['metric']:.4f}, CPU {r['process_cpu_s']:.0f} s, "
               f"ticket {r['ticket_step']} ({r['ticket_reason']})", file=sys.stderr, flush=True)
         return r
 
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+    with ThreadPoolExecutor(max_workers=max(len(jobs), 1)) as pool:
         for job in jobs:  # in order: a matched control waits for its method, which was submitted before it
             done[job[:2]] = pool.submit(run, job)
         return [r for r in (f.result() for f in done.values()) if r is not None]
