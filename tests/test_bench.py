@@ -7,6 +7,8 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -303,6 +305,28 @@ def test_same_widths_keeps_each_layers_width_with_other_units():
     assert twin.ffn[0] != given.ffn[0] and all(u == sorted(set(u)) for u in twin.heads + twin.ffn)
     assert twin == tickets.same_widths(given, seed=3) != tickets.same_widths(given, seed=4)
     twin.check()
+
+
+def test_a_freed_run_slot_goes_to_the_earliest_waiting_job():
+    """A matched control that waited for its method takes the next slot before later seeds that queued first."""
+    slots, started = tickets._Slots(1), []
+    held = threading.Event()
+
+    def job(order: int) -> None:
+        with slots.take(order):
+            started.append(order)
+            held.wait(0 if order else 10)  # job 0 holds the slot until every other job waits
+
+    first = threading.Thread(target=job, args=(0,))
+    first.start()
+    later = [threading.Thread(target=job, args=(k,)) for k in (5, 3, 4, 1)]  # queued in this order, 1 last
+    for t in later:
+        t.start()
+        time.sleep(0.05)
+    held.set()
+    for t in [first, *later]:
+        t.join(10)
+    assert started == [0, 1, 3, 4, 5]
 
 
 def test_oracles_and_drawn_tickets_need_their_source_before_them():

@@ -5,11 +5,14 @@ or the pre-training task, and each method's paired differences against the contr
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -266,14 +269,38 @@ def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str,
     return settings, command, key, data
 
 
+class _Slots:
+    """``n`` slots for runs, each freed slot given to the waiting job that comes first in the suite's order (a
+    matched control that had to wait for its method does not queue behind every later seed)."""
+
+    def __init__(self, n: int) -> None:
+        self._free, self._waiting, self._cond = n, [], threading.Condition()
+
+    @contextmanager
+    def take(self, order: int) -> Iterator[None]:
+        with self._cond:
+            heapq.heappush(self._waiting, order)
+            self._cond.wait_for(lambda: self._free > 0 and self._waiting[0] == order)
+            heapq.heappop(self._waiting)
+            self._free -= 1
+            self._cond.notify_all()  # the next in order may take a slot that is still free
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
+
+
 def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]], methods: dict[str, list[str]],
               common: list[str], command: str, key: str, data: dict[str, Any] | None) -> list[dict]:
     """The runs of ``jobs``, ``args.parallel`` at a time; a run made before with the same options is reused. An
     oracle waits for the full run it is drawn from, a ticket@M for M's run, as a matched control for its method;
     a job that waits holds no slot (one thread per job, ``args.parallel`` slots for the runs themselves), so the
-    next seeds' runs go on meanwhile."""
+    next seeds' runs go on meanwhile, and takes the next free one once it can run."""
     done: dict[tuple[str, int], Future] = {}
-    slots = threading.Semaphore(args.parallel)  # waiters wake in the order they came: runs stay interleaved by seed
+    slots = _Slots(args.parallel)
+    order = {job[:2]: i for i, job in enumerate(jobs)}  # a free slot goes to the earliest job: seeds stay in order
 
     def run(job: tuple[str, int, str | None]) -> dict | None:
         name, seed, of = job
@@ -305,7 +332,7 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
                 return r
         if args.summarise_only:
             return None
-        with slots:
+        with slots.take(order[(name, seed)]):
             if name in ORACLES:
                 oracle_ticket(Path(args.out_dir) / f"full-s{source}", data[ORACLES[name]], args.max_len, args.batch,
                               ticket)
