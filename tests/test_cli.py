@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from earlybert_ds.cli import build_parser, main
-from earlybert_ds.config import COMMAND_DEFAULTS, config_from_args
+from earlybert_ds.config import config_from_args
 
 from conftest import REPO, tiny_run_args
 
@@ -21,6 +21,15 @@ def _fails(capsys, argv: list[str], *needles: str) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def _options_in_help(command: str) -> dict[str, list[str]]:
+    """``COMMAND --help``'s options, each with the defaults its text shows."""
+    out = subprocess.run([sys.executable, "-m", "earlybert_ds", command, "--help"], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    blocks = re.split(r"\n  (?=-)", out.split("\noptions:", 1)[1])[1:]
+    return {block.split()[0].rstrip(","): re.findall(r"\(default: ([^)]*)\)", " ".join(block.split()))
+            for block in blocks}
 
 
 def test_help_documents_every_option():
@@ -36,12 +45,11 @@ def test_help_documents_every_option():
 def test_each_command_shows_and_applies_its_own_defaults(command, weights, lr):
     """Pre-training continues the searched weights (measured: README), fine-tuning rewinds them to the pre-trained
     ones (the paper); --help says what the command will do, not the bare fields' defaults."""
-    out = subprocess.run([sys.executable, "-m", "earlybert_ds", command, "--help"], capture_output=True, text=True,
-                         cwd=REPO, check=True).stdout
-    shown = dict(re.findall(r"\n  (--[\w.]+) .*?\(default: ([^)]*)\)", out, re.S))
+    shown = {option: defaults[0] if defaults else None for option, defaults in _options_in_help(command).items()}
     assert (shown["--earlybert.weights"], shown["--train.lr"]) == (weights, lr)
-    args = build_parser().parse_args([command, "--output-dir", "x"])
-    cfg = config_from_args(args, defaults=COMMAND_DEFAULTS[command])
+    args = build_parser().parse_args([command, "--output-dir", "x", *(["--task", "sst2", "--model", "m"]
+                                                                       if command == "finetune" else [])])
+    cfg = config_from_args(args, command)
     assert (cfg.earlybert.weights, cfg.train.lr) == (weights, float(lr))
 
 

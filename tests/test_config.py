@@ -33,7 +33,11 @@ def test_fuzzed_configs_load_or_fail_with_config_error(flat):
     except ConfigError as e:
         assert any(k in str(e) for k in (*FIELDS, *SECTIONS, "bogus")), e  # the message names the field
         return
-    cfg.validate()  # whatever loads is consistent
+    try:  # whatever loads settles its budget consistently, or says why it cannot
+        cfg.resolve()
+    except ConfigError as e:
+        assert "train.steps" in str(e), e
+        return
     assert cfg.train.warmup_steps <= cfg.train.steps and cfg.train.micro_batch_size >= 1
 
 
@@ -67,7 +71,7 @@ def test_every_field_has_help():
 @pytest.mark.parametrize("key, value", [("model.num_heads", 0), ("model.hidden_size", -8), ("model.dropout", 1.0),
                                         ("data.vocab_size", 0), ("train.seed", -1), ("train.eps", 0.0),
                                         ("earlybert.l1_ffn", -1e-4), ("finetune.epochs", 0.0),
-                                        ("finetune.num_labels", 0), ("finetune.warmup_fraction", 1.0)])
+                                        ("finetune.num_labels", 0), ("train.warmup_ratio", 1.0)])
 def test_out_of_range_values_name_their_field(key, value):
     section, name = key.split(".")
     with pytest.raises(ConfigError, match=rf"^{key}={value}"):
@@ -111,8 +115,8 @@ def test_zero_stage_parses_from_the_command_line_and_refuses_booleans():
 
 
 def test_resolve_settles_derived_fields_once_then_freezes():
-    cfg = RunConfig.from_dict({"train": {"micro_batch_size": 8},
-                               "finetune": {"epochs": 2.0, "search_epochs": 0.5, "warmup_fraction": 0.1}})
+    cfg = RunConfig.from_dict({"train": {"micro_batch_size": 8, "steps": None, "warmup_ratio": 0.1},
+                               "finetune": {"epochs": 2.0, "search_epochs": 0.5}})
     assert cfg.resolve(epoch_examples=100, world_size=2) is cfg  # 100 / (8 x 2) -> 7 steps per epoch
     assert (cfg.train.steps, cfg.earlybert.max_search_steps, cfg.train.warmup_steps) == (14, 4, 1)
     assert cfg.earlybert.detect_every == 1  # 4 // (2 x (window 5 + 1)), at least 1
@@ -127,7 +131,7 @@ def test_resolve_settles_derived_fields_once_then_freezes():
 
 
 def test_resolve_refuses_derived_values_that_break_a_constraint():
-    cfg = RunConfig.from_dict({"train": {"warmup_steps": 30}, "finetune": {"warmup_fraction": None, "epochs": 0.01}})
+    cfg = RunConfig.from_dict({"train": {"warmup_steps": 30, "steps": None}, "finetune": {"epochs": 0.01}})
     with pytest.raises(ConfigError, match="train.warmup_steps=30 exceeds train.steps=2"):
         cfg.resolve(epoch_examples=8)
 
