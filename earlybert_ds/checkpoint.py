@@ -349,7 +349,10 @@ def _fresh(cfg: RunConfig) -> Start:
 
 def _resumed_config(saved: RunConfig, cfg: RunConfig, start: Start, overrides: set[str], out: Path) -> RunConfig:
     """The saved configuration with the changes this command may make (see :func:`begin`)."""
-    changes = {k: (saved._get(k), cfg._get(k)) for k in sorted(cfg.given)
+    split = {"train.micro_batch_size", "train.grad_accum"} if saved.train.global_batch_size is not None else set()
+    if "train.micro_batch_size" in split & cfg.given:  # with a global batch, a memory setting like the world size
+        saved.train.micro_batch_size = cfg.train.micro_batch_size
+    changes = {k: (saved._get(k), cfg._get(k)) for k in sorted(cfg.given - split)
                if k != "output_dir" and saved._get(k) != cfg._get(k)}  # the run is where it is now
     listed = "\n".join(f"    {k}: {_as_given(old)} -> {_as_given(new)}" for k, (old, new) in changes.items())
     saved.output_dir, saved.given = cfg.output_dir, set(cfg.given)

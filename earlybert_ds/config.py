@@ -122,7 +122,8 @@ class TrainArgs(_Section):
                                              "split into micro-batches of at most train.micro_batch_size (the "
                                              "accumulation follows the number of ranks). Unset: micro_batch_size x "
                                              "grad_accum x ranks", ge=1)
-    micro_batch_size: int = _f(8, "sequences per rank per forward pass (at most this many with a global batch)", ge=1)
+    micro_batch_size: int = _f(8, "sequences per rank per forward pass; with a global batch: at most this many",
+                               ge=1)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step (derived with a global batch)", ge=1)
     optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: a per-parameter trust ratio at every ZeRO "
                                                       "stage; DeepSpeed's FusedLamb on CUDA at ZeRO-0)")
@@ -310,26 +311,19 @@ class RunConfig(_Section):
 
     def settle_launch(self, world_size: int) -> None:
         """Settle what follows from the launch: the batch split over ``world_size`` ranks and the tokenizer of the
-        model started from. With ``train.global_batch_size`` each rank's share is accumulated from micro-batches:
-        of exactly ``train.micro_batch_size`` when it was given, else of the largest size up to it that divides the
-        share (fine-tuning's batch of 32 on 8 ranks: 4 x 1)."""
+        model started from. With ``train.global_batch_size`` each rank's share is accumulated from the fewest
+        micro-batches of at most ``train.micro_batch_size`` that divide it evenly (fine-tuning's batch of 32 on 8
+        ranks: micro-batches of 4, no accumulation; BERT-base's 256 on one GPU with at most 32: 8 of 32)."""
         t, m = self.train, self.model
         if t.global_batch_size is not None:
             share, rest = divmod(t.global_batch_size, world_size)
             if rest or not share:
                 raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not divide among {world_size} "
                                   f"ranks: choose a multiple of {world_size}")
-            if "train.micro_batch_size" in self.given:
-                if share % t.micro_batch_size:
-                    raise ConfigError(f"train.global_batch_size={t.global_batch_size} is {share} sequences per rank "
-                                      f"on {world_size} ranks, not a multiple of train.micro_batch_size="
-                                      f"{t.micro_batch_size}: choose a micro batch that divides {share}")
-                t.grad_accum = share // t.micro_batch_size
-            else:
-                accum = math.ceil(share / t.micro_batch_size)
-                while share % accum:
-                    accum += 1
-                t.micro_batch_size, t.grad_accum = share // accum, accum
+            accum = math.ceil(share / t.micro_batch_size)
+            while share % accum:
+                accum += 1
+            t.micro_batch_size, t.grad_accum = share // accum, accum
         if m.init_from and not (Path(m.init_from) / "config.json").is_file():
             raise ConfigError(f"model.init_from={m.init_from}: not a model directory (no config.json)")
         if m.init_from and self.data.tokenizer is None:
