@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .config import ConfigError, add_config_arguments, aliases, config_from_args, unknown_options
+from .config import ConfigError, RunConfig, add_config_arguments, aliases, config_from_args, unknown_options
 
 RUN_HELP = """\
 Runs the three EarlyBERT stages: a search with slimming gates, an early-bird ticket, and efficient training of
@@ -21,13 +21,13 @@ defaults, then --config (a file, or a shipped recipe), then the command line; ev
 at once, before anything is written."""
 
 
-def _pretrain(cfg, resume: bool, resume_from: str | None, overrides: set[str]) -> None:
+def _pretrain(cfg: RunConfig, resume: bool, resume_from: str | None, overrides: set[str]) -> None:
     from .pretrain import pretrain
 
     pretrain(cfg, resume, resume_from, overrides)
 
 
-def _finetune(cfg, resume: bool, resume_from: str | None, overrides: set[str]) -> None:
+def _finetune(cfg: RunConfig, resume: bool, resume_from: str | None, overrides: set[str]) -> None:
     from .finetune import finetune
 
     finetune(cfg, resume, resume_from, overrides)
@@ -92,6 +92,16 @@ def _overrides(args: argparse.Namespace) -> set[str]:
     return names
 
 
+def parse(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+    """A run command's arguments and its run config; every problem with them at once, as one ConfigError (argparse
+    itself exits on a malformed command line, e.g. an option without its value)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    known = [o for o, a in parser.commands[args.command]._option_string_actions.items()
+             if o.startswith("--") and a.help is not argparse.SUPPRESS]
+    return args, config_from_args(args, args.command, unknown_options(unknown, known))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     words = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
@@ -99,14 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.__main__ import main as bench
 
         return bench(words[1:])
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
     _logging()
     try:
+        args, cfg = parse(argv)
         overrides = _overrides(args)
-        known = [o for o, a in parser.commands[args.command]._option_string_actions.items()
-                 if o.startswith("--") and a.help is not argparse.SUPPRESS]
-        cfg = config_from_args(args, args.command, unknown_options(unknown, known))
         COMMANDS[args.command][1](cfg, args.resume, args.resume_from, overrides)
         from .distributed import shutdown
 
