@@ -246,15 +246,19 @@ def test_init_from_gives_the_default_tokenizer(minilm_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_4_step_smoke_run(corpus, minilm_dir, tmp_path):
+def test_a_4_step_smoke_run_with_resume_on_a_directory_without_a_run(corpus, minilm_dir, tmp_path):
     """`--train.steps 4` alone works: the warm-up and the search budget are fractions of the steps. Started from
-    MiniLM, whose tokenizer becomes the run's (no vocabulary is trained); the log states the batch and the budget."""
-    out = tmp_path / "run"
+    MiniLM, whose tokenizer becomes the run's (no vocabulary is trained); the log states the batch and the budget.
+    With --resume (the README's first command carries it, to be safe to repeat) on a directory that holds no run, it
+    starts one, with a warning that names the directory (a mistyped path is visible)."""
+    out = tmp_path / "typo"
     proc = run_single(["--corpus", str(corpus[0]), "--data.cache_dir", str(corpus[1]), "--model.init_from",
                        str(minilm_dir), "--data.seq_len", "32", "--train.steps", "4", "--train.eval_batches", "2",
-                       "--output-dir", str(out),
-                       "--log.wandb", "disabled", "--log.progress", "false"])
+                       "--output-dir", str(out), "--log.wandb", "disabled", "--log.progress", "false", "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"WARNING earlybert_ds: --resume: {out} holds no run (no run_config.json): starting a new run there" \
+        in proc.stderr
+    assert f"starting {out} at step 0 (stage search)" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["ticket"]["step"] == 1  # the search budget: round(4 / 3) = 1
     saved = json.loads((out / "run_config.json").read_text())
