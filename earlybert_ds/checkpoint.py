@@ -380,7 +380,9 @@ def _resumed_config(saved: RunConfig, cfg: RunConfig, start: Start, overrides: s
         if start.step >= ends:
             problems.append(f"--resume-override train.steps: the run in {out} has ended (step {start.step} of {ends}; "
                             f"its learning rate has decayed to the end of its schedule): to train on, start a new run "
-                            f"from its model: --model.init_from {out / FINAL_DIR}")
+                            f"from its model: --model.init_from {out / FINAL_DIR}"
+                            + (" --earlybert.enabled false (it is shrunk to its ticket)" if saved.earlybert.enabled
+                               else ""))
         elif steps is None or steps <= start.step:
             problems.append(f"--resume-override train.steps={steps}: the run resumes at step {start.step}")
     if problems:
