@@ -1,4 +1,5 @@
-"""The ``earlybert-ds`` command (also ``python -m earlybert_ds``): one sub-command per entry in :data:`COMMANDS`.
+"""The ``earlybert-ds`` command (also ``python -m earlybert_ds``): a sub-command per run in :data:`RUN_COMMANDS`, each
+with the run-config options of its own fields, and ``bench``.
 
 Runs as one process, or one process per rank under the ``deepspeed`` launcher, e.g.
 ``deepspeed --num_gpus 2 --module earlybert_ds pretrain --output-dir runs/x``.
@@ -10,9 +11,10 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 
-from .config import ConfigError, RunConfig, add_config_arguments, aliases, config_from_args, unknown_options
+from .config import ConfigError, RunConfig, add_config_arguments, config_from_args, hf_names, unknown_options
 
 RUN_HELP = """\
 Runs the three EarlyBERT stages: a search with slimming gates, an early-bird ticket, and efficient training of
@@ -33,8 +35,8 @@ def _finetune(cfg: RunConfig, resume: bool, resume_from: str | None, overrides: 
     finetune(cfg, resume, resume_from, overrides)
 
 
-#: The run commands: name -> (one-line help, what it runs). Each takes the run-config options of its own fields.
-COMMANDS: dict[str, tuple[str, Callable]] = {
+#: The commands that run EarlyBERT: name -> (one-line help, what it runs with the run config and the resume options).
+RUN_COMMANDS: dict[str, tuple[str, Callable]] = {
     "pretrain": ("EarlyBERT pre-training (masked LM): search -> ticket -> shrink -> efficient training", _pretrain),
     "finetune": ("EarlyBERT fine-tuning on a GLUE-style or SQuAD-style task from a pre-trained model", _finetune),
 }
@@ -60,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = {}  # name -> its parser
-    for name, (summary, _) in COMMANDS.items():
-        hf = ", ".join(f"--{a}" for a in aliases(name) if "_" in a)
+    for name, (summary, _) in RUN_COMMANDS.items():
+        hf = ", ".join(f"--{a}" for a in hf_names(name))
         p = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{RUN_HELP}", allow_abbrev=False,
                            usage=f"earlybert-ds {name} [--config FILE|RECIPE] [--resume] [OPTION VALUE ...]",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=f"Hugging Face Trainer names are accepted where they mean the same ({hf}, "
-                                  "--bf16, --fp16, --gradient_checkpointing); each is listed beside its option.")
+                           epilog=textwrap.fill(f"Hugging Face Trainer names are accepted where they mean the same "
+                                                f"({hf}, --bf16, --fp16, --gradient_checkpointing); each is listed "
+                                                "beside its option.", 116))
         _resume_arguments(p)
         add_config_arguments(p, name)
         parser.commands[name] = p
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg = parse(argv)
         overrides = _overrides(args)
-        COMMANDS[args.command][1](cfg, args.resume, args.resume_from, overrides)
+        RUN_COMMANDS[args.command][1](cfg, args.resume, args.resume_from, overrides)
         from .distributed import shutdown
 
         shutdown()

@@ -28,7 +28,6 @@ import yaml
 
 logger = logging.getLogger("earlybert_ds")
 
-COMMANDS = ("pretrain", "finetune")
 RECIPES = Path(__file__).parent / "recipes"
 
 
@@ -562,16 +561,14 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
                  "train.save_every": 0, "model.dropout": 0.1},
 }
 
-#: Other names of options, per command: its shortcuts, and the names of Hugging Face's Trainer and example scripts
-#: (run_mlm.py, run_glue.py, run_qa.py) where they mean the same.
-ALIASES: dict[str, dict[str, str]] = {
-    "pretrain": {"corpus": "data.corpus", "train_file": "data.corpus", "dataset_name": "data.corpus",
-                 "max_seq_length": "data.seq_len", "mlm_probability": "data.mlm_probability",
-                 "preprocessing_num_workers": "data.num_workers"},
-    "finetune": {"task": "finetune.task", "task_name": "finetune.task", "model": "model.init_from",
-                 "data": "finetune.data", "train_file": "finetune.train_file", "validation_file": "finetune.dev_file",
-                 "test_file": "finetune.test_file", "max_seq_length": "finetune.max_len", "doc_stride": "finetune.stride",
-                 "num_train_epochs": "finetune.epochs"},
+#: Each command's short names for its main options.
+SHORTCUTS: dict[str, dict[str, str]] = {
+    "pretrain": {"corpus": "data.corpus"},
+    "finetune": {"task": "finetune.task", "model": "model.init_from", "data": "finetune.data"},
+}
+#: The names of Hugging Face's Trainer and example scripts (run_mlm.py, run_glue.py, run_qa.py) where they mean the
+#: same here: in both commands, and in one.
+HF_NAMES: dict[str, dict[str, str]] = {
     "both": {"output_dir": "output_dir", "learning_rate": "train.lr", "per_device_train_batch_size":
              "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum", "max_steps": "train.steps",
              "warmup_steps": "train.warmup_steps", "warmup_ratio": "train.warmup_ratio", "weight_decay":
@@ -580,6 +577,11 @@ ALIASES: dict[str, dict[str, str]] = {
              "eval_steps": "train.eval_every", "save_steps": "train.save_every", "save_total_limit":
              "train.keep_last", "model_name_or_path": "model.init_from", "tokenizer_name": "data.tokenizer",
              "run_name": "log.run_name"},
+    "pretrain": {"train_file": "data.corpus", "dataset_name": "data.corpus", "max_seq_length": "data.seq_len",
+                 "mlm_probability": "data.mlm_probability", "preprocessing_num_workers": "data.num_workers"},
+    "finetune": {"task_name": "finetune.task", "train_file": "finetune.train_file", "validation_file":
+                 "finetune.dev_file", "test_file": "finetune.test_file", "max_seq_length": "finetune.max_len",
+                 "doc_stride": "finetune.stride", "num_train_epochs": "finetune.epochs"},
 }
 #: Hugging Face's switches: ``--bf16`` means ``--train.precision bf16``.
 SWITCHES: dict[str, tuple[str, Any]] = {"bf16": ("train.precision", "bf16"), "fp16": ("train.precision", "fp16"),
@@ -608,8 +610,8 @@ REFUSED = {
 }
 
 
-def aliases(command: str) -> dict[str, str]:
-    return {**ALIASES["both"], **ALIASES[command]}
+def hf_names(command: str) -> dict[str, str]:
+    return {**HF_NAMES["both"], **HF_NAMES[command]}
 
 
 def ignored_options(cfg: RunConfig) -> dict[str, str]:
@@ -674,7 +676,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help=f"a JSON or YAML run-config file, or a shipped recipe: {', '.join(recipes(command))} "
                              "(options on the command line override it)")
     defaults, other_names = COMMAND_DEFAULTS[command], {}
-    for name, key in aliases(command).items():
+    for name, key in {**SHORTCUTS[command], **hf_names(command)}.items():
         other_names.setdefault(key, []).append(f"--{name}")
     groups = {sec: parser.add_argument_group(f"{sec} options") for sec in _sections()}
     for key, f in fields_of(command).items():
