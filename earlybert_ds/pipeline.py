@@ -49,8 +49,12 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     is also written to ``OUTPUT/summary.json``."""
     rank, world = dist.init()
     with dist.claim_output_dir(cfg.output_dir, resume or bool(resume_from), checkpoint.RUN_CONFIG) as out:
-        # decided once, so that no file-system view can split the ranks across stages or configurations
+        # decided once, so that no file-system view can split the ranks across stages or configurations; only the
+        # data cache is each node's own (a node-local disk)
+        cache_dir = cfg.data.cache_dir
         cfg, start = dist.on_rank0(checkpoint.begin, cfg, out, resume, resume_from, overrides, world)
+        if "data.cache_dir" in cfg.given:
+            cfg.data.cache_dir = cache_dir
         random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
         torch.manual_seed(cfg.train.seed + rank)
         ds_config = build_ds_config(cfg, world, dist.on_cuda())  # a bad config fails before any work
