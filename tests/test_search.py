@@ -15,7 +15,7 @@ from earlybert_ds.config import ConfigError, EarlyBertArgs, RunConfig, settle_de
 from earlybert_ds.data import load_tokenizer
 from earlybert_ds.engine import lr_lambda
 from earlybert_ds.modeling import EarlyBertForPreTraining, EarlyBertForSequenceClassification
-from earlybert_ds.modeling import initial_model
+from earlybert_ds.pipeline import initial_model
 from earlybert_ds.pretrain import MLMTask
 from earlybert_ds.search import (
     EarlyBirdDetector,
