@@ -14,6 +14,7 @@ from .ticket import PruneSpec, Ticket
 
 __version__ = "0.1.0"
 __all__ = [
-    "EarlyBertConfig", "EarlyBertModel", "EarlyBertForMaskedLM", "EarlyBertForPreTraining", "EarlyBertForSequenceClassification",
-    "EarlyBertForQuestionAnswering", "load_hf_bert", "shrink", "PruneSpec", "Ticket",
+    "EarlyBertConfig", "EarlyBertModel", "EarlyBertForMaskedLM", "EarlyBertForPreTraining",
+    "EarlyBertForSequenceClassification", "EarlyBertForQuestionAnswering", "load_hf_bert", "shrink", "PruneSpec",
+    "Ticket",
 ]

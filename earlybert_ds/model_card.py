@@ -16,16 +16,20 @@ from .trainer import Run
 PAPER = "https://aclanthology.org/2021.acl-long.171/"
 OFFICIAL_CODE = "https://github.com/VITA-Group/EarlyBERT"
 
-#: Per model class: the Hugging Face pipeline tag, the Auto class, and a line of code that uses the model.
+#: Per model class: the Hugging Face pipeline tag, the Auto class, and lines of code that use the model.
+_FILL = ['fill = pipeline("fill-mask", model=path, trust_remote_code=True)', 'fill("Paris is the {mask} of France.")']
 _USE = {
-    "EarlyBertForMaskedLM": ("fill-mask", "AutoModelForMaskedLM", 'fill("Paris is the {mask} of France.")'),
-    "EarlyBertForPreTraining": ("fill-mask", "AutoModelForMaskedLM", 'fill("Paris is the {mask} of France.")'),
-    "EarlyBertForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification",
-                                           'classify("A sentence to classify.")'),
-    "EarlyBertForQuestionAnswering": ("question-answering", "AutoModelForQuestionAnswering",
-                                      'answer(question="Where is the tower?", context="The tower is in Paris.")'),
+    "EarlyBertForMaskedLM": ("fill-mask", "AutoModelForMaskedLM", _FILL),
+    "EarlyBertForPreTraining": ("fill-mask", "AutoModelForMaskedLM", _FILL),
+    "EarlyBertForSequenceClassification": (
+        "text-classification", "AutoModelForSequenceClassification",
+        ['classify = pipeline("text-classification", model=path, trust_remote_code=True)',
+         'classify("A sentence to classify.")']),
+    "EarlyBertForQuestionAnswering": (  # transformers 5 has no question-answering pipeline
+        "question-answering", "AutoModelForQuestionAnswering",
+        ['inputs = tokenizer("Where is the tower?", "The tower is in Paris.", return_tensors="pt")',
+         "out = model(**inputs)  # out.start_logits, out.end_logits: the answer span's scores"]),
 }
-_NAMES = {"fill-mask": "fill", "text-classification": "classify", "question-answering": "answer"}
 _WEIGHTS = {"rewind": "restarted from their values at step 0 (`rewind`)",
             "continue": "continued from the search, gates folded in (`continue`)"}
 
@@ -73,7 +77,7 @@ def model_card(run: Run, where: Path, config: EarlyBertConfig, full_config: Earl
     t = cfg.train
     batch = t.micro_batch_size * t.grad_accum * dist.world_size()
     data = (cfg.finetune.train_file or cfg.finetune.data) if cfg.finetune.task else \
-        (cfg.data.corpus or "the built-in corpus (the Python documentation)")
+        (cfg.data.corpus or "the built-in corpus (the docstrings and comments of Python's standard library)")
     lines += [
         "", "## Training", "",
         f"- started from: {cfg.model.init_from or 'a random initialisation'}",
@@ -87,19 +91,17 @@ def model_card(run: Run, where: Path, config: EarlyBertConfig, full_config: Earl
     if metrics:
         lines += ["", "## Final evaluation", "", "| metric | value |", "|---|---|",
                   *(f"| {k} | {v:.4g} |" for k, v in metrics.items())]
-    name = _NAMES[tag]
     lines += [
         "", "## Loading", "",
         f"The model's code is `{CODE_FILE}` beside the weights (config.json's `auto_map` names it), so plain "
         "`transformers` loads it with `trust_remote_code=True` (read that file first: it runs on loading); after "
         "`import earlybert_ds` the classes are registered and it is not needed.", "",
         "```python",
-        f"from transformers import {auto}, AutoTokenizer, pipeline", "",
+        f"from transformers import {auto}, AutoTokenizer" + (", pipeline" if "pipeline" in example[0] else ""), "",
         f'path = "{where}"',
         f"model = {auto}.from_pretrained(path, trust_remote_code=True)",
         "tokenizer = AutoTokenizer.from_pretrained(path)",
-        f'{name} = pipeline("{tag}", model=path, trust_remote_code=True)',
-        example.format(mask=run.task.tokenizer.mask_token),
+        *(line.format(mask=run.task.tokenizer.mask_token) for line in example),
         "```",
     ]
     return "\n".join(lines) + "\n"

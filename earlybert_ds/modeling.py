@@ -360,7 +360,8 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
 
 
 def _sdpa_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch, seq) 1/0 padding mask -> additive (batch, 1, 1, seq) mask; ``None`` when nothing is padded."""
+    """(batch, seq) 1/0 padding mask -> additive (batch, 1, 1, seq) mask; ``None`` when nothing is padded. Additive
+    for both attention paths: SDPA, and the explicit one of ``output_attentions`` adds it to the scores."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
