@@ -172,7 +172,8 @@ def load(engine: Engine, path: str | Path) -> tuple[dict, dict]:
 # OUTPUT/ticket/           ticket.json, the shrunk model with its tokenizer, code and card (a Hugging Face model
 #                          directory, as final/), state.json (the run's position and the unpruned model's config),
 #                          rng.pt (every rank's random state)
-# OUTPUT/final/            the trained model with its tokenizer, code and card;  OUTPUT/summary.json  the run's summary
+# OUTPUT/final/            the trained model with its tokenizer, code and card
+# OUTPUT/summary.json      the run's summary;  OUTPUT/metrics.jsonl, OUTPUT/train.log  its metrics and log (monitor.py)
 
 CHECKPOINTS, TICKET_DIR, FINAL_DIR = "checkpoints", "ticket", "final"
 RUN_CONFIG, SUMMARY, STATE, RNG_FILE = "run_config.json", "summary.json", "state.json", "rng.pt"

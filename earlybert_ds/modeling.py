@@ -318,9 +318,10 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
         and config.json's ``auto_map`` naming it: plain ``transformers`` then loads the directory with
         ``trust_remote_code=True``, without this package."""
         self.config.auto_map = {auto: f"{Path(CODE_FILE).stem}.{name}" for auto, name in AUTO_MAP.items()}
-        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
+        if is_main_process:  # before the weights: save_pretrained(..., push_to_hub=True) uploads when it is done
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(__file__, Path(save_directory) / CODE_FILE)
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
