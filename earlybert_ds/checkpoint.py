@@ -23,9 +23,9 @@ from transformers import PreTrainedModel
 
 from . import distributed as dist
 from .atomic import atomic_directory, atomic_write_text
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, all_fields, load_config_file, resumable_fields
 from .data import DataError, load_tokenizer, tokenizer_digest
-from .engine import Engine
+from .engine import Engine, lr_lambda
 from .faults import fault_point
 from .ticket import TICKET_FILE, Ticket
 
@@ -313,10 +313,34 @@ class Start:
         return self.ticket_dir or resolve(self.checkpoint)[0].parent / TICKET_DIR
 
 
-def where_to_start(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None) -> Start:
-    """Decide (on rank 0) where this launch begins: ``resume_from`` (a ticket or a checkpoint), the newest of
-    ``out``'s checkpoints and ticket with ``resume``, else the first stage."""
-    fresh = Start("full" if not cfg.earlybert.enabled else "search")
+def begin(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None, overrides: set[str],
+          world_size: int) -> tuple[RunConfig, Start]:
+    """Decide (on rank 0) where and with which configuration this launch begins, and log it.
+
+    Resuming into a directory that holds a run (``OUTPUT/run_config.json``), the saved configuration is the base:
+    an option of this command that differs from it is refused, listing every difference, unless ``overrides``
+    names it and a run may change it midway (:func:`~earlybert_ds.config.resumable_fields`); ``train.steps`` may
+    change only before the run has ended (a finished run's learning rate has decayed to its end). Until the run has
+    saved a checkpoint or its ticket there is nothing to lose: the command's options apply, with a warning."""
+    saved = None
+    if (resume or resume_from) and (out / RUN_CONFIG).is_file():
+        saved = RunConfig.from_dict(load_config_file(out / RUN_CONFIG), str(out / RUN_CONFIG))
+    elif resume and not resume_from:
+        logger.warning("--resume: %s holds no run (no %s): starting a new run there", out, RUN_CONFIG)
+    start = _where(saved or cfg, out, resume, resume_from)
+    if saved is not None:
+        cfg = _resumed_config(saved, cfg, start, overrides, out)
+        if start.checkpoint is None and start.ticket_dir is None:
+            start = _fresh(cfg)  # its options may have changed the first stage
+    cfg.settle_launch(world_size)
+    _log_start(cfg, out, start)
+    return cfg, start
+
+
+def _where(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None) -> Start:
+    """``resume_from`` (a ticket or a checkpoint), the newest of ``out``'s checkpoints and ticket with ``resume``,
+    else the first stage."""
+    fresh = _fresh(cfg)
     if resume_from:
         p = Path(resume_from)
         if (p / TICKET_FILE).is_file():
@@ -330,6 +354,81 @@ def where_to_start(cfg: RunConfig, out: Path, resume: bool, resume_from: str | N
     if (ticket / TICKET_FILE).is_file() and (state is None or state["phase"] == "search"):
         return Start("efficient", ticket_state(ticket)["step"], ticket_dir=ticket)  # newer than any search ckpt
     if state is None:
-        logger.info("--resume: nothing to resume in %s, starting from the beginning", out)
         return fresh
     return Start(state["phase"], state["step"], checkpoint=ckpts)
+
+
+def _fresh(cfg: RunConfig) -> Start:
+    return Start("full" if not cfg.earlybert.enabled else "search")
+
+
+def _resumed_config(saved: RunConfig, cfg: RunConfig, start: Start, overrides: set[str], out: Path) -> RunConfig:
+    """The saved configuration with the changes this command may make (see :func:`begin`)."""
+    split = {"train.micro_batch_size", "train.grad_accum"} if saved.train.global_batch_size is not None else set()
+    if "train.micro_batch_size" in split & cfg.given:  # with a global batch, a memory setting like the world size
+        saved.train.micro_batch_size = cfg.train.micro_batch_size
+    changes = {k: (saved._get(k), cfg._get(k)) for k in sorted(cfg.given - split)
+               if k != "output_dir" and saved._get(k) != cfg._get(k)}  # the run is where it is now
+    listed = "\n".join(f"    {k}: {_as_given(old)} -> {_as_given(new)}" for k, (old, new) in changes.items())
+    saved.output_dir, saved.given = cfg.output_dir, set(cfg.given)
+    if start.checkpoint is None and start.ticket_dir is None:
+        if changes:
+            logger.warning("--resume: %s has saved no checkpoint or ticket yet; it starts again with this command's "
+                           "options where they differ from its %s:\n%s", out, RUN_CONFIG, listed)
+        for k, (_, new) in changes.items():
+            saved._set(k, new)
+        return saved
+    problems, allowed = [], resumable_fields()
+    if unasked := [k for k in changes if k not in overrides]:
+        may = [k for k in unasked if k in allowed]
+        problems.append(f"--resume: this command differs from the run in {out} (its {RUN_CONFIG} is the base of a "
+                        f"resumed run):\n{listed}\n  drop these options to continue the run as it was"
+                        + (f"; --resume-override {','.join(may)} accepts {'that change' if len(may) == 1 else 'those'}"
+                           if may else "")
+                        + (f"; {', '.join(k for k in unasked if k not in allowed)} cannot change in the middle of a "
+                           "run: start a new one (another --output-dir)" if len(may) < len(unasked) else ""))
+    for k in sorted(overrides - allowed):
+        problems.append(f"--resume-override {k}: " + ("not a field" if k not in all_fields() else
+                        "cannot change in the middle of a run: start a new one (another --output-dir)"))
+    if "train.steps" in changes and "train.steps" in overrides:
+        ends, steps = changes["train.steps"]
+        if start.step >= ends:
+            problems.append(f"--resume-override train.steps: the run in {out} has ended (step {start.step} of {ends}; "
+                            f"its learning rate has decayed to the end of its schedule): to train on, start a new run "
+                            f"from its model: --model.init_from {out / FINAL_DIR}"
+                            + (" --earlybert.enabled false (it is shrunk to its ticket)" if saved.earlybert.enabled
+                               else ""))
+        elif steps is None or steps <= start.step:
+            problems.append(f"--resume-override train.steps={steps}: the run resumes at step {start.step}")
+    if problems:
+        raise ConfigError(problems)
+    lr_before = lr_lambda(saved)(start.step) * saved.train.lr
+    for k in sorted(overrides & changes.keys()):
+        old, new = changes[k]
+        saved._set(k, new)
+        logger.warning("--resume-override %s: %s -> %s", k, _as_given(old), _as_given(new))
+    saved.validate()
+    if "train.steps" in overrides & changes.keys():
+        logger.warning("the schedule now ends at step %d: the learning rate at step %d goes from %.3g to %.3g",
+                       saved.train.steps, start.step, lr_before, lr_lambda(saved)(start.step) * saved.train.lr)
+    return saved
+
+
+def _as_given(value: Any) -> str:
+    return "unset" if value is None else json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _log_start(cfg: RunConfig, out: Path, start: Start) -> None:
+    """Where this launch begins, exactly: a new run, a training checkpoint, or a ticket."""
+    of = "" if cfg.train.steps is None else f" of {cfg.train.steps}"
+    if start.checkpoint is not None:
+        root, tag = resolve(start.checkpoint)
+        ended = cfg.train.steps is not None and start.step >= cfg.train.steps
+        logger.info("resuming %s at step %d%s (stage %s) from the checkpoint %s%s", out, start.step, of,
+                    start.phase, root / tag, ": the run has ended; validating and exporting its model again"
+                    if ended else "")
+    elif start.ticket_dir is not None:
+        logger.info("resuming %s at step %d%s (stage efficient, from its start) from the ticket %s", out,
+                    start.step, of, start.ticket_dir)
+    else:
+        logger.info("starting %s at step 0 (stage %s)", out, start.phase)

@@ -1,4 +1,5 @@
-"""The ``earlybert-ds`` command (also ``python -m earlybert_ds``).
+"""The ``earlybert-ds`` command (also ``python -m earlybert_ds``): a sub-command per run in :data:`RUN_COMMANDS`, each
+with the run-config options of its own fields, and ``bench``.
 
 Runs as one process, or one process per rank under the ``deepspeed`` launcher, e.g.
 ``deepspeed --num_gpus 2 --module earlybert_ds pretrain --output-dir runs/x``.
@@ -10,14 +11,47 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
+from collections.abc import Callable
 
-from .config import COMMAND_DEFAULTS, add_config_arguments, config_from_args
+from .config import ConfigError, RunConfig, add_config_arguments, config_from_args, hf_names, unknown_options
+
+RUN_HELP = """\
+Runs the three EarlyBERT stages: a search with slimming gates, an early-bird ticket, and efficient training of
+the model physically shrunk to that ticket; every stage checkpoints and resumes. Options come from the command's
+defaults, then --config (a file, or a shipped recipe), then the command line; every problem with them is reported
+at once, before anything is written."""
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output-dir from its latest checkpoint (or its ticket)")
-    p.add_argument("--resume-from", metavar="DIR",
+def _pretrain(cfg: RunConfig, resume: bool, resume_from: str | None, overrides: set[str]) -> None:
+    from .pretrain import pretrain
+
+    pretrain(cfg, resume, resume_from, overrides)
+
+
+def _finetune(cfg: RunConfig, resume: bool, resume_from: str | None, overrides: set[str]) -> None:
+    from .finetune import finetune
+
+    finetune(cfg, resume, resume_from, overrides)
+
+
+#: The commands that run EarlyBERT: name -> (one-line help, what it runs with the run config and the resume options).
+RUN_COMMANDS: dict[str, tuple[str, Callable]] = {
+    "pretrain": ("EarlyBERT pre-training (masked LM): search -> ticket -> shrink -> efficient training", _pretrain),
+    "finetune": ("EarlyBERT fine-tuning on a GLUE-style or SQuAD-style task from a pre-trained model", _finetune),
+}
+
+
+def _resume_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resuming")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its latest checkpoint or its ticket, with its saved "
+                        "run_config.json (options that differ from it are refused); a directory without a run "
+                        "starts a new one, with a warning")
+    g.add_argument("--resume-override", metavar="FIELD[,FIELD]", action="append", default=[],
+                   help="with --resume: accept these options' new values (train.steps before the run has ended, "
+                        "the log.*, checkpoint and data-preparation fields)")
+    g.add_argument("--resume-from", metavar="DIR",
                    help="start from this checkpoint directory, or from a ticket directory (OUTPUT/ticket) on any "
                         "number of ranks")
 
@@ -27,21 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher puts --local_rank=N before the sub-command; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("pretrain", help="EarlyBERT pre-training: search -> ticket -> shrink -> efficient training",
-                       description=__doc__, formatter_class=fmt)
-    p.add_argument("--corpus", help="shortcut for --data.corpus")
-    _common(p)
-    add_config_arguments(p, skip=("finetune",), defaults=COMMAND_DEFAULTS["pretrain"])
-    f = sub.add_parser("finetune", help="EarlyBERT fine-tuning on a GLUE-style or SQuAD-style task",
-                       description=__doc__, formatter_class=fmt)
-    f.add_argument("--task", help="shortcut for --finetune.task")
-    f.add_argument("--model", help="shortcut for --model.init_from: the pre-trained model directory")
-    f.add_argument("--data", help="shortcut for --finetune.data")
-    _common(f)
-    add_config_arguments(f, defaults=COMMAND_DEFAULTS["finetune"])
-    b = sub.add_parser("bench", help="benchmarks (see python -m earlybert_ds.bench --help)", add_help=False)
-    b.add_argument("args", nargs=argparse.REMAINDER)
+    parser.commands = {}  # name -> its parser
+    for name, (summary, _) in RUN_COMMANDS.items():
+        hf = ", ".join(f"--{a}" for a in hf_names(name))
+        p = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{RUN_HELP}", allow_abbrev=False,
+                           usage=f"earlybert-ds {name} [--config FILE|RECIPE] [--resume] [OPTION VALUE ...]",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=textwrap.fill(f"Hugging Face Trainer names are accepted where they mean the same "
+                                                f"({hf}, --bf16, --fp16, --gradient_checkpointing); each is listed "
+                                                "beside its option.", 116))
+        _resume_arguments(p)
+        add_config_arguments(p, name)
+        parser.commands[name] = p
+    sub.add_parser("bench", help="benchmarks: earlybert-ds bench --help", add_help=False)
     return parser
 
 
@@ -56,39 +88,49 @@ def _logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _overrides(args: argparse.Namespace) -> set[str]:
+    names = {n.strip() for item in args.resume_override for n in item.split(",") if n.strip()}
+    if names and not args.resume:
+        raise ConfigError("--resume-override needs --resume")
+    return names
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+    """A run command's arguments and its run config; every problem with them at once, as one ConfigError (argparse
+    itself exits on a malformed command line, e.g. an option without its value)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    known = [o for o, a in parser.commands[args.command]._option_string_actions.items()
+             if o.startswith("--") and a.help is not argparse.SUPPRESS]
+    return args, config_from_args(args, args.command, unknown_options(unknown, known))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _logging()
-    if args.command == "bench":
+    argv = sys.argv[1:] if argv is None else argv
+    words = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if words[:1] == ["bench"]:  # the benchmarks have their own parser and --help
         from .bench.__main__ import main as bench
 
-        return bench(args.args)
+        return bench(words[1:])
+    _logging()
     try:
-        if args.command == "pretrain":
-            from .pretrain import pretrain
-
-            cfg = config_from_args(args, defaults=COMMAND_DEFAULTS["pretrain"], extra={"data.corpus": args.corpus})
-            pretrain(cfg, args.resume, args.resume_from)
-        else:
-            from .finetune import finetune
-
-            cfg = config_from_args(args, defaults=COMMAND_DEFAULTS["finetune"], extra={
-                "finetune.task": args.task, "model.init_from": args.model, "finetune.data": args.data})
-            finetune(cfg, args.resume, args.resume_from)
+        args, cfg = parse(argv)
+        overrides = _overrides(args)
+        RUN_COMMANDS[args.command][1](cfg, args.resume, args.resume_from, overrides)
         from .distributed import shutdown
 
         shutdown()
     except (ValueError, OSError, ArithmeticError) as e:  # bad input, a file system's refusal, a diverged run
-        logging.getLogger("earlybert_ds").error("%s", e)
-        print(f"earlybert-ds: error: {e}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"earlybert-ds: error: {rank}{e}", file=sys.stderr)  # once, whatever the logging set-up
         return 2
     return 0
 
 
 def entry() -> None:
     """Console-script entry: exit without running C++ static destructors, which make about one gloo job in ten
-    end with 'terminate called without an active exception' after all work is done (../shared/NOTES.md).
-    Everything is written and closed by then."""
+    end with 'terminate called without an active exception' after all work is done. Everything is written and
+    closed by then."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

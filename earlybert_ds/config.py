@@ -1,8 +1,10 @@
 """The run configuration: one object that flows from the command line (or a JSON/YAML file) to every component.
 
 Sections mirror the method's parts: ``model``, ``data``, ``train`` (the engine), ``earlybert`` (search, ticket
-drawing and the efficient stage), ``log``. Every field is a command-line option ``--section.field`` with its help
-text, so ``--help`` documents them all; unknown or wrongly typed fields fail early with a message naming them.
+drawing and the efficient stage), ``finetune``, ``log``. Every field is a command-line option ``--section.field``
+of the commands it applies to, with its help text; a field declares its range, its command and whether a resumed
+run may change it, so that adding one is one declaration. Everything wrong with a configuration is reported at
+once, naming each field.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import operator
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,13 +28,25 @@ import yaml
 
 logger = logging.getLogger("earlybert_ds")
 
+RECIPES = Path(__file__).parent / "recipes"
+
 
 class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the field and the problem."""
+    """A run configuration that cannot be used; the message names each field and its problem (all of them)."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems in the run configuration:\n"
+                             + "\n".join(f"  - {p}" for p in self.problems))
 
 
 #: The draws that come at ``earlybert.fixed_step`` rather than when the masks converge.
 FIXED_DRAWS = ("fixed", "random_at")
+#: The draws without a search: the ticket is there at step 0.
+NO_SEARCH_DRAWS = ("random", "given")
 
 
 class _Section:
@@ -44,11 +59,12 @@ class _Section:
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002 - as argparse
-       lt: float | None = None, le: float | None = None) -> Any:
+       lt: float | None = None, le: float | None = None, only: str | None = None, resume: bool = False) -> Any:
     """A field with its help text and its range, declared once here: :meth:`RunConfig.validate` checks every
-    field's range, however the value was set (file, command line, code, a derived field)."""
+    field's range, however the value was set (file, command line, code, a derived field). ``only``: the one command
+    whose option it is; ``resume``: a resumed run may change it (``--resume-override``)."""
     bounds = {op: v for op, v in (("ge", ge), ("gt", gt), ("lt", lt), ("le", le)) if v is not None}
-    return field(default=default, metadata={"help": help, "bounds": bounds})
+    return field(default=default, metadata={"help": help, "bounds": bounds, "only": only, "resume": resume})
 
 
 _COMPARE = {"ge": operator.ge, "gt": operator.gt, "lt": operator.lt, "le": operator.le}
@@ -66,58 +82,70 @@ def _out_of_range(value: Any, bounds: dict[str, float]) -> str | None:
 
 @dataclass
 class ModelArgs(_Section):
-    init_from: str | None = _f(None, "start from this checkpoint directory (Hugging Face BERT, or an earlybert_ds "
-                                     "model); unset: random initialisation with the shape below")
-    hidden_size: int = _f(256, "hidden size", ge=1)
-    num_layers: int = _f(4, "number of encoder layers", ge=1)
-    num_heads: int = _f(8, "attention heads per layer (of the unpruned model)", ge=1)
-    intermediate_size: int = _f(1024, "FFN width per layer (of the unpruned model)", ge=1)
+    init_from: str | None = _f(None, "start from this model directory (a Hugging Face BERT, or an earlybert_ds "
+                                     "model); its tokenizer is the default data.tokenizer. Unset: random "
+                                     "initialisation with the shape below (pre-training only)")
+    hidden_size: int = _f(256, "hidden size", ge=1, only="pretrain")
+    num_layers: int = _f(4, "number of encoder layers", ge=1, only="pretrain")
+    num_heads: int = _f(8, "attention heads per layer (of the unpruned model)", ge=1, only="pretrain")
+    intermediate_size: int = _f(1024, "FFN width per layer (of the unpruned model)", ge=1, only="pretrain")
     dropout: float = _f(0.1, "dropout of hidden states and attention probabilities", ge=0, lt=1)
 
 
 @dataclass
 class DataArgs(_Section):
     corpus: str | None = _f(None, "text file, directory of text files, .jsonl/.parquet file, or a datasets hub "
-                                  "name; unset: the built-in corpus (docstrings and comments of Python's stdlib)")
-    text_column: str = _f("text", "column holding the text in JSON-lines/parquet/hub corpora")
-    tokenizer: str | None = _f(None, "local Hugging Face tokenizer directory; unset: train a WordPiece vocabulary "
-                                     "on the corpus (saved with the run)")
-    vocab_size: int = _f(8192, "vocabulary size when training a WordPiece tokenizer", ge=1)
-    seq_len: int = _f(128, "tokens per packed training sequence", ge=8)
+                                  "name; unset: the built-in corpus (docstrings and comments of Python's stdlib)",
+                            only="pretrain")
+    text_column: str = _f("text", "column holding the text in JSON-lines/parquet/hub corpora", only="pretrain")
+    tokenizer: str | None = _f(None, "local Hugging Face tokenizer directory; unset: model.init_from's, else "
+                                     "(pre-training) a WordPiece vocabulary trained on the corpus, saved with the run")
+    vocab_size: int = _f(8192, "vocabulary size of the WordPiece tokenizer trained when there is none", ge=1,
+                         only="pretrain")
+    seq_len: int = _f(128, "tokens per packed training sequence", ge=8, only="pretrain")
     mlm_probability: float = _f(0.15, "fraction of tokens masked for MLM (80% [MASK] / 10% random / 10% kept)",
-                                gt=0, lt=1)
-    whole_word_mask: bool = _f(False, "mask whole words rather than single WordPiece tokens")
-    val_fraction: float = _f(0.02, "fraction of sequences held out for validation", gt=0, lt=1)
-    cache_dir: str | None = _f(None, "where tokenised corpora are cached; unset: ~/.cache/earlybert_ds")
-    num_workers: int | None = _f(None, "processes tokenising the corpus; unset: the CPUs (at most 8)", ge=1)
+                                gt=0, lt=1, only="pretrain")
+    whole_word_mask: bool = _f(False, "mask whole words rather than single WordPiece tokens", only="pretrain")
+    val_fraction: float = _f(0.02, "fraction of sequences held out for validation", gt=0, lt=1, only="pretrain")
+    cache_dir: str | None = _f(None, "where tokenised corpora are cached; unset: ~/.cache/earlybert_ds",
+                               only="pretrain", resume=True)
+    num_workers: int | None = _f(None, "processes tokenising the corpus; unset: the CPUs (at most 8)", ge=1,
+                                 only="pretrain", resume=True)
 
 
 @dataclass
 class TrainArgs(_Section):
-    steps: int = _f(300, "total optimizer steps (search + efficient training)", ge=1)
-    micro_batch_size: int = _f(8, "sequences per rank per forward pass", ge=1)
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
+    steps: int | None = _f(300, "total optimizer steps (search + efficient training); fine-tuning: unset = "
+                                "finetune.epochs", ge=1)
+    global_batch_size: int | None = _f(None, "sequences per optimizer step over all ranks; set: each rank's share is "
+                                             "split into micro-batches of at most train.micro_batch_size (the "
+                                             "accumulation follows the number of ranks). Unset: micro_batch_size x "
+                                             "grad_accum x ranks", ge=1)
+    micro_batch_size: int = _f(8, "sequences per rank per forward pass; with a global batch: at most this many",
+                               ge=1)
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step (derived with a global batch)", ge=1)
     optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: a per-parameter trust ratio at every ZeRO "
                                                       "stage; DeepSpeed's FusedLamb on CUDA at ZeRO-0)")
     lr: float = _f(1e-3, "peak learning rate", gt=0)
-    warmup_steps: int = _f(30, "linear warm-up steps", ge=0)
+    warmup_steps: int | None = _f(None, "linear warm-up steps; unset: train.warmup_ratio of the steps", ge=0)
+    warmup_ratio: float = _f(0.1, "warm-up as a fraction of train.steps (when warmup_steps is unset)", ge=0, lt=1)
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warm-up")
     weight_decay: float = _f(0.01, "decoupled weight decay (not on biases, LayerNorm and gates)", ge=0)
     betas: tuple[float, float] = _f((0.9, 0.98), "Adam/LAMB betas")
     eps: float = _f(1e-6, "Adam/LAMB epsilon", gt=0)
     clip_grad: float = _f(1.0, "global gradient-norm clipping (0: off)", ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] | None = _f(None, "mixed precision; unset: as the DeepSpeed config "
-                                                                 "says ('auto': bf16 on CUDA and on CPUs with bf16 "
-                                                                 "units (AMX-BF16, AVX512-BF16), else fp32)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "mixed precision; auto: as the DeepSpeed config says, and where it says auto too: bf16 on CUDA and on "
+                "CPUs with bf16 units (AMX-BF16, AVX512-BF16), else fp32")
     zero_stage: Literal[0, 1, 2, 3] | None = _f(None, "ZeRO stage; unset: as the DeepSpeed config says (0 if 'auto')")
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass")
     seed: int = _f(42, "random seed (model init, masking, data order)", ge=0)
-    log_every: int = _f(10, "log metrics every N steps", ge=1)
-    eval_every: int = _f(50, "validate every N steps (0: only at the end)", ge=0)
-    eval_batches: int = _f(20, "validation micro-batches per rank", ge=1)
-    save_every: int = _f(100, "checkpoint every N steps (0: only at stage ends)", ge=0)
-    keep_last: int = _f(2, "checkpoints kept (older ones are deleted)", ge=1)
-    max_nonfinite: int = _f(3, "stop after this many consecutive non-finite losses", ge=1)
+    log_every: int = _f(10, "log metrics every N steps", ge=1, resume=True)
+    eval_every: int = _f(50, "validate every N steps (0: only at the end)", ge=0, resume=True)
+    eval_batches: int = _f(20, "validation micro-batches per rank", ge=1, only="pretrain")
+    save_every: int = _f(100, "checkpoint every N steps (0: only at stage ends)", ge=0, resume=True)
+    keep_last: int = _f(2, "checkpoints kept (older ones are deleted)", ge=1, resume=True)
+    max_nonfinite: int = _f(3, "stop after this many consecutive non-finite losses", ge=1, resume=True)
 
 
 @dataclass
@@ -150,8 +178,13 @@ class EarlyBertArgs(_Section):
                                         "search budget, so that window+1 checks fit in half of it", ge=1)
     window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon", ge=1)
     epsilon: float = _f(0.1, "early-bird threshold on the normalised Hamming distance", gt=0)
-    max_search_steps: int = _f(100, "end the search here even without convergence", ge=1)
-    fixed_step: int | None = _f(None, "draw at this step (draw=fixed)", ge=1)
+    max_search_steps: int | None = _f(None, "the search budget: the search ends here even without convergence; "
+                                            "unset: earlybert.search_fraction of the steps (fine-tuning: "
+                                            "finetune.search_epochs)", ge=1)
+    search_fraction: float = _f(1 / 3, "the search budget as a fraction of train.steps (when max_search_steps is "
+                                       "unset)", gt=0, lt=1, only="pretrain")
+    fixed_step: int | None = _f(None, "draw=fixed or random_at: draw at this step; unset: at the end of the search "
+                                      "budget", ge=1)
     weights: Literal["rewind", "continue"] = _f("rewind", "rewind: kept weights restart from initial (or "
                                                           "pre-trained) values; continue: keep searched values")
     rewarmup_steps: int = _f(0, "after the ticket, warm the learning rate up again linearly over N steps (the "
@@ -161,34 +194,37 @@ class EarlyBertArgs(_Section):
 @dataclass
 class FinetuneArgs(_Section):
     task: str | None = _f(None, "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), squad, squad_v2, "
-                                "or custom (a CSV/JSON-lines file with named columns)")
+                                "or custom (a CSV/JSON-lines file with named columns); required", only="finetune")
     data: str | None = _f(None, "GLUE directory in the standard TSV layout (or 'hub' when online); for SQuAD a "
-                                "directory holding train-v1.1.json/dev-v1.1.json (v2.0 for squad_v2)")
-    train_file: str | None = _f(None, "training file (overrides data)")
-    dev_file: str | None = _f(None, "development file (overrides data)")
-    test_file: str | None = _f(None, "unlabelled file to write predictions for (OUTPUT/predictions/)")
-    text_a: str = _f("sentence1", "custom task: column of the first text")
-    text_b: str | None = _f(None, "custom task: column of the second text (pairs)")
-    label_column: str = _f("label", "custom task: column of the label")
-    num_labels: int = _f(2, "custom task: number of classes (1: regression); with class names, their number", ge=1)
+                                "directory holding train-v1.1.json/dev-v1.1.json (v2.0 for squad_v2); unset: give "
+                                "train_file and dev_file", only="finetune")
+    train_file: str | None = _f(None, "training file; unset: from finetune.data", only="finetune")
+    dev_file: str | None = _f(None, "development file; unset: from finetune.data", only="finetune")
+    test_file: str | None = _f(None, "GLUE-style tasks: an unlabelled file to write predictions for "
+                                     "(OUTPUT/predictions/); unset: none", only="finetune")
+    text_a: str = _f("sentence1", "custom task: column of the first text", only="finetune")
+    text_b: str | None = _f(None, "custom task: column of the second text of a pair; unset: single texts",
+                            only="finetune")
+    label_column: str = _f("label", "custom task: column of the label", only="finetune")
+    num_labels: int = _f(2, "custom task: number of classes (1: regression); with class names, their number", ge=1,
+                         only="finetune")
     label_list: str | None = _f(None, "custom task: the class labels in id order, comma-separated (e.g. "
                                       "negative,positive); unset: from the training file, integers as they are, "
-                                      "names in sorted order")
-    max_len: int | None = _f(None, "maximum tokens per example (default: 128; 384 for SQuAD)", ge=8)
-    stride: int = _f(128, "SQuAD: overlap of the windows over long contexts", ge=0)
-    epochs: float | None = _f(3.0, "training epochs; sets train.steps (none: use train.steps)", gt=0)
-    search_epochs: float | None = _f(0.2, "EarlyBERT search budget in epochs (official code: 20% of the first); "
-                                          "sets earlybert.max_search_steps (none: use that)", gt=0)
-    warmup_fraction: float | None = _f(0.1, "warm-up as a fraction of all steps; sets train.warmup_steps", ge=0, lt=1)
+                                      "names in sorted order", only="finetune")
+    max_len: int | None = _f(None, "maximum tokens per example; unset: 128, or 384 for SQuAD", ge=8, only="finetune")
+    stride: int = _f(128, "SQuAD: overlap of the windows over long contexts", ge=0, only="finetune")
+    epochs: float = _f(3.0, "training epochs (when train.steps is unset)", gt=0, only="finetune")
+    search_epochs: float = _f(0.2, "the search budget in epochs (official code: 20% of the first), when "
+                                   "earlybert.max_search_steps is unset", gt=0, only="finetune")
 
 
 @dataclass
 class LogArgs(_Section):
     wandb: Literal["auto", "online", "offline", "disabled"] = _f("auto", "auto: online if wandb is logged in, "
-                                                                         "else offline")
-    project: str = _f("earlybert_ds", "wandb project")
-    run_name: str | None = _f(None, "wandb run name (default: the output directory's name)")
-    progress: bool = _f(True, "live progress bar on rank 0")
+                                                                         "else offline", resume=True)
+    project: str = _f("earlybert_ds", "wandb project", resume=True)
+    run_name: str | None = _f(None, "wandb run name; unset: the output directory's name", resume=True)
+    progress: bool = _f(True, "live progress bar on rank 0", resume=True)
 
 
 @dataclass
@@ -204,8 +240,8 @@ class RunConfig(_Section):
     log: LogArgs = field(default_factory=LogArgs)
 
     def __post_init__(self) -> None:
-        #: The ``section.field`` keys set by a config file or the command line (not by a command's defaults):
-        #: what a resume from a ticket must not silently ignore. Not a field: it is not saved with the run.
+        #: The ``section.field`` keys set by a config file or the command line (not by a command's defaults): what a
+        #: resumed run compares with its saved configuration. Not a field: it is not saved with the run.
         self.given: set[str] = set()
 
     def to_dict(self) -> dict:
@@ -215,51 +251,96 @@ class RunConfig(_Section):
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
         """A checked config from sections as mappings (``{"train": {"lr": 3e-4}}``, a saved ``run_config.json``) or
         ``section.field`` keys (``{"train.lr": 3e-4}``, as the benchmarks write their settings), or both."""
-        cfg = cls()
-        _apply(cfg, _flatten(data, source), source)
-        cfg.validate()
+        cfg, errors = cls(), []
+        bad = _apply(cfg, _flatten(data, source), source, errors)
+        errors += cfg.problems(bad)
+        if errors:
+            raise ConfigError(errors)
         return cfg
 
     def validate(self) -> None:
-        """Every field's declared type choices and range, then what one field cannot say alone."""
-        fields = all_fields()
+        if errors := self.problems():
+            raise ConfigError(errors)
+
+    def problems(self, bad: set[str] = frozenset()) -> list[str]:
+        """Every field's declared type choices and range, then what one field cannot say alone; a check that reads
+        a field already found wrong (``bad``, or out of range here) is left out, so each message is about a value
+        as given."""
+        out, bad, fields = [], set(bad), all_fields()
         for key, hint in _hints().items():
             value = self._get(key)
+            if key in bad:
+                continue
             if (choices := _choices(hint)) is not None:
                 if not _is_choice(value, choices):
-                    raise ConfigError(f"{key}={value!r} must be one of {', '.join(map(str, choices))}")
-            elif why := _out_of_range(value, fields[key].metadata.get("bounds", {})):
-                raise ConfigError(f"{key}={value} {why}")
+                    out.append(f"{key}={value!r} must be one of {', '.join(map(str, choices))}")
+                    bad.add(key)
+            elif why := _out_of_range(value, fields[key].metadata["bounds"]):
+                out.append(f"{key}={value} {why}")
+                bad.add(key)
         t, e, m = self.train, self.earlybert, self.model
 
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
+        def need(ok: Callable[[], bool], msg: Callable[[], str], *keys: str) -> None:
+            """``ok()`` unless a field it reads (``keys``) is already wrong or unset."""
+            if not any(k in bad or self._get(k) is None for k in keys) and not ok():
+                out.append(msg())
 
-        need(t.warmup_steps <= t.steps, f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
-        need(m.hidden_size % m.num_heads == 0, f"model.hidden_size={m.hidden_size} is not a multiple of "
-                                               f"model.num_heads={m.num_heads}")
-        need(self.data.seq_len <= 512 or m.init_from is None, f"data.seq_len={self.data.seq_len}: BERT checkpoints "
-                                                              "have 512 positions")
-        need(e.draw == "given" or e.ticket is None, f"earlybert.ticket={e.ticket} needs earlybert.draw=given")
-        need(e.draw != "given" or bool(e.ticket), "earlybert.draw=given needs earlybert.ticket (a ticket.json)")
-        need(e.ticket is None or Path(e.ticket).exists(), f"earlybert.ticket={e.ticket}: no such ticket file")
-        need(e.taylor_decay == 1.0 or e.score == "taylor",
-             f"earlybert.taylor_decay={e.taylor_decay:g} needs earlybert.score=taylor (it discounts the Taylor sums)")
-        if e.enabled and e.draw in FIXED_DRAWS:  # their own budget
-            need(e.fixed_step is not None and e.fixed_step < t.steps,
-                 f"earlybert.draw={e.draw} needs earlybert.fixed_step in [1, train.steps={t.steps})")
-        elif e.enabled and e.draw == "earlybird":  # random and given draw at step 0, without a search
-            need(e.max_search_steps < t.steps,
-                 f"earlybert.max_search_steps={e.max_search_steps} must be in [1, train.steps={t.steps})")
+        need(lambda: t.warmup_steps <= t.steps, lambda: f"train.warmup_steps={t.warmup_steps} exceeds "
+             f"train.steps={t.steps}", "train.warmup_steps", "train.steps")
+        need(lambda: m.hidden_size % m.num_heads == 0, lambda: f"model.hidden_size={m.hidden_size} is not a multiple "
+             f"of model.num_heads={m.num_heads}", "model.hidden_size", "model.num_heads")
+        need(lambda: self.data.seq_len <= 512 or m.init_from is None, lambda: f"data.seq_len={self.data.seq_len}: "
+             "BERT checkpoints have 512 positions", "data.seq_len")
+        need(lambda: e.draw == "given" or e.ticket is None,
+             lambda: f"earlybert.ticket={e.ticket} needs earlybert.draw=given", "earlybert.draw")
+        need(lambda: e.draw != "given" or bool(e.ticket),
+             lambda: "earlybert.draw=given needs earlybert.ticket (a ticket.json)", "earlybert.draw")
+        need(lambda: Path(e.ticket).exists(), lambda: f"earlybert.ticket={e.ticket}: no such ticket file",
+             "earlybert.ticket")
+        need(lambda: e.taylor_decay == 1.0 or e.score == "taylor", lambda: f"earlybert.taylor_decay="
+             f"{e.taylor_decay:g} needs earlybert.score=taylor (it discounts the Taylor sums)", "earlybert.taylor_decay",
+             "earlybert.score")
+        if e.enabled and e.draw not in NO_SEARCH_DRAWS:  # a search, then at least one step of the ticket
+            need(lambda: t.steps >= 2, lambda: f"train.steps={t.steps} leaves no step after the search (at least 2, "
+                 "or earlybert.enabled=false)", "train.steps")
+            budget = "earlybert.fixed_step" if e.draw in FIXED_DRAWS else "earlybert.max_search_steps"
+            need(lambda: self._get(budget) < t.steps, lambda: f"{budget}={self._get(budget)} must be in [1, "
+                 f"train.steps={t.steps})", budget, "train.steps")
+        return out
+
+    def settle_launch(self, world_size: int) -> None:
+        """Settle what follows from the launch: the batch split over ``world_size`` ranks and the tokenizer of the
+        model started from. With ``train.global_batch_size`` each rank's share is accumulated from the fewest
+        micro-batches of at most ``train.micro_batch_size`` that divide it evenly (fine-tuning's batch of 32 on 8
+        ranks: micro-batches of 4, no accumulation; BERT-base's 256 on one GPU with at most 32: 8 of 32)."""
+        t, m = self.train, self.model
+        if t.global_batch_size is not None:
+            share, rest = divmod(t.global_batch_size, world_size)
+            if rest or not share:
+                raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not divide among {world_size} "
+                                  f"ranks: choose a multiple of {world_size}")
+            accum = math.ceil(share / t.micro_batch_size)
+            while share % accum:
+                accum += 1
+            t.micro_batch_size, t.grad_accum = share // accum, accum
+        if m.init_from and not (Path(m.init_from) / "config.json").is_file():
+            raise ConfigError(f"model.init_from={m.init_from}: not a model directory (no config.json)")
+        if m.init_from and self.data.tokenizer is None:
+            if not any((Path(m.init_from) / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+                raise ConfigError(f"model.init_from={m.init_from} holds no tokenizer (tokenizer.json or vocab.txt): "
+                                  "pass the model's tokenizer with --data.tokenizer")
+            self.data.tokenizer = m.init_from
+
+    def global_batch(self, world_size: int) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum * world_size
 
     def resolve(self, epoch_examples: int | None = None, world_size: int = 1) -> "RunConfig":
-        """The one step that settles the derived fields, then checks everything and freezes the config, so that
-        every component reads the same final values: an epoch-based budget (fine-tuning: ``epoch_examples``
-        training examples) becomes ``train.steps``, the search limit and the warm-up; the early-bird schedule is
-        fitted to the search budget."""
-        if epoch_examples is not None:
-            _settle_epochs(self, epoch_examples, world_size)
+        """The one step that settles the budget, then checks everything and freezes the config, so that every
+        component reads the same final values: what is unset follows from a fraction (the warm-up, the search
+        budget, a fixed draw's step) or, in fine-tuning (``epoch_examples`` training examples), from epochs; the
+        early-bird schedule is fitted to the search budget. What is set stays: a resumed run keeps the values its
+        first launch settled."""
+        _settle_budget(self, epoch_examples, world_size)
         settle_detect_every(self.earlybert)
         self.validate()
         for part in (self, *(getattr(self, sec) for sec in _sections())):
@@ -270,27 +351,39 @@ class RunConfig(_Section):
         *path, name = key.split(".")
         return getattr(getattr(self, path[0]) if path else self, name)
 
+    def _set(self, key: str, value: Any) -> None:
+        *path, name = key.split(".")
+        setattr(getattr(self, path[0]) if path else self, name, value)
 
-def _settle_epochs(cfg: RunConfig, examples: int, world_size: int) -> None:
-    """An epoch-based budget in steps: ``finetune.epochs`` -> ``train.steps``, ``finetune.search_epochs`` -> the
-    search limit, ``finetune.warmup_fraction`` -> ``train.warmup_steps``."""
-    t, f = cfg.train, cfg.finetune
-    per_epoch = max(1, math.ceil(examples / (t.micro_batch_size * t.grad_accum * world_size)))
-    if f.epochs is not None:
+
+def _settle_budget(cfg: RunConfig, examples: int | None, world_size: int) -> None:
+    """The counts left unset, from their fractions: ``train.steps`` from ``finetune.epochs`` (fine-tuning), the
+    warm-up from ``train.warmup_ratio``, the search budget from ``earlybert.search_fraction`` (fine-tuning:
+    ``finetune.search_epochs``), a fixed draw's step at the end of that budget."""
+    t, e, f = cfg.train, cfg.earlybert, cfg.finetune
+    per_epoch = None if examples is None else max(1, math.ceil(examples / cfg.global_batch(world_size)))
+    if t.steps is None:
+        if per_epoch is None:
+            raise ConfigError("train.steps is unset: pre-training counts optimizer steps (--train.steps N)")
         t.steps = max(2, math.ceil(f.epochs * per_epoch))
-    if f.search_epochs is not None:
-        cfg.earlybert.max_search_steps = min(t.steps - 1, max(1, math.ceil(f.search_epochs * per_epoch)))
-    if f.warmup_fraction is not None:
-        t.warmup_steps = int(f.warmup_fraction * t.steps)
-    logger.info("fine-tuning on %d examples: %d steps per epoch, %d steps, search limit %d", examples, per_epoch,
-                t.steps, cfg.earlybert.max_search_steps)
+    if t.warmup_steps is None:
+        t.warmup_steps = int(t.warmup_ratio * t.steps)
+    if e.enabled and e.draw not in NO_SEARCH_DRAWS and t.steps >= 2:
+        if e.max_search_steps is None:
+            budget = e.search_fraction * t.steps if per_epoch is None else f.search_epochs * per_epoch
+            e.max_search_steps = min(t.steps - 1, max(1, round(budget)))
+        if e.draw in FIXED_DRAWS and e.fixed_step is None:
+            e.fixed_step = e.max_search_steps
+    if per_epoch is not None:
+        logger.info("fine-tuning on %d examples: %d steps per epoch, %d steps, search budget %s", examples,
+                    per_epoch, t.steps, e.max_search_steps)
 
 
 def settle_detect_every(e: EarlyBertArgs) -> None:
     """Fit the detection schedule to the search budget when ``detect_every`` is unset: ``window + 1`` checks must
     fit in half the budget, or the test could never fire before the limit (a fine-tuning search of 16 steps with
     checks every 10 steps and a window of 5 always drew at max_steps)."""
-    if e.detect_every is not None or not e.enabled:
+    if e.detect_every is not None or not e.enabled or e.draw in NO_SEARCH_DRAWS:
         return
     budget = e.fixed_step if e.draw in FIXED_DRAWS else e.max_search_steps
     e.detect_every = max(1, budget // (2 * (e.window + 1)))
@@ -298,7 +391,7 @@ def settle_detect_every(e: EarlyBertArgs) -> None:
                 e.detect_every, budget // e.detect_every, budget, e.window)
 
 
-# ---- loading and the command line ----------------------------------------------------------------------------
+# ---- fields, values and files --------------------------------------------------------------------------------
 
 def _sections() -> dict[str, type]:
     return {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "earlybert": EarlyBertArgs,
@@ -312,6 +405,17 @@ def all_fields() -> dict[str, dataclasses.Field]:
     for sec, cls in _sections().items():
         out.update({f"{sec}.{f.name}": f for f in dataclasses.fields(cls)})
     return out
+
+
+def fields_of(command: str) -> dict[str, dataclasses.Field]:
+    """The fields that are options of ``command``."""
+    return {k: f for k, f in all_fields().items() if f.metadata.get("only") in (None, command)}
+
+
+def resumable_fields() -> set[str]:
+    """The fields a resumed run may change (``--resume-override``): where and how it logs, checkpoints and
+    prepares data, and ``train.steps`` (before the run has finished)."""
+    return {k for k, f in all_fields().items() if f.metadata.get("resume")} | {"train.steps"}
 
 
 @functools.cache
@@ -396,28 +500,41 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     raise TypeError(f"unsupported config type {hint} for {key}")
 
 
-def _apply(cfg: RunConfig, flat: dict[str, Any], source: str) -> None:
-    hints = _hints()
+def _apply(cfg: RunConfig, flat: dict[str, Any], source: str, errors: list[str]) -> set[str]:
+    """Set ``flat``'s fields on ``cfg``; a value that does not fit its field is left out and its message added to
+    ``errors``. Returns the keys left out."""
+    hints, bad = _hints(), set()
     for key, value in flat.items():
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown field '{key}'{hint}")
-        value = _coerce(key, value, hints[key], source)
+            errors.append(f"{source}: unknown field '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            continue
+        try:
+            value = _coerce(key, value, hints[key], source)
+        except ConfigError as e:
+            errors.append(str(e))
+            bad.add(key)
+            continue
         if source != "defaults":
             cfg.given.add(key)
-        target = cfg
-        *path, name = key.split(".")
-        for p in path:
-            target = getattr(target, p)
-        setattr(target, name, value)
+        cfg._set(key, value)
+    return bad
 
 
-def load_config_file(path: str | Path) -> dict:
-    """A JSON or YAML run-config file as a dict (errors name the file)."""
+def recipes(command: str) -> list[str]:
+    """The names of the shipped run configs of ``command`` (``--config NAME``)."""
+    return sorted(p.stem for p in (RECIPES / command).glob("*.yaml"))
+
+
+def load_config_file(path: str | Path, command: str | None = None) -> dict:
+    """A JSON or YAML run-config file as a dict, or with ``command`` also one of its recipes by name (errors name
+    the file)."""
     path = Path(path)
+    if not path.is_file() and command and (RECIPES / command / f"{path}.yaml").is_file():
+        path = RECIPES / command / f"{path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        known = f" nor a {command} recipe ({', '.join(recipes(command))})" if command else ""
+        raise ConfigError(f"{path}: config file not found,{known}" if known else f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -425,59 +542,214 @@ def load_config_file(path: str | Path) -> dict:
     return data or {}
 
 
-#: Each command's defaults where they differ from the fields' own. Fine-tuning: BERT's fine-tuning recipe; the
-#: paper's ``rewind`` (to the pre-trained weights) stays. Pre-training from scratch: ``continue``, as measured by
-#: ``bench tickets --task pretrain`` (README, "Pre-training at 1,000 steps": rewind ends 1.6% above the full model's
-#: loss, continue within its interval).
-COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pretrain": {"earlybert.weights": "continue"},
-    "finetune": {"train.lr": 2e-5, "train.micro_batch_size": 32, "train.weight_decay": 0.01,
-                 "train.betas": (0.9, 0.999), "train.eval_every": 0, "train.save_every": 0, "model.dropout": 0.1},
-}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
-                         defaults: dict[str, Any] | None = None) -> None:
-    """Add ``--config`` and one ``--section.field`` option per field (values are parsed and checked later);
-    sections in ``skip`` are left out (they still load from a config file); ``defaults``, the command's own, are
-    the ones its ``--help`` shows."""
-    parser.add_argument("--config", help="JSON or YAML run-config file (command-line options override it)")
-    groups = {sec: parser.add_argument_group(f"{sec} options") for sec in _sections() if sec not in skip}
-    for key, f in all_fields().items():
-        sec = key.split(".")[0] if "." in key else None
-        if sec in skip:
-            continue
-        group = groups[sec] if sec else parser
-        flag = "--" + key.replace("_", "-") if sec is None else "--" + key
-        default = (defaults or {}).get(key, f.default if f.default is not dataclasses.MISSING else None)
-        group.add_argument(flag, dest=f"cfg:{key}", default=None, metavar=_metavar(key),
-                           help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
-
-
-def _metavar(key: str) -> str:
-    hint = _hints()[key]
-    if typing.get_origin(hint) is Literal:
-        return "{" + ",".join(map(str, typing.get_args(hint))) + "}"
-    return key.split(".")[-1].upper()
-
-
-def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None,
-                     defaults: dict[str, Any] | None = None) -> RunConfig:
-    """``defaults`` (a command's own), then ``--config``, then ``extra`` (shortcut options), then explicit
-    ``--section.field`` options."""
-    cfg = RunConfig()
-    _apply(cfg, defaults or {}, "defaults")
-    if getattr(args, "config", None):
-        _apply(cfg, _flatten(load_config_file(args.config), args.config), args.config)
-    if extra:
-        _apply(cfg, {k: v for k, v in extra.items() if v is not None}, "command line")
-    cli = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    _apply(cfg, cli, "command line")
-    cfg.validate()
-    return cfg
-
-
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     from .atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+# ---- the commands: defaults, other names, options a mode ignores -----------------------------------------------
+
+#: Each command's defaults where they differ from the fields' own. Fine-tuning: BERT's recipe (a global batch of 32
+#: over all ranks, 3 epochs, lr 2e-5); the paper's ``rewind`` (to the pre-trained weights) stays. Pre-training from
+#: scratch: ``continue``, as measured by ``bench tickets --task pretrain`` (rewind ended 1.6% above the full model's
+#: loss, continue within its interval: docs/).
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"earlybert.weights": "continue"},
+    "finetune": {"train.steps": None, "train.global_batch_size": 32, "train.micro_batch_size": 32,
+                 "train.lr": 2e-5, "train.weight_decay": 0.01, "train.betas": (0.9, 0.999), "train.eval_every": 0,
+                 "train.save_every": 0, "model.dropout": 0.1},
+}
+
+#: Each command's short names for its main options.
+SHORTCUTS: dict[str, dict[str, str]] = {
+    "pretrain": {"corpus": "data.corpus"},
+    "finetune": {"task": "finetune.task", "model": "model.init_from", "data": "finetune.data"},
+}
+#: The names of Hugging Face's Trainer and example scripts (run_mlm.py, run_glue.py, run_qa.py) where they mean the
+#: same here: in both commands, and in one.
+HF_NAMES: dict[str, dict[str, str]] = {
+    "both": {"output_dir": "output_dir", "learning_rate": "train.lr", "per_device_train_batch_size":
+             "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum", "max_steps": "train.steps",
+             "warmup_steps": "train.warmup_steps", "warmup_ratio": "train.warmup_ratio", "weight_decay":
+             "train.weight_decay", "adam_epsilon": "train.eps", "max_grad_norm": "train.clip_grad",
+             "lr_scheduler_type": "train.schedule", "seed": "train.seed", "logging_steps": "train.log_every",
+             "eval_steps": "train.eval_every", "save_steps": "train.save_every", "save_total_limit":
+             "train.keep_last", "model_name_or_path": "model.init_from", "tokenizer_name": "data.tokenizer",
+             "run_name": "log.run_name"},
+    "pretrain": {"train_file": "data.corpus", "dataset_name": "data.corpus", "max_seq_length": "data.seq_len",
+                 "mlm_probability": "data.mlm_probability", "preprocessing_num_workers": "data.num_workers"},
+    "finetune": {"task_name": "finetune.task", "train_file": "finetune.train_file", "validation_file":
+                 "finetune.dev_file", "test_file": "finetune.test_file", "max_seq_length": "finetune.max_len",
+                 "doc_stride": "finetune.stride", "num_train_epochs": "finetune.epochs"},
+}
+#: Hugging Face's switches: ``--bf16`` means ``--train.precision bf16``.
+SWITCHES: dict[str, tuple[str, Any]] = {"bf16": ("train.precision", "bf16"), "fp16": ("train.precision", "fp16"),
+                                         "gradient_checkpointing": ("train.activation_checkpointing", True)}
+#: Hugging Face names with no one-to-one meaning here: refused, saying what does it.
+REFUSED = {
+    "do_train": "every run trains and then validates: drop it",
+    "do_eval": "every run validates (train.eval_every, and at the end): drop it",
+    "do_predict": "predictions come with --finetune.test_file",
+    "per_device_eval_batch_size": "validation runs in micro-batches of --train.micro_batch_size",
+    "eval_strategy": "validation is every --train.eval_every steps (0: only at the end)",
+    "evaluation_strategy": "validation is every --train.eval_every steps (0: only at the end)",
+    "save_strategy": "checkpoints are every --train.save_every steps (0: only at stage ends)",
+    "overwrite_output_dir": "a directory holding a run is never overwritten: --resume continues it; or choose "
+                            "another --output-dir",
+    "resume_from_checkpoint": "--resume continues the run in --output-dir; --resume-from DIR starts from a "
+                              "checkpoint or ticket directory",
+    "report_to": "--log.wandb {auto,online,offline,disabled}",
+    "logging_dir": "logs go to --output-dir (metrics.jsonl, wandb/)",
+    "adam_beta1": "--train.betas B1,B2",
+    "adam_beta2": "--train.betas B1,B2",
+    "optim": "--train.optimizer {adamw,lamb}",
+    "config_name": "pre-training sets the shape with --model.hidden_size, --model.num_layers, ...; or "
+                   "--model.init_from",
+    "num_train_epochs": "pre-training counts optimizer steps: --train.steps",
+}
+
+
+def hf_names(command: str) -> dict[str, str]:
+    return {**HF_NAMES["both"], **HF_NAMES[command]}
+
+
+def ignored_options(cfg: RunConfig) -> dict[str, str]:
+    """The options that ``cfg``'s mode ignores, each with why: given on the command line they are refused (a
+    config file may hold them: one file can serve several modes, as a run's own run_config.json does). The search
+    schedule (budget, checks, window, epsilon) is accepted whatever the draw, so that one set of options runs
+    EarlyBERT and its controls alike."""
+    m, d, t, e, f = cfg.model, cfg.data, cfg.train, cfg.earlybert, cfg.finetune
+    schedule = {"earlybert.enabled", "earlybert.max_search_steps", "earlybert.search_fraction",
+                "earlybert.detect_every", "earlybert.window", "earlybert.epsilon"}
+    rules = [
+        (not e.enabled, "earlybert.enabled=false trains the full model",
+         [k for k in all_fields() if k.startswith("earlybert.") and k not in schedule]),
+        (e.draw in NO_SEARCH_DRAWS, f"earlybert.draw={e.draw} draws its ticket without a search",
+         ["earlybert.score", "earlybert.taylor_decay", "earlybert.l1_heads", "earlybert.l1_ffn", "earlybert.gate_lr",
+          "earlybert.weights", "earlybert.rewarmup_steps"]),
+        (e.draw not in FIXED_DRAWS, f"it is the step of earlybert.draw=fixed or random_at, and the draw is {e.draw}",
+         ["earlybert.fixed_step"]),
+        (bool(m.init_from), f"model.init_from={m.init_from} has its own shape",
+         ["model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size"]),
+        (bool(d.tokenizer or m.init_from), "there is a tokenizer (data.tokenizer or model.init_from's): no WordPiece "
+                                           "vocabulary is trained", ["data.vocab_size"]),
+        (t.steps is not None, f"train.steps={t.steps} is the budget", ["finetune.epochs"]),
+        (t.warmup_steps is not None, f"train.warmup_steps={t.warmup_steps} is the warm-up", ["train.warmup_ratio"]),
+        (e.max_search_steps is not None, f"earlybert.max_search_steps={e.max_search_steps} is the search budget",
+         ["earlybert.search_fraction", "finetune.search_epochs"]),
+        (t.global_batch_size is not None, f"it follows from train.global_batch_size={t.global_batch_size} and the "
+                                          "number of ranks", ["train.grad_accum"]),
+        (f.task != "custom", f"it describes a custom task, and the task is {f.task}",
+         ["finetune.text_a", "finetune.text_b", "finetune.label_column", "finetune.num_labels",
+          "finetune.label_list"]),
+        (f.task not in ("squad", "squad_v2"), "it is SQuAD's window overlap", ["finetune.stride"]),
+        (f.task in ("squad", "squad_v2"), "SQuAD writes its dev predictions; test files are for classification "
+                                          "tasks", ["finetune.test_file"]),
+        (cfg.log.wandb == "disabled", "log.wandb=disabled", ["log.project", "log.run_name"]),
+    ]
+    out: dict[str, str] = {}
+    for when, why, keys in rules:
+        if when:
+            for key in keys:
+                out.setdefault(key, why)
+    return out
+
+
+#: What each command cannot run without: field -> the option that gives it.
+REQUIRED = {"finetune": {"finetune.task": "--task (a GLUE task name, squad, squad_v2 or custom)",
+                         "model.init_from": "--model PATH (a Hugging Face BERT directory or an earlybert-ds output "
+                                            "such as OUTPUT/final)"}}
+
+
+# ---- the command line -----------------------------------------------------------------------------------------
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-") if "." not in key else "--" + key
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add ``--config`` and one ``--section.field`` option per field of ``command`` (values are parsed and checked
+    later, all together), with its other names; the Hugging Face names that mean something else here are taken
+    too, to be refused with a hint. Each option's help shows the command's own default once."""
+    parser.add_argument("--config", metavar="FILE|RECIPE",
+                        help=f"a JSON or YAML run-config file, or a shipped recipe: {', '.join(recipes(command))} "
+                             "(options on the command line override it)")
+    defaults, other_names = COMMAND_DEFAULTS[command], {}
+    for name, key in {**SHORTCUTS[command], **hf_names(command)}.items():
+        other_names.setdefault(key, []).append(f"--{name}")
+    groups = {sec: parser.add_argument_group(f"{sec} options") for sec in _sections()}
+    for key, f in fields_of(command).items():
+        default = defaults.get(key, f.default)
+        shown = "" if default is None else f" (default: {_show(default)})"
+        group = groups[key.split(".")[0]] if "." in key else parser
+        group.add_argument(_flag(key), *other_names.get(key, []), dest=f"cfg:{key}", default=None,
+                           metavar=_metavar(key), help=(f.metadata["help"] + shown).replace("%", "%%"))
+    for name, (key, value) in SWITCHES.items():
+        parser.add_argument(f"--{name}", dest=f"cfg:{key}", action="store_const", const=value, help=argparse.SUPPRESS)
+    for name in REFUSED:
+        if f"--{name}" not in parser._option_string_actions:
+            parser.add_argument(f"--{name}", dest=f"refused:{name}", nargs="?", const=True, help=argparse.SUPPRESS)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(_show, value))
+    return str(value)
+
+
+def _metavar(key: str) -> str:
+    hint = _hints()[key]
+    if hint is bool:
+        return "{true,false}"
+    if (choices := _choices(hint)) is not None:
+        return "{" + ",".join(str(c) for c in choices if c is not None) + "}"
+    return key.split(".")[-1].upper()
+
+
+def config_from_args(args: argparse.Namespace, command: str, unknown: list[str] = ()) -> RunConfig:
+    """The run config of ``command``: its defaults, then ``--config``, then the options on the command line. Every
+    problem is reported at once: options that are unknown (``unknown``: their messages) or refused, values that do
+    not fit their field, options the chosen mode would ignore, and what the fields cannot say together."""
+    errors = list(unknown)
+    cfg = RunConfig()
+    _apply(cfg, COMMAND_DEFAULTS[command], "defaults", errors)
+    bad: set[str] = set()
+    if args.config:
+        try:
+            bad |= _apply(cfg, _flatten(load_config_file(args.config, command), args.config), args.config, errors)
+        except ConfigError as e:
+            errors += e.problems
+    errors += [f"--{k[8:]} is a Hugging Face option with no one-to-one meaning here: {REFUSED[k[8:]]}"
+               for k, v in vars(args).items() if k.startswith("refused:") and v is not None]
+    cli = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    bad |= _apply(cfg, cli, "command line", errors)
+    if "train.global_batch_size" not in cfg.given and cfg.given & {"train.micro_batch_size", "train.grad_accum"}:
+        cfg.train.global_batch_size = None  # a batch given per rank, as Hugging Face's per-device batch size
+    ignored = ignored_options(cfg)
+    errors += [f"{_flag(k)}={_show(cli[k])} is ignored: {ignored[k]}" for k in cli if k in ignored and k not in bad]
+    errors += [f"{command} needs {what}" for k, what in REQUIRED.get(command, {}).items() if cfg._get(k) is None]
+    errors += cfg.problems(bad)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def unknown_options(words: list[str], known: list[str]) -> list[str]:
+    """Messages for the command line's words that no option took, each with the closest of the ``known`` option
+    strings (``--lrr``: ``--train.lr``)."""
+    by_name = {**{"--" + k.rsplit(".", 1)[-1]: k for k in known}, **{k: k for k in known}}
+    out = []
+    for word in words:
+        if not word.startswith("-"):
+            if not out:  # a value of an unknown option is not reported again
+                out.append(f"unexpected argument {word!r}")
+            continue
+        option = word.split("=")[0]
+        close = difflib.get_close_matches(option, by_name, n=1, cutoff=0.75)
+        out.append(f"unknown option {option}" + (f" (did you mean {by_name[close[0]]}?)" if close else ""))
+    return out

@@ -231,14 +231,14 @@ def _fill_zero(cfg: dict, t: TrainArgs, source: str) -> tuple[int, dict[str, boo
     return stage, offload
 
 
-def precision_choice(cfg: dict, run_precision: str | None, source: str, on_cuda: bool) -> tuple[str, str]:
+def precision_choice(cfg: dict, run_precision: str, source: str, on_cuda: bool) -> tuple[str, str]:
     """bf16/fp16/fp32 and why: --train.precision, else the JSON's explicit choice, else ``auto``: bf16 on CUDA and
     on CPUs with bf16 matrix units, fp32 on other CPUs (which emulate bf16 matmuls ~100x slower than fp32)."""
     explicit = {k: v for k in ("bf16", "fp16")
                 if isinstance(v := _get(cfg, f"{k}.enabled", "bool", source), bool)}
     if explicit.get("bf16") and explicit.get("fp16"):
         raise DSConfigError(f"{source}: bf16.enabled=true and fp16.enabled=true: enable at most one")
-    if run_precision is not None:
+    if run_precision != "auto":
         return run_precision, "train.precision"
     if any(explicit.values()):
         return next(k for k, v in explicit.items() if v), source
@@ -254,7 +254,7 @@ def describe_precision(run: RunConfig, on_cuda: bool) -> str:
     return "precision %s (%s)" % precision_choice(cfg, run.train.precision, source, on_cuda)
 
 
-def _resolve_precision(cfg: dict, run_precision: str | None, source: str, on_cuda: bool) -> str:
+def _resolve_precision(cfg: dict, run_precision: str, source: str, on_cuda: bool) -> str:
     precision, _ = precision_choice(cfg, run_precision, source, on_cuda)
     for k in ("bf16", "fp16"):
         _fill(cfg, f"{k}.enabled", "bool", precision == k, f"train.precision={precision}", source)

@@ -91,7 +91,7 @@ class ClassificationTask(ShardedTask):
         if not self.spec.is_regression:  # the label names travel with the model, as run_glue's do
             self.model_overrides.update(id2label=dict(enumerate(self.spec.label_list)),
                                         label2id={name: i for i, name in enumerate(self.spec.label_list)})
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.init_from)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.max_len = f.max_len or 128
         train_src, dev_src = f.train_file or f.data, f.dev_file or f.data
         if not train_src or not dev_src:
@@ -145,7 +145,7 @@ class QATask(ShardedTask):
         if not (f.train_file or f.data) or not (f.dev_file or f.data):
             raise ConfigError(f"finetune.task={f.task} needs --finetune.data (a directory with {train_name} and "
                               f"{dev_name}) or --finetune.train_file and --finetune.dev_file")
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.init_from)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.max_len = f.max_len or 384
         train_examples = load_squad(f.train_file or Path(f.data) / train_name)
         self.train = prepare_features(train_examples, self.tokenizer, self.max_len, f.stride, training=True)
@@ -183,12 +183,8 @@ class QATask(ShardedTask):
             atomic_write_text(out / "predictions" / "dev_predictions.json", json.dumps(predictions, indent=1))
 
 
-def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = None) -> dict:
-    """EarlyBERT fine-tuning of ``model.init_from`` on ``finetune.task``."""
-    if not cfg.model.init_from:
-        raise ConfigError("fine-tuning needs a pre-trained model: --model PATH (a Hugging Face BERT directory or an "
-                          "earlybert-ds output such as OUTPUT/final)")
-    if not cfg.finetune.task:
-        raise ConfigError("fine-tuning needs --task (a GLUE task name, squad, squad_v2 or custom)")
+def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = None,
+             overrides: set[str] = frozenset()) -> dict:
+    """EarlyBERT fine-tuning of ``model.init_from`` on ``finetune.task`` (both required: ``config.REQUIRED``)."""
     make = QATask if cfg.finetune.task in QA_TASKS else ClassificationTask
-    return run_earlybert(cfg, make, resume, resume_from)
+    return run_earlybert(cfg, make, resume, resume_from, overrides)

@@ -29,9 +29,10 @@ from . import checkpoint
 from . import distributed as dist
 from . import trainer
 from .checkpoint import Start
-from .config import ConfigError, RunConfig, save_config
+from .config import FIXED_DRAWS, NO_SEARCH_DRAWS, ConfigError, RunConfig, save_config
 from .dsconfig import build_ds_config, describe_precision
 from .engine import Engine
+from .flops import count_parameters
 from .hardware import job_peak_flops
 from .model_card import model_card
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, hf_bert_config, load_hf_bert
@@ -47,33 +48,51 @@ Model = EarlyBertPreTrainedModel
 
 
 def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume: bool = False,
-                  resume_from: str | None = None) -> dict:
+                  resume_from: str | None = None, overrides: set[str] = frozenset()) -> dict:
     """Run the stages (or the full-model baseline) on the task that ``make_task`` builds; returns the summary that
     is also written to ``OUTPUT/summary.json``."""
-    rank, _ = dist.init()
-    random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
-    torch.manual_seed(cfg.train.seed + rank)
-    ds_config = build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad config fails before any work
+    rank, world = dist.init()
     resuming = resume or bool(resume_from)
     with dist.claim_output_dir(cfg.output_dir, resuming, checkpoint.RUN_CONFIG) as out, \
             text_log(out, rank, append=resuming):
+        # decided once, so that no file-system view can split the ranks across stages or configurations; only the
+        # data cache is each node's own (a node-local disk)
+        cache_dir = cfg.data.cache_dir
+        cfg, start = dist.on_rank0(checkpoint.begin, cfg, out, resume, resume_from, overrides, world)
+        if "data.cache_dir" in cfg.given:
+            cfg.data.cache_dir = cache_dir
+        random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
+        torch.manual_seed(cfg.train.seed + rank)
+        ds_config = build_ds_config(cfg, world, dist.on_cuda())  # a bad config fails before any work
         logger.info(describe_precision(cfg, dist.on_cuda()))
-        # decided once, so that no file-system view can split the ranks across stages
-        start = dist.on_rank0(checkpoint.where_to_start, cfg, out, resume, resume_from)
         task = make_task(cfg)
-        cfg.resolve(task.epoch_examples, dist.world_size())  # derived fields settled, then frozen
+        cfg.resolve(task.epoch_examples, world)  # derived fields settled, then frozen
         if start.phase == "efficient":
             dist.on_rank0(checkpoint.check_ticket_fits, cfg, task.tokenizer, start.ticket)
         full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)
         if start.phase == "search":
             check_prunable(cfg.earlybert, full_config)
         dist.on_rank0(save_config, cfg, out / checkpoint.RUN_CONFIG)  # from here on the directory holds this run
+        if rank == 0:
+            _log_budget(cfg, world, count_parameters(full_config, task.model_class))
         run = Run(cfg, out, task, peak_flops=job_peak_flops(ds_config))
         run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
         try:
             return _run_stages(run, start, full_config)
         finally:
             run.monitor.close()
+
+
+def _log_budget(cfg: RunConfig, world: int, params: int) -> None:
+    """What the run will do, in the numbers a BERT recipe is written in."""
+    t, e = cfg.train, cfg.earlybert
+    search = ("no search (the full model)" if not e.enabled else f"no search (draw={e.draw})"
+              if e.draw in NO_SEARCH_DRAWS else f"ticket at step {e.fixed_step} (draw={e.draw})"
+              if e.draw in FIXED_DRAWS else f"search for at most {e.max_search_steps} steps")
+    logger.info("world size %d: global batch %d = micro batch %d x grad accum %d x %d rank(s); %d steps, %s; "
+                "warm-up %d steps, lr %g (%s, %s decay); %s parameters", world, cfg.global_batch(world),
+                t.micro_batch_size, t.grad_accum, world, t.steps, search, t.warmup_steps, t.lr, t.optimizer,
+                t.schedule, f"{params:,}")
 
 
 def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:

@@ -28,7 +28,7 @@ from .data import (
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForMaskedLM
-from .pipeline import run_earlybert
+from .pipeline import initial_config, run_earlybert
 from .trainer import ShardedTask, step_metrics
 
 logger = logging.getLogger("earlybert_ds")
@@ -44,6 +44,8 @@ class MLMTask(ShardedTask):
         d, t = cfg.data, cfg.train
         self.seed, self.seq_len, self.mlm_probability = t.seed, d.seq_len, d.mlm_probability
         self.tokenizer = dist.node_once(tokenizer_for, d)
+        if cfg.model.init_from:  # its vocabulary must be the tokenizer's: found before the corpus is prepared
+            initial_config(cfg, self)
         self.packed = load_packed(dist.node_once(prepare_corpus, d, self.tokenizer, t.seed))
         prepared = (tokenizer_digest(self.tokenizer), self.packed.train.shape, self.packed.val.shape)
         differ = [r for r, other in enumerate(dist.all_gather_object(prepared)) if other != prepared]
@@ -85,6 +87,7 @@ class MLMTask(ShardedTask):
         """Nothing beyond the exported model."""
 
 
-def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = None) -> dict:
+def pretrain(cfg: RunConfig, resume: bool = False, resume_from: str | None = None,
+             overrides: set[str] = frozenset()) -> dict:
     """EarlyBERT pre-training (or the full-model baseline with ``earlybert.enabled = false``)."""
-    return run_earlybert(cfg, MLMTask, resume, resume_from)
+    return run_earlybert(cfg, MLMTask, resume, resume_from, overrides)

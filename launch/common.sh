@@ -1,5 +1,5 @@
-# Sourced by launch/multinode.sh and launch/multinode_nossh.sh (not run by itself): the repository's venv on PATH,
-# the hostfile check, and the CPU defaults.
+# Sourced by the launch scripts (not run by itself): the repository's venv on PATH, the single-node launch, the
+# hostfile check, and the CPU defaults.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ -x "$here/.venv/bin/deepspeed" ] && export PATH="$here/.venv/bin:$PATH"
 
@@ -19,4 +19,18 @@ cpu_defaults() {
     export DS_ACCELERATOR=cpu
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / $1 > 0 ? $(nproc) / $1 : 1 ))}"
   fi
+}
+
+# single_node COMMAND ARG...: `earlybert-ds COMMAND ARG...` under the deepspeed launcher on this node: one rank per
+# GPU, or NPROC CPU ranks (default 2) when no GPU is visible
+single_node() {
+  local command="$1"
+  shift
+  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    NPROC="${NPROC:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}"
+  else
+    NPROC="${NPROC:-2}"
+  fi
+  cpu_defaults "$NPROC"
+  exec deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module earlybert_ds "$command" "$@"
 }

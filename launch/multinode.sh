@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Multi-node EarlyBERT pre-training with DeepSpeed's standard launcher: run this ONCE, on node 0 (the first host of
-# HOSTFILE); DeepSpeed starts a launcher on every host over pdsh/ssh, and each starts `slots` ranks there. All
-# arguments go to `earlybert-ds pretrain` (see --help).
+# Multi-node EarlyBERT pre-training (or fine-tuning) with DeepSpeed's standard launcher: run this ONCE, on node 0
+# (the first host of HOSTFILE); DeepSpeed starts a launcher on every host over pdsh/ssh, and each starts `slots`
+# ranks there. A first argument `finetune` runs `earlybert-ds finetune`; all other arguments go to the command (see
+# `earlybert-ds pretrain --help`).
 #
 #   HOSTFILE=hosts launch/multinode.sh --output-dir /shared/runs/x --deepspeed ds_configs/zero2_bf16.json ...
+#   HOSTFILE=hosts launch/multinode.sh finetune --config glue --task mnli --model /shared/runs/x/final ...
 #
 # Needs pdsh on this node (apt-get install pdsh) and passwordless ssh from it to every host, itself included.
 # Every node needs the repository and its .venv at the same path (each runs `cd $PWD; .venv/bin/python -m
@@ -25,6 +27,8 @@
 # (see launch/multinode_nossh.sh).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+subcommand=pretrain  # or the first argument: pretrain or finetune
+case "${1:-}" in pretrain|finetune) subcommand="$1"; shift ;; esac
 HOSTFILE="${HOSTFILE:-$here/launch/hostfile}"
 check_hostfile "$HOSTFILE"
 command -v pdsh >/dev/null || { echo "error: pdsh is not installed on this node (apt-get install pdsh);" \
@@ -41,4 +45,4 @@ env | grep -E '^(DS_ACCELERATOR|OMP_|GLOO_|TORCH_|EARLYBERT_|WANDB_|HF_|TOKENIZE
   | grep -vE '^[^=]*(KEY|TOKEN|SECRET|PASSWORD)' >>"$DS_ENV_FILE" || true
 export DS_ENV_FILE  # DeepSpeed reads ~/$DS_ENV_FILE and ./$DS_ENV_FILE: an absolute path is read as is
 deepspeed --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" --master_port "${MASTER_PORT:-29500}" \
-  --module earlybert_ds pretrain "$@"
+  --module earlybert_ds "$subcommand" "$@"

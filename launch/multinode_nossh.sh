@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Multi-node EarlyBERT pre-training without ssh: start this script on EVERY node, each with its own NODE_RANK
-# (its line in the hostfile, from 0); the launchers meet at MASTER_ADDR:MASTER_PORT and may start in any order.
-# All arguments go to `earlybert-ds pretrain` (see --help) and must be the same on every node, except
-# --data.cache_dir, which may differ. launch/slurm.sbatch does exactly this under SLURM.
+# Multi-node EarlyBERT pre-training (or fine-tuning) without ssh: start this script on EVERY node, each with its own
+# NODE_RANK (its line in the hostfile, from 0); the launchers meet at MASTER_ADDR:MASTER_PORT and may start in any
+# order. A first argument `finetune` runs `earlybert-ds finetune`; all other arguments go to the command (see
+# `earlybert-ds pretrain --help`) and must be the same on every node, except --data.cache_dir, which may differ.
+# launch/slurm.sbatch does exactly this under SLURM.
 #
 #   # on node 0                                   # on node 1
 #   NODE_RANK=0 MASTER_ADDR=10.0.0.1 \            NODE_RANK=1 MASTER_ADDR=10.0.0.1 \
@@ -28,9 +29,11 @@
 # The repository, its .venv and the corpus must exist on every node.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+subcommand=pretrain  # or the first argument: pretrain or finetune
+case "${1:-}" in pretrain|finetune) subcommand="$1"; shift ;; esac
 : "${NODE_RANK:?set NODE_RANK to the position of this node in the hostfile, from 0}"
 HOSTFILE="${HOSTFILE:-$here/launch/hostfile}"
 check_hostfile "$HOSTFILE" "$NODE_RANK"
 cpu_defaults "$SLOTS"
 exec deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" \
-  --master_port "${MASTER_PORT:-29500}" --module earlybert_ds pretrain "$@"
+  --master_port "${MASTER_PORT:-29500}" --module earlybert_ds "$subcommand" "$@"

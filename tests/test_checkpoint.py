@@ -16,7 +16,7 @@ from earlybert_ds.data import load_tokenizer
 from earlybert_ds.engine import Engine
 from earlybert_ds.modeling import EarlyBertForPreTraining
 
-from conftest import losses, run_single, tiny_config, tiny_run_args
+from conftest import losses, metrics, run_single, tiny_config, tiny_run_args
 
 
 def _ok(proc) -> None:
@@ -147,7 +147,10 @@ def test_resuming_through_the_ticket_is_bit_identical(corpus, ticket_run, tmp_pa
     """From the ticket into a new directory on as many ranks: the losses of the uninterrupted run, bit for bit
     (the ticket holds every rank's random state; dropout is on)."""
     out = tmp_path / "via-ticket"
-    _ok(run_single(tiny_run_args(*corpus, out, **TICKET_RUN) + ["--resume-from", str(ticket_run / "ticket")]))
+    proc = run_single(tiny_run_args(*corpus, out, **TICKET_RUN) + ["--resume-from", str(ticket_run / "ticket")])
+    _ok(proc)
+    assert (f"resuming {out} at step 3 of 8 (stage efficient, from its start) from the ticket {ticket_run / 'ticket'}"
+            in proc.stderr)
     ref = losses(ticket_run)
     assert losses(out) == {s: ref[s] for s in range(4, 9)}
 
@@ -175,3 +178,49 @@ def test_non_finite_last_steps_are_not_saved_or_exported(corpus, tmp_path):
     assert "Last good checkpoint: global_step4" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "global_step4"
     assert not (out / "checkpoints" / "global_step8").exists() and not (out / "final").exists()
+
+
+# ---- resuming with the saved configuration --------------------------------------------------------------------
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock"))
+    return to
+
+
+def test_resume_refuses_a_changed_field_and_names_it(capsys, corpus, ticket_run, tmp_path):
+    """The saved run_config.json is the base of a resumed run: an option that differs from it is refused, naming
+    the field with both values, before anything is written; train.steps may change by --resume-override, but not
+    past the end of a finished run's schedule."""
+    run = _copy(ticket_run, tmp_path / "run")
+    saved, before = (run / "run_config.json").read_bytes(), _files(run / "checkpoints")
+    args = tiny_run_args(*corpus, run, **TICKET_RUN) + ["--resume"]
+    _refused(capsys, args + ["--train.lr", "1e-3", "--log.wandb", "offline"],
+             "--resume: this command differs from the run in", "    log.wandb: \"disabled\" -> \"offline\"",
+             "    train.lr: 0.005 -> 0.001", "--resume-override log.wandb accepts that change",
+             "train.lr cannot change in the middle of a run: start a new one (another --output-dir)")
+    _refused(capsys, args + ["--train.steps", "999"], "train.steps: 8 -> 999",
+             "--resume-override train.steps accepts that change")
+    _refused(capsys, args + ["--train.steps", "999", "--resume-override", "train.steps"],
+             f"the run in {run} has ended (step 8 of 8", f"--model.init_from {run / 'final'}")
+    _refused(capsys, args + ["--resume-override", "train.lr"], "--resume-override train.lr: cannot change")
+    assert (run / "run_config.json").read_bytes() == saved and _files(run / "checkpoints") == before
+
+
+def test_resume_override_extends_an_unfinished_run(corpus, ticket_run, tmp_path):
+    """A run stopped at step 4 of 8, resumed with --train.steps 12 --resume-override train.steps: the log says where
+    it resumes and what changed; the schedule is re-planned from there (the learning rate reaches 0 at step 12, not
+    8) and the saved configuration says 12."""
+    run = _copy(ticket_run, tmp_path / "run")
+    (run / "checkpoints" / "latest").write_text("global_step4")
+    proc = run_single(tiny_run_args(*corpus, run, **{**TICKET_RUN, "train.steps": 12})
+                      + ["--resume", "--resume-override", "train.steps"])
+    _ok(proc)
+    assert (f"resuming {run} at step 4 of 12 (stage efficient) from the checkpoint {run / 'checkpoints'}/global_step4"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "--resume-override train.steps: 8 -> 12" in proc.stderr
+    lr = {m["step"]: m["lr"] for m in metrics(run) if "lr" in m}
+    assert sorted(lr) == list(range(1, 13)) and lr[8] > 0 == lr[12]
+    assert lr[4] == {m["step"]: m["lr"] for m in metrics(ticket_run) if "lr" in m}[4]  # kept up to the resume point
+    assert json.loads((run / "run_config.json").read_text())["train"]["steps"] == 12
+    assert json.loads((run / "summary.json").read_text())["steps"] == 12
+

@@ -200,9 +200,9 @@ def test_a_failure_on_rank0_before_the_start_reaches_every_rank(corpus, tmp_path
     assert proc.returncode != 0 and time.monotonic() - t0 < 120
     lines = (proc.stdout + proc.stderr).splitlines()
     for rank in (0, 1):
-        mine = [line for line in lines if f"[rank{rank}] ERROR" in line]
+        mine = [line for line in lines if f"earlybert-ds: error: rank {rank}: " in line]
         assert any(f"{tag / 'mp_rank_00_model_states.pt'}: unreadable" in line for line in mine), (rank, lines[-30:])
-    assert any("rank 0 failed:" in line for line in lines if "[rank1] ERROR" in line)
+    assert any("rank 0 failed:" in line for line in lines if "earlybert-ds: error: rank 1: " in line)
 
 
 @pytest.mark.slow

@@ -204,7 +204,7 @@ def test_detect_every_fits_the_search_budget(budget, window, expected):
 
 @pytest.mark.parametrize("field,value,needle", [
     ("gate_lr", 0.0, "earlybert.gate_lr"), ("rewarmup_steps", -1, "earlybert.rewarmup_steps"),
-    ("detect_every", 0, "earlybert.detect_every"), ("draw", "random_at", "earlybert.draw=random_at needs"),
+    ("detect_every", 0, "earlybert.detect_every"), ("fixed_step", 0, "earlybert.fixed_step=0"),
 ])
 def test_bad_search_fields_name_the_field(field, value, needle):
     cfg = RunConfig()

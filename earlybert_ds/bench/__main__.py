@@ -1,23 +1,23 @@
-"""Benchmarks (issue 8): ``python -m earlybert_ds.bench SUITE`` (or ``earlybert-ds bench SUITE``).
+"""Benchmarks: python -m earlybert_ds.bench SUITE (or earlybert-ds bench SUITE).
 
-- ``throughput``: tokens/s of one training step (forward, backward, optimizer step through :class:`Engine`) of
+- throughput: tokens/s of one training step (forward, backward, optimizer step through Engine) of
   (a) the full model, (b) the full model with slimming gates and their L1 term (search stage), (c) the model shrunk
-  to the paper's ratios with an uneven ticket, (d) transformers' ``BertForMaskedLM`` under the same DeepSpeed
+  to the paper's ratios with an uneven ticket, (d) transformers' BertForMaskedLM under the same DeepSpeed
   config, (e) the shrunk model with FFN widths rounded up to a multiple of 64. Each measurement is a fresh
   subprocess, so its peak memory is its own, and variants are interleaved (a b c d e a b c d e ...) so that load
   from other jobs on a shared machine falls on all of them alike; figures are medians, speedups the median of the
   ratios measured within one round.
-- ``pretrain``: time to quality on a real corpus: real ``earlybert-ds pretrain`` runs of the same number of steps
+- pretrain: time to quality on a real corpus: real earlybert-ds pretrain runs of the same number of steps
   (full baseline, EarlyBERT rewind, EarlyBERT continue, random ticket), validation loss against wall-clock time.
-- ``finetune``: real ``earlybert-ds finetune`` runs from the pretrained MiniLM on a labelled task made offline
+- finetune: real earlybert-ds finetune runs from the pretrained MiniLM on a labelled task made offline
   from the same corpus (which section of the Python docs a paragraph comes from; pages never straddle the split):
   full fine-tuning vs EarlyBERT vs random ticket, dev accuracy and time.
-- ``tickets``: ticket quality: K seeds of each method (full, EarlyBERT as published, random tickets at step 0 and
+- tickets: ticket quality: K seeds of each method (full, EarlyBERT as published, random tickets at step 0 and
   at the method's own step, search variants) at the same budget, real fine-tuning or pre-training runs; means with
   95% intervals and each method's paired differences against the controls.
-- ``lamb``: large-batch LAMB (by gradient accumulation) against small-batch AdamW at the same tokens, under ZeRO,
+- lamb: large-batch LAMB (by gradient accumulation) against small-batch AdamW at the same tokens, under ZeRO,
   seeds paired.
-- ``data``: preparation (tokenise + pack) of plain-text corpora of growing size, each in a fresh process: peak RSS
+- data: preparation (tokenise + pack) of plain-text corpora of growing size, each in a fresh process: peak RSS
   of the preparing process and of its largest worker, and MB of text per second, for each number of workers.
 """
 
