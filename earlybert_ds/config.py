@@ -427,8 +427,8 @@ def load_config_file(path: str | Path) -> dict:
 
 #: Each command's defaults where they differ from the fields' own. Fine-tuning: BERT's fine-tuning recipe; the
 #: paper's ``rewind`` (to the pre-trained weights) stays. Pre-training from scratch: ``continue``, as measured by
-#: ``bench tickets --task pretrain`` (README, "Pre-training at 1,000 steps": rewind ends 1.6% above the full model's
-#: loss, continue within its interval).
+#: ``bench tickets --task pretrain`` (docs/results-pretraining.md, "Pre-training at 1,000 steps": rewind ends 1.6%
+#: above the full model's loss, continue within its interval).
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"earlybert.weights": "continue"},
     "finetune": {"train.lr": 2e-5, "train.micro_batch_size": 32, "train.weight_decay": 0.01,

@@ -1,5 +1,5 @@
 """The benchmark suites (earlybert_ds.bench): a real throughput run on a tiny shape, and the pieces of the pretrain
-suite that need no training and a quick fine-tuning run (the real figures: README, Results)."""
+suite that need no training and a quick fine-tuning run (the real figures: docs/results.md)."""
 
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ def test_help_documents_every_option():
 
 @pytest.mark.parametrize("command, weights, lr", [("pretrain", "continue", "0.001"), ("finetune", "rewind", "2e-05")])
 def test_each_command_shows_and_applies_its_own_defaults(command, weights, lr):
-    """Pre-training continues the searched weights (measured: README), fine-tuning rewinds them to the pre-trained
-    ones (the paper); --help says what the command will do, not the bare fields' defaults."""
+    """Pre-training continues the searched weights (measured: docs/results-pretraining.md), fine-tuning rewinds
+    them to the pre-trained ones (the paper); --help says what the command will do, not the bare fields' defaults."""
     out = subprocess.run([sys.executable, "-m", "earlybert_ds", command, "--help"], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout
     shown = dict(re.findall(r"\n  (--[\w.]+) .*?\(default: ([^)]*)\)", out, re.S))

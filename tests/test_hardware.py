@@ -13,7 +13,7 @@ from earlybert_ds.dsconfig import build_ds_config, describe_precision
 from earlybert_ds.hardware import auto_precision, device_summary, peak_flops
 
 _COMMON = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 bmi2"
-KINDS = {  # lscpu model name -> flags of the kinds seen (shared/NOTES.md)
+KINDS = {  # lscpu model name -> flags of the CPU kinds the tests run on
     "AMD EPYC (AVX2 only)": _COMMON,
     "AMD EPYC Zen 4 (AVX512-BF16, no AMX)": _COMMON + " avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16",
     "Intel Xeon Sapphire Rapids (AMX)": _COMMON + " avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 "

@@ -1,4 +1,4 @@
-"""Benchmarks (issue 8): ``python -m earlybert_ds.bench SUITE`` (or ``earlybert-ds bench SUITE``).
+"""Benchmarks: ``python -m earlybert_ds.bench SUITE`` (or ``earlybert-ds bench SUITE``).
 
 - ``throughput``: tokens/s of one training step (forward, backward, optimizer step through :class:`Engine`) of
   (a) the full model, (b) the full model with slimming gates and their L1 term (search stage), (c) the model shrunk
