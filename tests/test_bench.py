@@ -193,6 +193,7 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     assert n["widths@train"]["diffs"] == pytest.approx([0.02, 0.03])
 
 
+@pytest.mark.slow
 def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, minilm_dir):
     """The oracle's scores against central differences of the loss in each gate (at 1, in float64), summed over
     batches: the ticket keeps the units with the largest. (The model's own loss is cast to float32, too coarse for
@@ -233,6 +234,7 @@ def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, mini
     assert (ticket.step, ticket.reason, ticket.spec) == (0, "given", spec)
 
 
+@pytest.mark.slow
 def test_width_profile_reads_each_step_against_the_final_ticket(tmp_path, minilm_dir):
     """Step 0 (the pre-trained encoder with a fresh head drawn with the seed) and a checkpoint holding that very
     state give the same ticket, the one oracle_ticket draws from a final model in that state, and keep of the final
@@ -267,6 +269,7 @@ def test_width_profile_reads_each_step_against_the_final_ticket(tmp_path, minilm
     assert profile[2]["ffn_kept_of_final"] == profile[2]["heads_kept_of_final"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["magnitude", "taylor"])
 def test_gate_profile_reads_a_bf16_search_as_the_search_did(corpus, tmp_path, score):
     """A real bf16 search that draws at step 12 and saves at 4 and 8: the profile reads the gates' fp32 master copies

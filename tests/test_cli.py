@@ -23,6 +23,7 @@ def _fails(capsys, argv: list[str], *needles: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "-m", "earlybert_ds", "pretrain", "--help"], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout
@@ -32,6 +33,7 @@ def test_help_documents_every_option():
     assert "{rewind,continue}" in out and "(default: 0.1)" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, weights, lr", [("pretrain", "continue", "0.001"), ("finetune", "rewind", "2e-05")])
 def test_each_command_shows_and_applies_its_own_defaults(command, weights, lr):
     """Pre-training continues the searched weights (measured: docs/results-pretraining.md), fine-tuning rewinds

@@ -12,7 +12,6 @@ from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClas
 
 from conftest import launch, run_single
 
-pytestmark = pytest.mark.slow
 
 GOOD = ["great", "wonderful", "excellent", "superb", "delightful", "brilliant", "lovely", "fantastic"]
 BAD = ["terrible", "awful", "dreadful", "horrible", "boring", "poor", "bad", "disappointing"]
@@ -45,6 +44,7 @@ def _finetune(args: list[str], out: Path, nproc: int = 1) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_classification_two_ranks_learns_and_shrinks(minilm_dir, tmp_path):
     glue = _glue_sst2(tmp_path / "glue")
     summary = _finetune(["--task", "sst2", "--model", str(minilm_dir), "--data", str(glue),
@@ -61,6 +61,7 @@ def test_classification_two_ranks_learns_and_shrinks(minilm_dir, tmp_path):
     assert model.config.num_labels == 2 and model.config.heads_per_layer == [8] * 6
 
 
+@pytest.mark.slow
 def test_regression_learns(minilm_dir, tmp_path):
     rng = random.Random(3)
     rows = []
@@ -78,6 +79,7 @@ def test_regression_learns(minilm_dir, tmp_path):
     assert summary["final_dev_pearson"] > 0.7, summary
 
 
+@pytest.mark.slow
 def test_squad_qa_learns(minilm_dir, tmp_path):
     cities = ["paris", "rome", "madrid", "berlin", "vienna", "lisbon", "oslo", "dublin", "prague", "warsaw"]
     names = ["anna", "boris", "clara", "david", "elena", "felix", "greta", "hugo", "irene", "jonas", "karl", "lena"]
@@ -108,6 +110,7 @@ def test_squad_qa_learns(minilm_dir, tmp_path):
     AutoModelForQuestionAnswering.from_pretrained(tmp_path / "run" / "final")
 
 
+@pytest.mark.slow
 def test_custom_task_with_label_names(minilm_dir, tmp_path):
     """A JSON-lines task whose labels are names: ids in sorted order of the names, ``id2label``/``label2id`` in the
     saved models' configs, predictions written with the names."""
