@@ -396,14 +396,15 @@ def test_tickets_quick_runs_seeds_and_controls(tmp_path):
 
 
 @pytest.mark.slow
-def test_lamb_suite_matches_tokens_and_scales_the_rate(tmp_path):
+def test_lamb_suite_matches_tokens_and_scales_the_rate(corpus, tmp_path):
     """Large-batch LAMB against small-batch AdamW: the same tokens, LAMB's batch by accumulation, its learning rate
     scaled by the square root of the batch ratio, both under ZeRO-2, and the paired difference computed by seed."""
     out = tmp_path / "lamb.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "lamb", "--model-size", "tiny", "--steps", "16",
          "--small-batch", "4", "--large-batch", "16", "--lamb-lr", "5e-3", "--seeds", "2", "--eval-batches", "2",
-         "--threads", "1", "--parallel", "2", "--out-dir", str(tmp_path / "runs"), "--out", str(out)],
+         "--threads", "1", "--parallel", "2", "--corpus", str(corpus[0]), "--cache-dir", str(corpus[1]),
+         "--out-dir", str(tmp_path / "runs"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -415,6 +416,7 @@ def test_lamb_suite_matches_tokens_and_scales_the_rate(tmp_path):
         cmd = lamb["command"]
         assert cmd[cmd.index("--train.grad_accum") + 1] == "4" and cmd[cmd.index("--train.zero_stage") + 1] == "2"
         assert float(cmd[cmd.index("--train.lr") + 1]) == pytest.approx(5e-3 * 2)
+        assert cmd[cmd.index("--corpus") + 1] == str(corpus[0]) == adamw["command"][cmd.index("--corpus") + 1]
     s = result["summary"]
     diffs = [runs[("lamb", k)]["final_val_loss"] - runs[("adamw", k)]["final_val_loss"] for k in (0, 1)]
     assert s["diffs"] == pytest.approx(diffs) and s["lamb_minus_adamw"]["mean"] == pytest.approx(np.mean(diffs))
