@@ -53,3 +53,16 @@ def test_peak_is_measured_on_this_machine():
     torch.set_num_threads(1)
     fp32 = peak_flops("fp32", seconds=0.2)
     assert math.isfinite(fp32) and 1e9 < fp32 < 1e13  # 1 GFLOP/s to 10 TFLOP/s on one core
+
+
+def test_a_matmul_that_outlasts_the_budget_is_measured_once(monkeypatch):
+    """Where one peak-shaped matmul takes seconds (bf16 emulated on AVX2-only CPUs), that one call is the peak: the
+    start of a run does not spend four of them."""
+    from earlybert_ds import hardware
+
+    calls, clock = [], iter(range(0, 1000, 5))  # every timed call lasts 5 s on this clock
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or matmul(a, b))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: float(next(clock)))
+    m, k, n = hardware.PEAK_SHAPES["cpu"]
+    assert peak_flops("fp32", seconds=0.5) == pytest.approx(2 * m * k * n / 5) and len(calls) == 1
