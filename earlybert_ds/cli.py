@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console-script entry: exit without running C++ static destructors, which make about one gloo job in ten
-    end with 'terminate called without an active exception' after all work is done. Everything is written and
-    closed by then."""
+    (DeepSpeed 0.19, torch 2.13) end with 'terminate called without an active exception' after all work is done.
+    Everything is written and closed by then."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -92,7 +92,7 @@ class TaylorImportance:
     is taken out): the first-order estimate of how much the loss changes when the unit is removed. With ``decay``
     < 1 the sum is discounted, Σ_t decay^(T−t)·|g·∂L/∂g|_t, so that it ranks units as the model of the last
     ~1/(1 − decay) steps does: fine-tuning from a pre-trained encoder ranks the layers the other way round in its
-    first steps than once trained (README, "When the good widths appear").
+    first steps than once trained (docs/results-finetuning.md, "When the good widths appear").
 
     Gradients are read in full with DeepSpeed's ``safe_get_full_grad`` after the step's last backward and before its
     optimizer step: under ZeRO-1/2 they are partitioned by then, under ZeRO-3 so are the gates; both are gathered,

@@ -54,7 +54,7 @@ class Task(Protocol):
         """Validation metrics (a collective: every rank calls it)."""
 
     def flops_per_token(self, config: EarlyBertConfig) -> float:
-        """Training FLOPs per token of a model of ``config`` on this task."""
+        """Training FLOPs per token of a model of ``config`` for the task."""
 
     def finish(self, engine: Engine, out: Path) -> None:
         """Anything the task writes at the end (e.g. predictions on a test file); a collective."""

@@ -1,5 +1,5 @@
 """The benchmark suites (earlybert_ds.bench): a real throughput run on a tiny shape, and the pieces of the pretrain
-suite that need no training and a quick fine-tuning run (the real figures: README, Results)."""
+suite that need no training and a quick fine-tuning run (the real figures: docs/results.md)."""
 
 from __future__ import annotations
 
@@ -193,6 +193,7 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     assert n["widths@train"]["diffs"] == pytest.approx([0.02, 0.03])
 
 
+@pytest.mark.slow
 def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, minilm_dir):
     """The oracle's scores against central differences of the loss in each gate (at 1, in float64), summed over
     batches: the ticket keeps the units with the largest. (The model's own loss is cast to float32, too coarse for
@@ -233,6 +234,7 @@ def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, mini
     assert (ticket.step, ticket.reason, ticket.spec) == (0, "given", spec)
 
 
+@pytest.mark.slow
 def test_width_profile_reads_each_step_against_the_final_ticket(tmp_path, minilm_dir):
     """Step 0 (the pre-trained encoder with a fresh head drawn with the seed) and a checkpoint holding that very
     state give the same ticket, the one oracle_ticket draws from a final model in that state, and keep of the final
@@ -267,6 +269,7 @@ def test_width_profile_reads_each_step_against_the_final_ticket(tmp_path, minilm
     assert profile[2]["ffn_kept_of_final"] == profile[2]["heads_kept_of_final"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["magnitude", "taylor"])
 def test_gate_profile_reads_a_bf16_search_as_the_search_did(corpus, tmp_path, score):
     """A real bf16 search that draws at step 12 and saves at 4 and 8: the profile reads the gates' fp32 master copies
@@ -393,14 +396,15 @@ def test_tickets_quick_runs_seeds_and_controls(tmp_path):
 
 
 @pytest.mark.slow
-def test_lamb_suite_matches_tokens_and_scales_the_rate(tmp_path):
+def test_lamb_suite_matches_tokens_and_scales_the_rate(corpus, tmp_path):
     """Large-batch LAMB against small-batch AdamW: the same tokens, LAMB's batch by accumulation, its learning rate
     scaled by the square root of the batch ratio, both under ZeRO-2, and the paired difference computed by seed."""
     out = tmp_path / "lamb.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "lamb", "--model-size", "tiny", "--steps", "16",
          "--small-batch", "4", "--large-batch", "16", "--lamb-lr", "5e-3", "--seeds", "2", "--eval-batches", "2",
-         "--threads", "1", "--parallel", "2", "--out-dir", str(tmp_path / "runs"), "--out", str(out)],
+         "--threads", "1", "--parallel", "2", "--corpus", str(corpus[0]), "--cache-dir", str(corpus[1]),
+         "--out-dir", str(tmp_path / "runs"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -412,6 +416,7 @@ def test_lamb_suite_matches_tokens_and_scales_the_rate(tmp_path):
         cmd = lamb["command"]
         assert cmd[cmd.index("--train.grad_accum") + 1] == "4" and cmd[cmd.index("--train.zero_stage") + 1] == "2"
         assert float(cmd[cmd.index("--train.lr") + 1]) == pytest.approx(5e-3 * 2)
+        assert cmd[cmd.index("--corpus") + 1] == str(corpus[0]) == adamw["command"][cmd.index("--corpus") + 1]
     s = result["summary"]
     diffs = [runs[("lamb", k)]["final_val_loss"] - runs[("adamw", k)]["final_val_loss"] for k in (0, 1)]
     assert s["diffs"] == pytest.approx(diffs) and s["lamb_minus_adamw"]["mean"] == pytest.approx(np.mean(diffs))

@@ -64,6 +64,7 @@ def test_a_save_after_resuming_from_an_earlier_point_is_kept_and_named_by_latest
         engine.destroy()
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(corpus, tmp_path):
     """``--resume`` of a finished run (its last step not a multiple of save_every) only re-exports: the checkpoint
     that ``latest`` names is not rewritten (a kill during a rewrite would leave ``latest`` on a torn one)."""
@@ -100,6 +101,7 @@ def _refused(capsys, argv: list[str], *needles: str) -> None:
         assert needle in err, err
 
 
+@pytest.mark.slow
 def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corpus, ticket_run, tmp_path):
     """Resuming from a ticket with a tokenizer of the same size but other words, or with ``--model.*`` options that
     differ from the ticket's model, fails naming the mismatch, before anything is written."""
@@ -131,6 +133,7 @@ def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corp
     assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_ticket_directory_loads_with_the_auto_classes(ticket_run):
     """README: ``ticket/`` holds the shrunk model: ``AutoModelForMaskedLM.from_pretrained(OUTPUT/ticket)`` loads it
     with the ticket's shape, and its tokenizer beside it."""
@@ -143,6 +146,7 @@ def test_the_ticket_directory_loads_with_the_auto_classes(ticket_run):
     assert len(AutoTokenizer.from_pretrained(ticket_run / "ticket")) == model.config.vocab_size == 600
 
 
+@pytest.mark.slow
 def test_resuming_through_the_ticket_is_bit_identical(corpus, ticket_run, tmp_path):
     """From the ticket into a new directory on as many ranks: the losses of the uninterrupted run, bit for bit
     (the ticket holds every rank's random state; dropout is on)."""
@@ -155,6 +159,7 @@ def test_resuming_through_the_ticket_is_bit_identical(corpus, ticket_run, tmp_pa
     assert losses(out) == {s: ref[s] for s in range(4, 9)}
 
 
+@pytest.mark.slow
 def test_resuming_from_another_runs_checkpoints_brings_its_ticket(corpus, ticket_run, tmp_path):
     """From another run's efficient-stage checkpoint into a new directory: the ticket comes along, so that a later
     ``--resume`` there works."""
@@ -168,6 +173,7 @@ def test_resuming_from_another_runs_checkpoints_brings_its_ticket(corpus, ticket
     assert json.loads((other / "summary.json").read_text())["steps"] == 8
 
 
+@pytest.mark.slow
 def test_non_finite_last_steps_are_not_saved_or_exported(corpus, tmp_path):
     """Two non-finite steps at the very end (fewer than train.max_nonfinite = 3) must not become the final
     checkpoint or model: the run fails, naming the last good checkpoint."""

@@ -31,6 +31,7 @@ def _options_in_help(command: str) -> dict[tuple[str, ...], list[str]]:
             re.findall(r"\(default: ([^)]*)\)", " ".join(block.split())) for block in blocks}
 
 
+@pytest.mark.slow
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "-m", "earlybert_ds", "pretrain", "--help"], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout
@@ -42,8 +43,8 @@ def test_help_documents_every_option():
 
 @pytest.mark.parametrize("command, weights, lr", [("pretrain", "continue", "0.001"), ("finetune", "rewind", "2e-05")])
 def test_each_command_shows_and_applies_its_own_defaults(command, weights, lr):
-    """Pre-training continues the searched weights (measured: README), fine-tuning rewinds them to the pre-trained
-    ones (the paper); --help says what the command will do, not the bare fields' defaults."""
+    """Pre-training continues the searched weights (measured: docs/results-pretraining.md), fine-tuning rewinds
+    them to the pre-trained ones (the paper); --help says what the command will do, not the bare fields' defaults."""
     shown = {names[0]: defaults[0] if defaults else None for names, defaults in _options_in_help(command).items()}
     assert (shown["--earlybert.weights"], shown["--train.lr"]) == (weights, lr)
     args = build_parser().parse_args([command, "--output-dir", "x", *(["--task", "sst2", "--model", "m"]

@@ -60,6 +60,7 @@ def packed_builtin(minilm, tmp_path_factory):
 
 # ---- the built-in corpus ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_builtin_corpus_is_english_prose_and_deterministic():
     docs = builtin_corpus()
     text = "\n".join(docs)
@@ -414,6 +415,7 @@ print(json.dumps(peak[0] - base))
 """
 
 
+@pytest.mark.slow
 def test_preparing_a_corpus_holds_neither_its_text_nor_its_tokens_in_memory(tmp_path, minilm_dir, small_docs):
     """20 MB of plain text: the preparing process's anonymous memory grows by far less than the corpus (documents
     and token ids go through memory-mapped Arrow files, the packed arrays are written chunk by chunk). Measured:

@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,7 @@ def _build_in_a_child() -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_build_is_removed_at_once_whatever_its_age():
     """A build killed a minute ago left torch's bare lock behind: the next job must not sleep on it (torch would,
     silently and forever) but remove it at once, naming it."""
@@ -69,6 +70,24 @@ def test_a_lock_left_by_a_killed_build_is_removed_at_once_whatever_its_age():
         lock.unlink(missing_ok=True)
 
 
+def _stderr_until(child: subprocess.Popen, needle: str, timeout: float) -> str:
+    """The child's stderr up to the first line holding ``needle`` (all of it if the child ends first, or what came
+    within ``timeout`` seconds)."""
+    lines, found = [], threading.Event()
+
+    def read() -> None:
+        for line in child.stderr:
+            lines.append(line)
+            if needle in line:
+                break
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    found.wait(timeout)
+    return "".join(lines)
+
+
+@pytest.mark.slow
 def test_a_job_waiting_for_a_live_build_says_for_whom_and_goes_on_when_it_ends():
     """While another process holds the build lock, a job waits for it, saying whom it waits for; when the holder
     ends (here: releases it) the job goes on."""
@@ -76,10 +95,14 @@ def test_a_job_waiting_for_a_live_build_says_for_whom_and_goes_on_when_it_ends()
         fcntl.flock(guard, fcntl.LOCK_EX)
         guard.seek(0), guard.truncate(), guard.write("process 4242 on builder-node"), guard.flush()
         child = _build_in_a_child()
-        time.sleep(15)  # the child imports torch and DeepSpeed, then waits
-        assert child.poll() is None, child.communicate()
+        try:  # the child imports torch and DeepSpeed, then waits, saying so
+            waited = _stderr_until(child, "waiting for", timeout=120)
+            assert child.poll() is None, waited
+        except BaseException:
+            child.kill()
+            raise
         fcntl.flock(guard, fcntl.LOCK_UN)
         _, err = child.communicate(timeout=120)
-    assert child.returncode == 0, err
+    assert child.returncode == 0, waited + err
     assert (f"waiting for process 4242 on builder-node, which is building DeepSpeed's {dist.SHM_OP} op in "
-            f"{_build_dir()}") in err
+            f"{_build_dir()}") in waited

@@ -458,6 +458,7 @@ def test_lamb_under_zero_is_layerwise(distributed, stage):
     assert _max_diff(per_group, reference) > 1e-3
 
 
+@pytest.mark.slow
 def test_lamb_under_zero_is_layerwise_across_ranks(tmp_path):
     """The same on two real ranks, where a parameter's elements lie on both (ZeRO-3 splits every parameter;
     ZeRO-1/2 cut the flat group wherever the halves meet): its norms are summed over the ranks."""

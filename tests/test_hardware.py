@@ -13,7 +13,7 @@ from earlybert_ds.dsconfig import build_ds_config, describe_precision
 from earlybert_ds.hardware import auto_precision, device_summary, peak_flops
 
 _COMMON = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 bmi2"
-KINDS = {  # lscpu model name -> flags of the kinds seen (shared/NOTES.md)
+KINDS = {  # lscpu model name -> flags of the CPU kinds the tests run on
     "AMD EPYC (AVX2 only)": _COMMON,
     "AMD EPYC Zen 4 (AVX512-BF16, no AMX)": _COMMON + " avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16",
     "Intel Xeon Sapphire Rapids (AMX)": _COMMON + " avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 "
@@ -53,3 +53,16 @@ def test_peak_is_measured_on_this_machine():
     torch.set_num_threads(1)
     fp32 = peak_flops("fp32", seconds=0.2)
     assert math.isfinite(fp32) and 1e9 < fp32 < 1e13  # 1 GFLOP/s to 10 TFLOP/s on one core
+
+
+def test_a_matmul_that_outlasts_the_budget_is_measured_once(monkeypatch):
+    """Where one peak-shaped matmul takes seconds (bf16 emulated on AVX2-only CPUs), that one call is the peak: the
+    start of a run does not spend four of them."""
+    from earlybert_ds import hardware
+
+    calls, clock = [], iter(range(0, 1000, 5))  # every timed call lasts 5 s on this clock
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or matmul(a, b))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: float(next(clock)))
+    m, k, n = hardware.PEAK_SHAPES["cpu"]
+    assert peak_flops("fp32", seconds=0.5) == pytest.approx(2 * m * k * n / 5) and len(calls) == 1

@@ -75,6 +75,7 @@ print(json.dumps(result))
 '''
 
 
+@pytest.mark.slow
 def test_final_and_ticket_load_in_plain_transformers(finished_run, tmp_path):
     """Without earlybert_ds, with ``trust_remote_code=True``: AutoConfig, AutoTokenizer, AutoModel(ForMaskedLM) and
     the fill-mask pipeline on final/ and on ticket/, giving this package's numbers to 1e-5."""
@@ -105,6 +106,7 @@ def test_final_and_ticket_load_in_plain_transformers(finished_run, tmp_path):
         assert np.allclose([r["score"] for r in theirs["fill"]], [r["score"] for r in expected], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_saved_models_carry_their_code_and_a_model_card(finished_run):
     """Each saved directory holds modeling_earlybert.py (named by config.json's auto_map) and a README.md model card
     with the ticket's shape, how it was trained and how to load it."""
@@ -127,6 +129,7 @@ def test_saved_models_carry_their_code_and_a_model_card(finished_run):
     assert "| val_loss |" in (out / "final" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_outputs_get_the_modes_the_umask_allows(finished_run):
     """Under umask 0022 every file of the run is 0644 and every directory 0755 (the safetensors weights, the
     atomically written summary and config included), so that colleagues can read a finished run."""
@@ -137,6 +140,7 @@ def test_outputs_get_the_modes_the_umask_allows(finished_run):
     assert not wrong
 
 
+@pytest.mark.slow
 def test_train_log_holds_the_consoles_lines(finished_run):
     """``OUTPUT/train.log`` holds every line rank 0 showed from the start of the run: its log records as the
     console formats them and the metric lines it printed."""

@@ -1,5 +1,5 @@
-"""The package's layering: each module imports only modules before it in the order data flows (README, "How the
-code is laid out"); the benchmarks (``earlybert_ds.bench``) drive the package from outside it."""
+"""The package's layering: each module imports only modules before it in the order data flows (docs/design.md);
+the benchmarks (``earlybert_ds.bench``) drive the package from outside it."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "earlybert_ds"
 
-#: The modules in the order data flows, foundations first (the README's "How the code is laid out"); ``bench`` is
+#: The modules in the order data flows, foundations first (docs/design.md); ``bench`` is
 #: the subpackage of the benchmarks: only what comes after it (the command) may import it.
 #: ``modeling`` imports no other module of the package: its code is saved with each model and must stand alone.
 ORDER = ["modeling", "faults", "atomic", "digest", "config", "distributed", "hardware", "plots", "monitor", "data",
          "ticket", "search", "flops", "shrink", "optim", "dsconfig", "engine", "checkpoint", "trainer", "summary",
          "model_card", "pipeline", "tasks", "squad", "pretrain", "finetune", "bench", "cli", "__main__", "__init__"]
-#: The benchmark modules in order: the shared helpers first; each may import any core module before ``bench``.
+#: The benchmark modules in order: the shared module first; each may import any core module before ``bench``.
 BENCH_ORDER = ["common", "throughput", "pretrain", "finetune", "tickets", "lamb", "data", "__main__", "__init__"]
 
 

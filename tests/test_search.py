@@ -241,6 +241,7 @@ def _given(tmp_path, hidden: int = 32) -> tuple[Ticket, str]:
     return ticket, str(ticket.save(tmp_path / f"given{hidden}.json"))
 
 
+@pytest.mark.slow
 def test_given_ticket_trains_from_step_0(corpus, tmp_path):
     """draw=given: no search; the given ticket's very units from step 0, the kept weights the initial model's."""
     given, path = _given(tmp_path)
@@ -263,6 +264,7 @@ def test_given_ticket_trains_from_step_0(corpus, tmp_path):
     assert torch.equal(kept, init[[5, 9]])  # rewound: the given rows of the initial weights
 
 
+@pytest.mark.slow
 def test_given_ticket_that_does_not_fit_fails_before_training(corpus, tmp_path):
     _, path = _given(tmp_path, hidden=48)
     proc = run_single(tiny_run_args(*corpus, tmp_path / "run", **{"earlybert.draw": "given",

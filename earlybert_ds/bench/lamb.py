@@ -28,7 +28,9 @@ def lamb(args: argparse.Namespace) -> dict:
         "train.micro_batch_size": args.small_batch, "train.eval_batches": args.eval_batches,
         "train.save_every": 0, "earlybert.enabled": False, "train.zero_stage": args.zero_stage,
         "log.wandb": "disabled", "log.progress": False,
-        **({"train.precision": args.precision} if args.precision else {})}
+        **({"train.precision": args.precision} if args.precision else {}),
+        **({"data.corpus": args.corpus} if args.corpus else {}),
+        **({"data.cache_dir": args.cache_dir} if args.cache_dir else {})}
     lamb_lr = args.lamb_lr * math.sqrt(k)
     arms = {"adamw": {"train.optimizer": "adamw", "train.lr": args.lr, "train.steps": args.steps,
                       "train.warmup_steps": max(args.steps // 10, 1), "train.eval_every": args.steps // 4},
@@ -36,7 +38,8 @@ def lamb(args: argparse.Namespace) -> dict:
                      "train.steps": args.steps // k, "train.warmup_steps": max(args.steps // k // 10, 1),
                      "train.eval_every": max(args.steps // k // 4, 1)}}
     jobs = [(arm, seed) for seed in range(args.seeds) for arm in arms]
-    _prepare_data(settings)
+    for seed in range(args.seeds):  # each seed holds out its own validation rows
+        _prepare_data({**settings, "train.seed": seed})
 
     def run(job: tuple[str, int]) -> dict:
         arm, seed = job
@@ -83,6 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--lamb-lr", type=float, default=1e-2,
                    help="LAMB's learning rate at the small batch; at the large one x sqrt(large / small)")
     m.add_argument("--model-size", choices=list(SHAPES), default="mini")
+    m.add_argument("--corpus", help="text file or directory (default: the built-in corpus)")
+    m.add_argument("--cache-dir", help="tokenised-corpus cache (default: ~/.cache/earlybert_ds)")
     m.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2)
     m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the runs' auto")
     m.add_argument("--seeds", type=int, default=3)
