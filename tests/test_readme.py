@@ -101,8 +101,8 @@ def command_of(tokens: list[str]) -> tuple[str, list[str]] | None:
             return (rest[0], rest[1:]) if rest else None
         if tok == "earlybert_ds.bench" and i and tokens[i - 1] == "-m":
             return (f"bench {rest[0]}", rest[1:]) if rest and not rest[0].startswith("-") else ("bench", rest)
-        if tok in SCRIPTS:
-            return SCRIPTS[tok], rest
+        if tok in SCRIPTS:  # the multi-node launchers take ``finetune`` as their first argument
+            return (rest[0], rest[1:]) if rest[:1] == ["finetune"] else (SCRIPTS[tok], rest)
     return None
 
 
