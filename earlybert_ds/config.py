@@ -140,12 +140,27 @@ class EarlyBertArgs(_Section):
     ffn_method: Literal["layerwise", "global"] = _f("global", "FFN pruning: per layer or across layers")
     ffn_multiple: int = _f(64, "round kept FFN widths up to a multiple of this: odd widths lose ~15% of the "
                                "speedup to slow GEMM kernels (bench throughput, variant c vs e); 1: exact ratio", ge=1)
-    draw: Literal["earlybird", "fixed", "random", "random_at", "given"] = _f(
+    draw: Literal["earlybird", "fixed", "random", "random_at", "given", "probe"] = _f(
         "earlybird", "earlybird: when masks converge; fixed: at fixed_step; random: a random ticket at step 0 (the "
                      "paper's baseline); random_at: the same search, then a random ticket at fixed_step (the control "
-                     "that isolates which units are kept); given: no search, earlybert.ticket from step 0")
+                     "that isolates which units are kept); given: no search, earlybert.ticket from step 0; probe "
+                     "(fine-tuning a classifier): no search, the head alone trained on the frozen encoder, every "
+                     "unit scored through it, the ticket drawn at step 0 (probe_* options)")
     ticket: str | None = _f(None, "draw=given: a ticket.json (or a run's ticket/ directory) drawn elsewhere, e.g. by "
                                   "another run or task; it keeps its own ratios and must fit the model")
+    probe_examples: int = _f(512, "draw=probe: training examples whose pooled features the head is trained on "
+                                  "(computed once; at most the training set)", ge=1)
+    probe_epochs: int = _f(20, "draw=probe: epochs of the head over those features", ge=1)
+    probe_lr: float = _f(1e-2, "draw=probe: the head's learning rate (AdamW, batches of train.micro_batch_size)",
+                         gt=0)
+    probe_batches: int = _f(8, "draw=probe: training batches every unit is scored on through the probed head (no "
+                               "weight update)", ge=1)
+    probe_score: Literal["taylor", "fisher"] = _f(
+        "taylor", "draw=probe: taylor: sum over the batches of |g x dL/dg|; fisher: of (dL/dg)^2")
+    probe_normalise: bool = _f(False, "draw=probe: divide each layer's scores by their L2 norm before drawing "
+                                      "(global FFN pruning then compares layers by their relative importance)")
+    probe_head: Literal["probed", "fresh"] = _f("probed", "draw=probe: the ticket's classifier head starts as probed "
+                                                          "(LP-FT) or freshly initialised")
     detect_every: int | None = _f(None, "compute masks and their distance every N search steps; unset: from the "
                                         "search budget, so that window+1 checks fit in half of it", ge=1)
     window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon", ge=1)

@@ -418,6 +418,13 @@ class TaskOutput(ModelOutput):
     gate_penalty: torch.Tensor | None = None
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sequence head's loss: cross-entropy over classes, mean squared error with one label (regression)."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
 class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
     """Pooled [CLS] -> dropout -> linear; regression when ``num_labels == 1`` (e.g. STS-B)."""
 
@@ -440,12 +447,7 @@ class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
     ) -> TaskOutput:
         out = self.bert(input_ids, attention_mask, token_type_ids)
         logits = self.classifier(self.dropout(out.pooler_output))
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels)
+        loss = None if labels is None else classification_loss(logits, labels)
         return TaskOutput(loss=_add_penalty(loss, out.gate_penalty), logits=logits, task_loss=loss,
                           gate_penalty=out.gate_penalty)
 
