@@ -116,7 +116,7 @@ def probe(run: Run) -> tuple[Ticket, dict | None]:
     ticket, head, metrics = probe_and_draw(initial_model(cfg, run.task, gates=True), run.task.train, cfg.earlybert,
                                            cfg.train.micro_batch_size, cfg.train.seed)
     run.stages["probe"] = {"steps": 0, "train_s": metrics["probe/seconds"], "wall_s": metrics["probe/seconds"],
-                           "tokens": 0.0, "first_step": 0, "last_step": 0}
+                           "cpu_s": metrics["probe/cpu_seconds"], "tokens": 0.0, "first_step": 0, "last_step": 0}
     run.monitor.log(0, metrics)
     return ticket, head if cfg.earlybert.probe_head == "probed" else None
 

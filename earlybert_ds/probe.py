@@ -157,9 +157,9 @@ def normalise_layers(scores: Scores) -> Scores:
 def probe_and_draw(model: EarlyBertForSequenceClassification, data: Any, e: EarlyBertArgs, micro: int, seed: int
                    ) -> tuple[Ticket, dict[str, torch.Tensor], dict[str, float]]:
     """Probe, score, draw (a collective): the ticket at step 0, the probed head's state and the probe's metrics
-    (its loss and accuracy on its features, and its seconds). ``model``: the gated pre-trained model at step 0;
+    (its loss and accuracy on its features; its wall and this process's CPU seconds). ``model``: the gated pre-trained model at step 0;
     ``data``: the training split."""
-    t0, device = time.perf_counter(), dist.device()
+    t0, cpu0, device = time.perf_counter(), time.process_time(), dist.device()
     model.to(device)
     head, metrics = probe_head(model, data, e, micro, seed, device)
     model.load_state_dict(head, strict=False)
@@ -168,4 +168,5 @@ def probe_and_draw(model: EarlyBertForSequenceClassification, data: Any, e: Earl
         scores = normalise_layers(scores)
     spec = prune_spec(e)
     ticket = dist.on_rank0(lambda: Ticket.from_masks(draw_masks(scores, spec), 0, "probe", spec, model.config))
-    return ticket, head, {**metrics, "probe/seconds": time.perf_counter() - t0}
+    return ticket, head, {**metrics, "probe/seconds": time.perf_counter() - t0,
+                          "probe/cpu_seconds": time.process_time() - cpu0}

@@ -112,6 +112,41 @@ def test_section_task_splits_by_page_and_balances(tmp_path):
     assert all(finetune.SECTIONS[r["label"]] == r["page"].split("/")[0] for side in rows.values() for r in side)
 
 
+def test_word_order_task_swaps_one_adjacent_pair_and_splits_by_page(tmp_path):
+    """As written (1) or two adjacent words swapped (0), balanced; every sentence used once; no page on both sides;
+    a swap never moves the first or last word, punctuation or a word that is not letters alone; seeded."""
+    _docs_tree(tmp_path / "docs")
+    data = finetune.word_order_task(tmp_path / "docs", tmp_path / "data", train_per_class=6, dev_per_class=2)
+    rows = {side: [json.loads(line) for line in (tmp_path / "data" / f"{side}.jsonl").read_text().splitlines()]
+            for side in ("train", "dev")}
+    assert data["classes"] == ["swapped", "as_written"] and data["counts"]["swapped"] == {"train": 6, "dev": 2}
+    assert not {r["page"] for r in rows["train"]} & {r["page"] for r in rows["dev"]}
+    sources = {}
+    for page in (tmp_path / "docs").rglob("*.txt"):
+        for para in finetune._paragraphs(page, 8):
+            for sentence in finetune._sentences(para):
+                sources[(*sorted(sentence.split()), str(page.relative_to(tmp_path / "docs")))] = sentence
+    used = []
+    for side, n in (("train", 6), ("dev", 2)):
+        assert sorted(r["label"] for r in rows[side]) == [0] * n + [1] * n
+        for r in rows[side]:
+            original = sources[(*sorted(r["text"].split()), r["page"])]  # from its own page
+            used.append(original)
+            a, b = original.split(), r["text"].split()
+            moved = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+            if r["label"] == 1:
+                assert r["text"] == original
+            else:
+                assert len(moved) == 2 and moved[1] == moved[0] + 1 and 0 < moved[0] < len(a) - 2
+                assert all(finetune._WORD.fullmatch(a[i]) for i in moved) and b[moved[0]] == a[moved[1]]
+    assert len(used) == len(set(used)) == 16  # each sentence once
+    again = finetune.word_order_task(tmp_path / "docs", tmp_path / "again", train_per_class=6, dev_per_class=2)
+    assert (tmp_path / "again" / "train.jsonl").read_text() == (tmp_path / "data" / "train.jsonl").read_text()
+    assert again["pages"] == data["pages"]
+    with pytest.raises(common.BenchError, match="too few for 40 per class"):
+        finetune.word_order_task(tmp_path / "docs", tmp_path / "big", train_per_class=40, dev_per_class=2)
+
+
 def test_finetune_names_the_missing_corpus(tmp_path, capsys):
     assert main(["finetune", "--corpus", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "r")]) == 2
     assert "python3.11-doc" in capsys.readouterr().err
@@ -340,11 +375,16 @@ def test_oracles_and_drawn_tickets_need_their_source_before_them():
         tickets._methods(args)
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="pretrain", matched="", rewarmup=10, variant=[],
                               methods="full,ticket@paper,paper")
-    with pytest.raises(common.BenchError, match="ticket@paper trains the ticket of 'paper'"):
+    with pytest.raises(common.BenchError, match=r"ticket@paper trains the ticket \(or the widths\) of 'paper'"):
+        tickets._methods(args)
+    args.methods, args.matched = "full,random@0,widths@random@0", ""
+    with pytest.raises(common.BenchError, match="widths@random@0 trains the ticket"):
         tickets._methods(args)
     args.methods, args.matched = "full,paper,ticket@paper", "ticket@paper"
     with pytest.raises(common.BenchError, match="random@0 is its control"):
         tickets._methods(args)
+    args.methods, args.matched, args.seeds, args.profile_steps = "full,probe,widths@probe", "", 2, []
+    assert tickets._methods(args)["widths@probe"] == ["--earlybert.draw", "given"]
 
 
 def test_matched_control_keeps_the_method_and_draws_at_its_step():
@@ -365,27 +405,39 @@ def test_matched_control_keeps_the_method_and_draws_at_its_step():
 
 @pytest.mark.slow
 def test_tickets_quick_runs_seeds_and_controls(tmp_path):
-    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT, the two random controls, and
-    EarlyBERT's own ticket trained from step 0 (ticket@paper)."""
+    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT, the two random controls,
+    EarlyBERT's own ticket trained from step 0 (ticket@paper), the probe's ticket and its widths with random units
+    (widths@probe)."""
     _docs_tree(tmp_path / "docs")
     out = tmp_path / "tickets.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "tickets", "--quick", "--corpus", str(tmp_path / "docs"),
-         "--methods", "full,paper,random@0,ticket@paper", "--matched", "paper", "--out-dir", str(tmp_path / "runs"),
+         "--methods", "full,paper,random@0,ticket@paper,probe,widths@probe", "--matched", "paper",
+         "--out-dir", str(tmp_path / "runs"),
          "--plot", str(tmp_path / "t.png"), "--threads", "1", "--parallel", "2", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     runs = {(r["method"], r["seed"]): r for r in result["runs"]}
-    assert set(runs) == {(m, s) for m in ("full", "paper", "random@0", "random@paper", "ticket@paper") for s in (0, 1)}
+    assert set(runs) == {(m, s) for m in ("full", "paper", "random@0", "random@paper", "ticket@paper", "probe",
+                                          "widths@probe") for s in (0, 1)}
     for s in (0, 1):  # the control drew at the method's own step, with a random ticket
         assert runs[("random@paper", s)]["ticket_step"] == runs[("paper", s)]["ticket_step"] >= 1
         assert runs[("random@paper", s)]["ticket_reason"] == "random"
         assert runs[("random@0", s)]["ticket_step"] == 0
         drawn, given = (Ticket.load(tmp_path / "runs" / f"{m}-s{s}" / "ticket") for m in ("paper", "ticket@paper"))
         assert (given.step, given.reason, given.heads, given.ffn) == (0, "given", drawn.heads, drawn.ffn)
+        probed, widths = (Ticket.load(tmp_path / "runs" / f"{m}-s{s}" / "ticket") for m in ("probe", "widths@probe"))
+        assert (probed.step, probed.reason, widths.reason) == (0, "probe", "given")
+        assert widths.intermediate_sizes == probed.intermediate_sizes and widths.ffn != probed.ffn
+        assert runs[("probe", s)]["stages"]["probe"]["cpu_s"] > 0
     summary = result["summary"]
-    assert summary["methods"]["full"]["metric"]["n"] == 2 and set(summary["paired"]) == {"paper", "ticket@paper"}
+    assert summary["methods"]["full"]["metric"]["n"] == 2
+    assert set(summary["paired"]) == {"paper", "ticket@paper", "probe", "widths@probe"}
+    assert set(summary["paired"]["probe"]) == {"full", "random@0", "widths@probe"}
+    probe = summary["methods"]["probe"]  # s: the probe's CPU time over the full run's; the bound 1 - (s + r)
+    assert 0 < probe["search_share"] < 1
+    assert probe["time_saved_bound"] == pytest.approx(1 - probe["search_share"] - probe["flop_ratio"])
     assert set(summary["paired"]["ticket@paper"]) == {"full", "random@0"}
     assert all(0 < r["train_loss"] < 20 for r in runs.values())  # each run's own metrics.jsonl, read back
     assert "train_loss" in summary["paired"]["paper"]["random@paper"]

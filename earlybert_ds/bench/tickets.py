@@ -26,12 +26,13 @@ from ..config import EarlyBertArgs
 from ..data import load_tokenizer
 from ..modeling import EarlyBertForSequenceClassification, load_hf_bert
 from ..plots import plot_intervals
+from ..probe import unit_scores
 from ..search import TaylorImportance, is_gate, prune_spec, scores_of
 from ..tasks import custom_task, encode, load_task_split
 from ..ticket import Masks, PruneSpec, Scores, Ticket, draw_masks, mask_distance
 from .common import (PYTHON_DOCS, SHAPES, BenchError, _machine, _prepare_data, _python_docs, _run, _run_args,
                      cli_options, interval, train_loss_tail)
-from .finetune import finetune_settings, section_task
+from .finetune import TASKS, finetune_settings
 from .pretrain import pretrain_settings
 
 #: The paper-faithful EarlyBERT, spelt out so that it stays the paper's whatever the defaults become.
@@ -48,6 +49,10 @@ CONTROLS = ("full", "random@0")  # the references every variant is compared with
 #: one full fine-tuning could give them to every later run, or to the run.
 ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@train": "train", "widths@dev": "dev",
            "widths@next": "train"}
+#: ``widths@M`` (M a method with a ticket of its own, not an oracle): the ticket M's run of the same seed drew, its
+#: width per layer kept, its units drawn at random within each layer: M − widths@M is what M's choice of units is
+#: worth beyond its widths.
+WIDTHS = "widths@"
 #: ``ticket@M``: the ticket that method M's run of the same seed drew, trained from step 0 like random@0: what M's
 #: choice of units is worth with no search cost and no mid-schedule restart (e.g. M a search that draws late).
 DRAWN = "ticket@"
@@ -69,6 +74,7 @@ def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
         "continue": PAPER + ["--earlybert.weights", "continue"],
         "rewarmup": PAPER + ["--earlybert.rewarmup_steps", str(rewarmup)],
         "taylor+continue": PAPER + ["--earlybert.score", "taylor", "--earlybert.weights", "continue"],
+        "probe": ["--earlybert.draw", "probe"],
         **{name: ["--earlybert.draw", "given"] for name in ORACLES},
     }
 
@@ -80,15 +86,10 @@ def _split_data(run: Path, split_file: str, max_len: int, num_labels: int) -> An
 
 
 def taylor_scores(model: EarlyBertForSequenceClassification, data: Any, batch: int) -> Scores:
-    """Each unit's Taylor importance Σ_batches |dL/dg| in ``model`` (its gates at 1, dropout off) over ``data``,
-    summed as the search sums its scores over steps."""
-    model.eval()
-    taylor = TaylorImportance(0.0, 0.0)  # no L1 term to take out: the loss is the task's alone
-    for inputs in torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=data.collate):
-        model.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        taylor.accumulate(model, None)
-    return taylor.total
+    """Each unit's Taylor importance Σ_batches |dL/dg| in ``model`` (its gates at 1, dropout off) over all of
+    ``data`` in order, summed as the search sums its scores over steps."""
+    return unit_scores(model, data, [np.arange(k, min(k + batch, len(data))) for k in range(0, len(data), batch)],
+                       "taylor", torch.device("cpu"))
 
 
 def oracle_ticket(full_run: Path, split_file: str, max_len: int, batch: int, path: Path,
@@ -225,11 +226,11 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
         methods[name] = opts.split()
     names = args.methods.split(",")
     for i, name in enumerate(names):
-        if name.startswith(DRAWN):
-            source = name.removeprefix(DRAWN)
-            if source not in names[:i] or source in CONTROLS:
-                raise BenchError(f"--methods: {name} trains the ticket of {source!r}, which must be a method with a "
-                                 "ticket of its own listed before it")
+        if name.startswith((DRAWN, WIDTHS)) and name not in ORACLES:
+            source = name.partition("@")[2]
+            if source not in names[:i] or source in CONTROLS or source in ORACLES:
+                raise BenchError(f"--methods: {name} trains the ticket (or the widths) of {source!r}, which must be "
+                                 "a method with a ticket of its own listed before it")
             methods[name] = ["--earlybert.draw", "given"]
     if unknown := (set(names) | set(args.matched)) - set(methods):
         raise BenchError(f"--methods/--matched: unknown {', '.join(sorted(unknown))}; choose from "
@@ -240,8 +241,8 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
         if args.task != "finetune" or "full" not in names or names.index("full") > names.index(oracles[0]):
             raise BenchError(f"--methods: {', '.join(oracles)} are drawn from the full model's fine-tuning run: "
                              "they need --task finetune and 'full' listed before them")
-    if any(m in ORACLES or m.startswith(DRAWN) for m in args.matched):
-        raise BenchError("--matched: an oracle or ticket@ is trained from step 0; random@0 is its control")
+    if any(m in ORACLES or m.startswith((DRAWN, WIDTHS)) for m in args.matched):
+        raise BenchError("--matched: an oracle, ticket@ or widths@ is trained from step 0; random@0 is its control")
     if "widths@next" in names and args.seeds < 2:
         raise BenchError("--methods: widths@next is drawn from another seed's full run: it needs --seeds >= 2")
     if args.profile_steps and args.profile_of not in names:
@@ -258,7 +259,8 @@ def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str,
     its metric, and its data (fine-tuning: the section task, made here)."""
     root = _python_docs(args.corpus)
     if args.task == "finetune":
-        data = section_task(root, Path(args.out_dir) / "data", args.train_per_class, args.dev_per_class, args.seed)
+        data = TASKS[args.finetune_task](root, Path(args.out_dir) / "data", args.train_per_class, args.dev_per_class,
+                                         args.seed)
         settings, command, key = finetune_settings(args, data, detect_every=False), "finetune", "dev_accuracy"
     else:
         args.corpus, data = str(root), None
@@ -311,11 +313,12 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
                 return None
             ticket = out.with_name(out.name + (f".from-s{source}" if source != seed else "") + ".ticket.json")
             opts = methods[name] + ["--earlybert.ticket", str(ticket)]
-        elif name.startswith(DRAWN):  # the ticket its source method's run of this seed drew
-            source_run = name.removeprefix(DRAWN)
-            if done[(source_run, seed)].result() is None:
+        elif name.startswith((DRAWN, WIDTHS)):  # the ticket its source method's run of this seed drew, or its widths
+            source_run = Path(args.out_dir) / f"{name.partition('@')[2]}-s{seed}" / "ticket"
+            if done[(name.partition("@")[2], seed)].result() is None:
                 return None
-            opts = methods[name] + ["--earlybert.ticket", str(Path(args.out_dir) / f"{source_run}-s{seed}" / "ticket")]
+            ticket = source_run if name.startswith(DRAWN) else out.with_name(out.name + ".ticket.json")
+            opts = methods[name] + ["--earlybert.ticket", str(ticket)]
         elif of is None:
             opts = methods[name]
         else:
@@ -336,8 +339,10 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
             if name in ORACLES:
                 oracle_ticket(Path(args.out_dir) / f"full-s{source}", data[ORACLES[name]], args.max_len, args.batch,
                               ticket)
-                if name.startswith("widths@"):
+                if name.startswith(WIDTHS):
                     same_widths(Ticket.load(ticket), seed).save(ticket)
+            elif name.startswith(WIDTHS):
+                same_widths(Ticket.load(source_run), seed).save(ticket)
             r = _run(command, options, out, args.threads, key)
         r.update(method=name, seed=seed, options=opts, metric=r[f"final_{key}"])
         record.write_text(json.dumps(r) + "\n")
@@ -409,7 +414,8 @@ def _profiles(args: argparse.Namespace, runs: list[dict], data: dict[str, Any] |
 
 def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dict[str, Any]:
     """Per method: the metric's mean and 95% interval over seeds, CPU time relative to the full model of the same
-    seed, ticket steps and reasons, FLOP ratio, the search share s and the time-saved bound 1 - (s + (1 - s) r).
+    seed, ticket steps and reasons, FLOP ratio, the search share s and the time-saved bound 1 - (s + (1 - s) r)
+    (a probe: s its CPU seconds over the full run's, spent on top of the whole budget, and the bound 1 - (s + r)).
     Per method with a ticket: the paired (same-seed) differences against the full model, the random ticket at
     step 0 and its own same-step random control (an oracle: its same-widths random ticket; ``gain`` is the
     difference signed so that > 0 is better), and where both sides have it the paired difference in training loss:
@@ -433,7 +439,14 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
             s["cpu_vs_full"] = interval([seeds[sd]["process_cpu_s"] / full[sd]["process_cpu_s"] for sd in common])
         elif m == "full":
             s["cpu_vs_full"] = {"mean": 1.0, "ci95": 0.0, "n": len(rs)}
-        if rs[0]["ticket_step"] is not None:
+        if "probe" in (rs[0].get("stages") or {}):  # the probe comes on top of the whole budget: s + r
+            common = [sd for sd in seeds if sd in full]
+            shares = [seeds[sd]["stages"]["probe"]["cpu_s"] / full[sd]["process_cpu_s"] for sd in common]
+            if shares:
+                s["search_share"] = float(np.mean(shares))
+                s["time_saved_bound"] = float(np.mean([1 - (sh + seeds[sd]["flop_ratio"])
+                                                       for sh, sd in zip(shares, common)]))
+        elif rs[0]["ticket_step"] is not None:
             shares = [r["ticket_step"] / r["steps"] for r in rs]
             s["search_share"] = float(np.mean(shares))
             s["time_saved_bound"] = float(np.mean([1 - (sh + (1 - sh) * r["flop_ratio"]) for sh, r in zip(shares, rs)]))
@@ -442,8 +455,9 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
         if m in CONTROLS or m.startswith("random@"):
             continue
         pairs = {}
+        # the worth of the units beyond their widths: an oracle's, another run's widths', a method's own
         widths = [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else \
-            ["widths@train"] if m == "widths@next" else []  # an oracle's units' worth; another run's widths' worth
+            ["widths@train"] if m == "widths@next" else [f"{WIDTHS}{m}"]
         for ref in ("full", "random@0", f"random@{m}", *widths):
             common = [sd for sd in seeds if sd in by.get(ref, {})]
             if common:
@@ -539,10 +553,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _task_arguments(k: argparse.ArgumentParser) -> None:
     """The options of one task only (the finetune and pretrain suites' own, other defaults)."""
     k.add_argument("--model", help="fine-tuning: pretrained BERT directory (default: MiniLM)")
-    k.add_argument("--train-per-class", type=int, default=300, help="fine-tuning: training paragraphs per section")
+    k.add_argument("--finetune-task", choices=list(TASKS), default="sections",
+                   help="fine-tuning: the labelled task made from the Python docs: sections (which section a "
+                        "paragraph comes from, 7 classes) or word-order (a sentence as written or with two adjacent "
+                        "words swapped, 2 classes)")
+    k.add_argument("--train-per-class", type=int, default=300, help="fine-tuning: training examples per class")
     k.add_argument("--dev-per-class", type=int, default=160,
-                   help="fine-tuning: dev paragraphs per section (160: ~1,100 dev paragraphs, standard error of one "
-                        "accuracy <= 1.5 points)")
+                   help="fine-tuning: dev examples per class (sections, 160: ~1,100 dev paragraphs, standard error "
+                        "of one accuracy <= 1.5 points)")
     k.add_argument("--max-len", type=int, default=64, help="fine-tuning: tokens per paragraph")
     k.add_argument("--epochs", type=float, default=2.0, help="fine-tuning: epochs")
     k.add_argument("--search-epochs", type=float, default=0.2, help="fine-tuning: EarlyBERT's search budget")
