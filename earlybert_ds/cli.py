@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", help="shortcut for --finetune.data")
     _common(f)
     add_config_arguments(f, defaults=COMMAND_DEFAULTS["finetune"])
+    t = sub.add_parser("ticket", help="draw a ticket.json (for --earlybert.draw given) without training: from a "
+                                      "finished full fine-tuning run, or from a pre-trained model and a task by the "
+                                      "probe", description=__doc__, formatter_class=fmt)
+    t.add_argument("--out", required=True, metavar="FILE", help="the ticket.json to write")
+    t.add_argument("--run", metavar="DIR", help="a finished fine-tuning run of the full model (--earlybert.enabled "
+                                                "false): its final model and its run_config.json's task and data; "
+                                                "unset: probe --model on --task")
+    t.add_argument("--task", help="shortcut for --finetune.task")
+    t.add_argument("--model", help="shortcut for --model.init_from: the pre-trained model directory")
+    t.add_argument("--data", help="shortcut for --finetune.data")
+    add_config_arguments(t, defaults=COMMAND_DEFAULTS["finetune"])
     b = sub.add_parser("bench", help="benchmarks (see python -m earlybert_ds.bench --help)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -69,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = config_from_args(args, defaults=COMMAND_DEFAULTS["pretrain"], extra={"data.corpus": args.corpus})
             pretrain(cfg, args.resume, args.resume_from)
+        elif args.command == "ticket":
+            from .finetune import draw_ticket
+
+            if args.run and not args.config:  # a finished run's own config is the base its options override
+                args.config = os.path.join(args.run, "run_config.json")
+            cfg = config_from_args(args, defaults=COMMAND_DEFAULTS["finetune"], extra={
+                "finetune.task": args.task, "model.init_from": args.model, "finetune.data": args.data})
+            draw_ticket(cfg, args.out, args.run)
         else:
             from .finetune import finetune
 

@@ -154,19 +154,27 @@ def normalise_layers(scores: Scores) -> Scores:
     return Scores([unit(a) for a in scores.heads], [unit(a) for a in scores.ffn])
 
 
+def draw_scored(model: nn.Module, data: Any, e: EarlyBertArgs, micro: int, seed: int, reason: str) -> Ticket:
+    """Steps 2 and 3 (a collective): every unit of ``model`` (gated, on this rank's device) scored through its own
+    head on ``earlybert.probe_batches`` batches of ``data``, and the ticket drawn from the scores on the
+    coordinator at the run's ratios (every rank receives it)."""
+    scores = unit_scores(model, data, score_batches(len(data), micro, e.probe_batches, seed), e.probe_score,
+                         dist.device())
+    if e.probe_normalise:
+        scores = normalise_layers(scores)
+    spec = prune_spec(e)
+    return dist.on_rank0(lambda: Ticket.from_masks(draw_masks(scores, spec), 0, reason, spec, model.config))
+
+
 def probe_and_draw(model: EarlyBertForSequenceClassification, data: Any, e: EarlyBertArgs, micro: int, seed: int
                    ) -> tuple[Ticket, dict[str, torch.Tensor], dict[str, float]]:
     """Probe, score, draw (a collective): the ticket at step 0, the probed head's state and the probe's metrics
-    (its loss and accuracy on its features; its wall and this process's CPU seconds). ``model``: the gated pre-trained model at step 0;
-    ``data``: the training split."""
+    (its loss and accuracy on its features; its wall and this process's CPU seconds). ``model``: the gated
+    pre-trained model at step 0; ``data``: the training split."""
     t0, cpu0, device = time.perf_counter(), time.process_time(), dist.device()
     model.to(device)
     head, metrics = probe_head(model, data, e, micro, seed, device)
     model.load_state_dict(head, strict=False)
-    scores = unit_scores(model, data, score_batches(len(data), micro, e.probe_batches, seed), e.probe_score, device)
-    if e.probe_normalise:
-        scores = normalise_layers(scores)
-    spec = prune_spec(e)
-    ticket = dist.on_rank0(lambda: Ticket.from_masks(draw_masks(scores, spec), 0, "probe", spec, model.config))
+    ticket = draw_scored(model, data, e, micro, seed, "probe")
     return ticket, head, {**metrics, "probe/seconds": time.perf_counter() - t0,
                           "probe/cpu_seconds": time.process_time() - cpu0}

@@ -19,11 +19,11 @@ from earlybert_ds.modeling import (EarlyBertForQuestionAnswering, EarlyBertForSe
                                    classification_loss, initial_model)
 from earlybert_ds.probe import (check_probe, normalise_layers, pooled_features, probe_and_draw, probe_head,
                                 score_batches, unit_scores)
-from earlybert_ds.search import ffn_gate_params, head_gate_params
+from earlybert_ds.search import ffn_gate_params, head_gate_params, prune_spec
 from earlybert_ds.tasks import TaskDataset
-from earlybert_ds.ticket import Scores, Ticket
+from earlybert_ds.ticket import Scores, Ticket, draw_masks
 
-from conftest import launch, tiny_config
+from conftest import launch, run_single, tiny_config
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
 
@@ -146,19 +146,10 @@ def _sentences(n: int, seed: int) -> list[dict]:
 def tiny_bert(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny BERT checkpoint in Hugging Face's layout (random weights, a WordPiece vocabulary of its data) and a
     binary task's train/dev files: what `finetune --model` reads, in seconds."""
-    from transformers import BertConfig, BertModel
-
-    from earlybert_ds.data import train_wordpiece
-
     root = tmp_path_factory.mktemp("tiny_bert")
     for split, n, seed in (("train", 96, 0), ("dev", 32, 1)):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sentences(n, seed)))
-    tok = train_wordpiece([" ".join(WORDS)] * 4, vocab_size=64)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    return root / "model", root
+    return _tiny_bert_dir(root / "model", " ".join(WORDS), 64), root
 
 
 def probe_args(tiny_bert: tuple[Path, Path], out: Path, **overrides) -> list[str]:
@@ -196,3 +187,83 @@ def test_probe_draw_two_ranks_same_ticket(tiny_bert, tmp_path, stage):
     fresh = initial_model(cfg, task, gates=False).classifier.weight.detach()
     torch.testing.assert_close(drawn, head["classifier.weight"], rtol=1e-4, atol=1e-6)  # rounding: threads
     assert (drawn - fresh).abs().max() > 1e-3
+
+
+def _tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int) -> Path:
+    from transformers import BertConfig, BertModel
+
+    from earlybert_ds.data import train_wordpiece
+
+    tok = train_wordpiece([vocab_text] * 4, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def _task_args(tiny_bert: tuple[Path, Path]) -> list[str]:
+    """The task and probe options of ``probe_args`` without a model, a draw or an output directory."""
+    args = probe_args(tiny_bert, Path("unused"))
+    drop = {"--model", "--earlybert.draw", "--output-dir", "--log.progress", "--log.wandb"}
+    return [x for k, v in zip(args[::2], args[1::2]) if k not in drop for x in (k, v)]
+
+
+@pytest.mark.slow
+def test_ticket_command_draws_what_given_then_trains(tiny_bert, tmp_path):
+    """`earlybert-ds ticket` without training: from the pre-trained model by the probe, and from a finished full run
+    (its trained head, on its own config); `--earlybert.draw given` then trains exactly the units drawn; a run whose
+    final model is already shrunk is refused."""
+    model, _ = tiny_bert
+    task = _task_args(tiny_bert)
+    proc = run_single([*task, "--model", str(model), "--out", str(tmp_path / "probe.json")], "ticket")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probed = Ticket.load(tmp_path / "probe.json")
+    assert (probed.step, probed.reason, probed.vocab_size, probed.heads_per_layer) == (0, "probe", 64, [3, 3])
+
+    full = tmp_path / "full"
+    proc = run_single(probe_args(tiny_bert, full, **{"earlybert.enabled": "false", "earlybert.draw": "earlybird"}),
+                      "finetune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_single(["--run", str(full), "--out", str(tmp_path / "trained.json")], "ticket")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = Ticket.load(tmp_path / "trained.json")
+    cfg = RunConfig.from_dict(json.loads((full / "run_config.json").read_text()))
+    final = EarlyBertForSequenceClassification.from_pretrained(full / "final", use_gates=True)
+    scores = unit_scores(final, ClassificationTask(cfg).train, score_batches(96, 8, 3, cfg.train.seed), "taylor",
+                         torch.device("cpu"))
+    assert (trained.reason, trained.ffn) == ("trained", draw_masks(scores, prune_spec(cfg.earlybert)).kept()[1])
+
+    given = tmp_path / "given"
+    proc = run_single(probe_args(tiny_bert, given, **{"earlybert.draw": "given",
+                                                      "earlybert.ticket": tmp_path / "probe.json"}), "finetune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ticket = Ticket.load(given / "ticket")
+    assert (ticket.step, ticket.reason, ticket.heads, ticket.ffn) == (0, "given", probed.heads, probed.ffn)
+    small = EarlyBertForSequenceClassification.from_pretrained(given / "final").config
+    assert small.intermediate_sizes == probed.intermediate_sizes and small.heads_per_layer == [3, 3]
+
+    proc = run_single(["--run", str(given), "--out", str(tmp_path / "again.json")], "ticket")
+    assert proc.returncode == 2 and "already shrunk to a ticket" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "again.json").exists()
+
+
+@pytest.mark.slow
+def test_a_ticket_of_another_model_is_refused(tiny_bert, tmp_path):
+    """A ticket drawn for a model of another vocabulary (by `earlybert-ds ticket` from another pre-trained model of
+    the same shape) or of another shape fails a `--earlybert.draw given` run before anything is trained."""
+    other = _tiny_bert_dir(tmp_path / "other", " ".join(WORDS[::-1]) + " and some other words", 80)
+    proc = run_single([*_task_args(tiny_bert), "--model", str(other), "--out", str(tmp_path / "other.json")],
+                      "ticket")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Ticket.load(tmp_path / "other.json").vocab_size == 80
+    wide = Ticket.load(tmp_path / "other.json")
+    wide.hidden_size, wide.vocab_size = 48, 64
+    wide.save(tmp_path / "wide.json")
+    for name, needle in (("other", "drawn for a model with a vocabulary of 80, this one has 64"),
+                         ("wide", "(layers, hidden, heads, ffn) = (2, 48, 4, 64), the model is (2, 32, 4, 64)")):
+        out = tmp_path / f"run-{name}"
+        proc = run_single(probe_args(tiny_bert, out, **{"earlybert.draw": "given",
+                                                        "earlybert.ticket": tmp_path / f"{name}.json"}), "finetune")
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+        assert not (out / "checkpoints").exists() and not (out / "ticket").exists()
