@@ -228,6 +228,16 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     assert n["widths@train"]["diffs"] == pytest.approx([0.02, 0.03])
 
 
+def test_heads_kept_across_seeds_and_of_the_oracle():
+    """Per layer and head, the share of seeds that keep it; per layer, the share of the same seed's oracle heads."""
+    probe = {0: {"heads": [[0, 1], [2, 3]]}, 1: {"heads": [[0, 2], [2, 3]]}}
+    oracle = {0: {"heads": [[0, 3], [1, 2]]}, 1: {"heads": [[0, 2], [2, 3]]}}
+    h = tickets._heads(probe, oracle)
+    assert h["head_keep_rate"] == [[1.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 1.0]]
+    assert h["heads_kept_of_oracle"] == [0.75, 0.75]  # seed 0: 1 of 2 in each layer; seed 1: all
+    assert "heads_kept_of_oracle" not in tickets._heads(probe, {})
+
+
 def test_oracle_ticket_ranks_units_by_their_loss_gradient_by_hand(tmp_path, minilm_dir):
     """The oracle's scores against central differences of the loss in each gate (at 1, in float64), summed over
     batches: the ticket keeps the units with the largest. (The model's own loss is cast to float32, too coarse for

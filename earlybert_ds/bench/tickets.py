@@ -332,6 +332,8 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
             if r["command"][4:-2] == options:
                 if "train_loss" not in r:  # a record from before the suite kept it
                     r["train_loss"] = train_loss_tail(out)
+                if "heads" not in r and (out / "summary.json").is_file():  # the same: the kept heads
+                    r["heads"] = (json.loads((out / "summary.json").read_text())["ticket"] or {}).get("heads")
                 return r
         if args.summarise_only:
             return None
@@ -450,6 +452,8 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
             shares = [r["ticket_step"] / r["steps"] for r in rs]
             s["search_share"] = float(np.mean(shares))
             s["time_saved_bound"] = float(np.mean([1 - (sh + (1 - sh) * r["flop_ratio"]) for sh, r in zip(shares, rs)]))
+        if rs[0].get("heads"):
+            s.update(_heads(seeds, by.get("oracle@train", {})))
         out["methods"][m] = s
     for m, seeds in by.items():
         if m in CONTROLS or m.startswith("random@"):
@@ -467,6 +471,21 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
                 if all(a is not None and b is not None for a, b in fits):
                     pairs[ref]["train_loss"] = interval([a - b for a, b in fits])
         out["paired"][m] = pairs
+    return out
+
+
+def _heads(seeds: dict[int, dict], oracle: dict[int, dict]) -> dict[str, Any]:
+    """Which heads a method's tickets keep: per layer and head, the share of seeds that keep it; and per layer, the
+    share of the heads the oracle ticket of the same seed keeps that it keeps too (chance: the kept fraction)."""
+    rs = [r for r in seeds.values() if r.get("heads")]
+    n = max(max(h) for r in rs for h in r["heads"]) + 1
+    out: dict[str, Any] = {"head_keep_rate": np.mean([[np.isin(np.arange(n), h) for h in r["heads"]] for r in rs],
+                                                     axis=0).round(3).tolist()}
+    common = [sd for sd, r in seeds.items() if r.get("heads") and (oracle.get(sd) or {}).get("heads")]
+    if common:
+        out["heads_kept_of_oracle"] = np.mean([[len(set(a) & set(b)) / len(b) for a, b in
+                                                zip(seeds[sd]["heads"], oracle[sd]["heads"])] for sd in common],
+                                              axis=0).round(3).tolist()
     return out
 
 
