@@ -46,6 +46,7 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFa
 from .atomic import atomic_directory
 from .config import DataArgs
 from .digest import json_digest
+from .modeling import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ _TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _FILE_SUFFIXES = (".txt", ".md", ".rst", *_TABLE_FORMATS)
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _SPLIT, _ORDER, _MASK = 0, 1, 2  # stream tags: the val split, epoch orders and masks never share random numbers
-
-
-#: The label of a position that is not predicted (not masked): cross-entropy skips it.
-IGNORE_INDEX = -100
 
 
 class DataError(ValueError):

@@ -19,9 +19,8 @@ from .config import ConfigError, RunConfig
 from .data import ShardedBatches, load_tokenizer
 from .engine import Engine
 from .flops import train_flops_per_token
-from .modeling import (EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification,
-                       initial_model)
-from .pipeline import run_earlybert
+from .modeling import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
+from .pipeline import initial_model, run_earlybert
 from .probe import draw_scored, probe_and_draw
 from .ticket import Ticket
 from .trainer import ShardedTask

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from earlybert_ds.config import ConfigError, EarlyBertArgs, RunConfig
 from earlybert_ds.finetune import ClassificationTask
 from earlybert_ds.modeling import (EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification,
-                                   classification_loss, initial_model)
+                                   classification_loss)
+from earlybert_ds.pipeline import initial_model
 from earlybert_ds.probe import (check_probe, normalise_layers, pooled_features, probe_and_draw, probe_head,
                                 score_batches, unit_scores)
 from earlybert_ds.search import ffn_gate_params, head_gate_params, prune_spec
