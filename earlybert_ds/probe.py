@@ -106,6 +106,11 @@ def probe_head(model: EarlyBertForSequenceClassification, data: Any, e: EarlyBer
     return dist.on_rank0(train)
 
 
+def in_order(n: int, micro: int) -> list[np.ndarray]:
+    """Every one of ``n`` examples once, in order, in batches of ``micro``."""
+    return [np.arange(k, min(k + micro, n)) for k in range(0, n, micro)]
+
+
 def score_batches(n: int, micro: int, count: int, seed: int) -> list[np.ndarray]:
     """``count`` batches of ``micro`` training examples (at most every example once), in a seeded order."""
     order = _subset(n, count * micro, seed + 1)  # not the probe's order: scored on other examples where there are
@@ -154,12 +159,11 @@ def normalise_layers(scores: Scores) -> Scores:
     return Scores([unit(a) for a in scores.heads], [unit(a) for a in scores.ffn])
 
 
-def draw_scored(model: nn.Module, data: Any, e: EarlyBertArgs, micro: int, seed: int, reason: str) -> Ticket:
+def draw_scored(model: nn.Module, data: Any, batches: list[np.ndarray], e: EarlyBertArgs, reason: str) -> Ticket:
     """Steps 2 and 3 (a collective): every unit of ``model`` (gated, on this rank's device) scored through its own
-    head on ``earlybert.probe_batches`` batches of ``data``, and the ticket drawn from the scores on the
-    coordinator at the run's ratios (every rank receives it)."""
-    scores = unit_scores(model, data, score_batches(len(data), micro, e.probe_batches, seed), e.probe_score,
-                         dist.device())
+    head on ``batches`` of ``data`` (``earlybert.probe_score``, ``probe_normalise``), and the ticket drawn from the
+    scores on the coordinator at the run's ratios (every rank receives it)."""
+    scores = unit_scores(model, data, batches, e.probe_score, dist.device())
     if e.probe_normalise:
         scores = normalise_layers(scores)
     spec = prune_spec(e)
@@ -175,6 +179,6 @@ def probe_and_draw(model: EarlyBertForSequenceClassification, data: Any, e: Earl
     model.to(device)
     head, metrics = probe_head(model, data, e, micro, seed, device)
     model.load_state_dict(head, strict=False)
-    ticket = draw_scored(model, data, e, micro, seed, "probe")
+    ticket = draw_scored(model, data, score_batches(len(data), micro, e.probe_batches, seed), e, "probe")
     return ticket, head, {**metrics, "probe/seconds": time.perf_counter() - t0,
                           "probe/cpu_seconds": time.process_time() - cpu0}

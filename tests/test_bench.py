@@ -226,6 +226,11 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     n = tickets.summarise_tickets(runs + others, "dev_accuracy", higher_is_better=True)["paired"]["widths@next"]
     assert set(n) == {"full", "random@0", "widths@train"}  # another run's widths against the run's own
     assert n["widths@train"]["diffs"] == pytest.approx([0.02, 0.03])
+    others = [_ticket_run(m, seed, acc, 60.0, 0, 0.6) for seed in (0, 1)
+              for m, acc in (("oracle@next", 0.55), ("oracle@train", 0.5 + seed / 100))]
+    n = tickets.summarise_tickets(runs + others, "dev_accuracy", higher_is_better=True)["paired"]["oracle@next"]
+    assert set(n) == {"full", "random@0", "oracle@train"}  # another run's ticket against the run's own
+    assert n["oracle@train"]["diffs"] == pytest.approx([0.05, 0.04])
 
 
 def test_heads_kept_across_seeds_and_of_the_oracle():
@@ -381,7 +386,7 @@ def test_oracles_and_drawn_tickets_need_their_source_before_them():
         tickets._methods(args)
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
                               methods="full,widths@next", seeds=1, profile_steps=[])
-    with pytest.raises(common.BenchError, match="widths@next is drawn from another seed's full run"):
+    with pytest.raises(common.BenchError, match="widths@next and oracle@next are drawn from another seed's full run"):
         tickets._methods(args)
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="pretrain", matched="", rewarmup=10, variant=[],
                               methods="full,ticket@paper,paper")
@@ -408,9 +413,10 @@ def test_matched_control_keeps_the_method_and_draws_at_its_step():
     assert jobs == [("full", 0, None), ("paper", 0, None), ("random@paper", 0, "paper"),
                     ("full", 1, None), ("paper", 1, None), ("random@paper", 1, "paper")]
     jobs = tickets._tickets_jobs(argparse.Namespace(first_seed=3, seeds=2, matched=[]),
-                                 {"full": [], "widths@next": [], "random@0": []})
+                                 {"full": [], "oracle@next": [], "widths@next": [], "random@0": []})
     assert jobs == [("full", 3, None), ("random@0", 3, None), ("full", 4, None), ("random@0", 4, None),
-                    ("widths@next", 3, None), ("widths@next", 4, None)]  # after the full runs they are drawn from
+                    ("widths@next", 3, None), ("oracle@next", 3, None), ("widths@next", 4, None),
+                    ("oracle@next", 4, None)]  # after the full runs they are drawn from
 
 
 @pytest.mark.slow

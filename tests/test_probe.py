@@ -18,8 +18,8 @@ from earlybert_ds.finetune import ClassificationTask
 from earlybert_ds.modeling import (EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification,
                                    classification_loss)
 from earlybert_ds.pipeline import initial_model
-from earlybert_ds.probe import (check_probe, normalise_layers, pooled_features, probe_and_draw, probe_head,
-                                score_batches, unit_scores)
+from earlybert_ds.probe import (check_probe, in_order, normalise_layers, pooled_features, probe_and_draw,
+                                probe_head, score_batches, unit_scores)
 from earlybert_ds.search import ffn_gate_params, head_gate_params, prune_spec
 from earlybert_ds.tasks import TaskDataset
 from earlybert_ds.ticket import Scores, Ticket, draw_masks
@@ -213,8 +213,8 @@ def _task_args(tiny_bert: tuple[Path, Path]) -> list[str]:
 @pytest.mark.slow
 def test_ticket_command_draws_what_given_then_trains(tiny_bert, tmp_path):
     """`earlybert-ds ticket` without training: from the pre-trained model by the probe, and from a finished full run
-    (its trained head, on its own config); `--earlybert.draw given` then trains exactly the units drawn; a run whose
-    final model is already shrunk is refused."""
+    (its trained head, on all of its own training data, with its own config); `--earlybert.draw given` then trains
+    exactly the units drawn; a run whose final model is already shrunk is refused."""
     model, _ = tiny_bert
     task = _task_args(tiny_bert)
     proc = run_single([*task, "--model", str(model), "--out", str(tmp_path / "probe.json")], "ticket")
@@ -231,8 +231,7 @@ def test_ticket_command_draws_what_given_then_trains(tiny_bert, tmp_path):
     trained = Ticket.load(tmp_path / "trained.json")
     cfg = RunConfig.from_dict(json.loads((full / "run_config.json").read_text()))
     final = EarlyBertForSequenceClassification.from_pretrained(full / "final", use_gates=True)
-    scores = unit_scores(final, ClassificationTask(cfg).train, score_batches(96, 8, 3, cfg.train.seed), "taylor",
-                         torch.device("cpu"))
+    scores = unit_scores(final, ClassificationTask(cfg).train, in_order(96, 8), "taylor", torch.device("cpu"))
     assert (trained.reason, trained.ffn) == ("trained", draw_masks(scores, prune_spec(cfg.earlybert)).kept()[1])
 
     given = tmp_path / "given"

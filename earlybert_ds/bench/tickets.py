@@ -26,7 +26,7 @@ from ..config import EarlyBertArgs
 from ..data import load_tokenizer
 from ..modeling import EarlyBertForSequenceClassification, load_hf_bert
 from ..plots import plot_intervals
-from ..probe import unit_scores
+from ..probe import in_order, unit_scores
 from ..search import TaylorImportance, is_gate, prune_spec, scores_of
 from ..tasks import custom_task, encode, load_task_split
 from ..ticket import Masks, PruneSpec, Scores, Ticket, draw_masks, mask_distance
@@ -46,9 +46,11 @@ CONTROLS = ("full", "random@0")  # the references every variant is compared with
 #: layer but random units within each layer: oracle − widths is what its choice of units is worth, widths − random@0
 #: what its (unbalanced) widths are worth. ``widths@next`` takes its widths from the full run of the *next* seed (the
 #: last seed: the first's), another data order and head: whether the widths belong to the model and the task, so that
-#: one full fine-tuning could give them to every later run, or to the run.
+#: one full fine-tuning could give them to every later run, or to the run. ``oracle@next`` takes that run's whole
+#: ticket, units too: what ``earlybert-ds ticket --run`` gives a later run (a seed or learning-rate sweep).
 ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@train": "train", "widths@dev": "dev",
-           "widths@next": "train"}
+           "widths@next": "train", "oracle@next": "train"}
+NEXT = ("widths@next", "oracle@next")  # drawn from the full run of the next seed
 #: ``widths@M`` (M a method with a ticket of its own, not an oracle): the ticket M's run of the same seed drew, its
 #: width per layer kept, its units drawn at random within each layer: M − widths@M is what M's choice of units is
 #: worth beyond its widths.
@@ -88,8 +90,7 @@ def _split_data(run: Path, split_file: str, max_len: int, num_labels: int) -> An
 def taylor_scores(model: EarlyBertForSequenceClassification, data: Any, batch: int) -> Scores:
     """Each unit's Taylor importance Σ_batches |dL/dg| in ``model`` (its gates at 1, dropout off) over all of
     ``data`` in order, summed as the search sums its scores over steps."""
-    return unit_scores(model, data, [np.arange(k, min(k + batch, len(data))) for k in range(0, len(data), batch)],
-                       "taylor", torch.device("cpu"))
+    return unit_scores(model, data, in_order(len(data), batch), "taylor", torch.device("cpu"))
 
 
 def oracle_ticket(full_run: Path, split_file: str, max_len: int, batch: int, path: Path,
@@ -203,12 +204,13 @@ def matched_control(options: list[str], step: int) -> list[str]:
 def _tickets_jobs(args: argparse.Namespace, methods: dict[str, list[str]]) -> list[tuple[str, int, str | None]]:
     """(method, seed, method it is the matched control of) in run order: interleaved by seed, every matched
     control right after the rest of its seed, so that load on a shared machine falls on all methods alike;
-    widths@next last, after every full run it can be drawn from (a run waits only for runs submitted before it)."""
+    widths@next and oracle@next last, after every full run they can be drawn from (a run waits only for runs submitted
+    before it)."""
     jobs, last = [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        jobs += [(m, seed, None) for m in methods if m != "widths@next"]
+        jobs += [(m, seed, None) for m in methods if m not in NEXT]
         jobs += [(f"random@{m}", seed, m) for m in args.matched]
-        last += [("widths@next", seed, None)] if "widths@next" in methods else []
+        last += [(m, seed, None) for m in NEXT if m in methods]
     return jobs + last
 
 
@@ -243,8 +245,9 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
                              "they need --task finetune and 'full' listed before them")
     if any(m in ORACLES or m.startswith((DRAWN, WIDTHS)) for m in args.matched):
         raise BenchError("--matched: an oracle, ticket@ or widths@ is trained from step 0; random@0 is its control")
-    if "widths@next" in names and args.seeds < 2:
-        raise BenchError("--methods: widths@next is drawn from another seed's full run: it needs --seeds >= 2")
+    if set(NEXT) & set(names) and args.seeds < 2:
+        raise BenchError("--methods: widths@next and oracle@next are drawn from another seed's full run: they need "
+                         "--seeds >= 2")
     if args.profile_steps and args.profile_of not in names:
         raise BenchError(f"--profile-steps: the profile is read from the runs of --profile-of {args.profile_of}, "
                          "which --methods does not list")
@@ -307,8 +310,8 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
     def run(job: tuple[str, int, str | None]) -> dict | None:
         name, seed, of = job
         out = Path(args.out_dir) / f"{name}-s{seed}"
-        source = args.first_seed + (seed - args.first_seed + 1) % args.seeds if name == "widths@next" else seed
-        if name in ORACLES:  # drawn from the trained full model of this seed (widths@next: of the next one)
+        source = args.first_seed + (seed - args.first_seed + 1) % args.seeds if name in NEXT else seed
+        if name in ORACLES:  # drawn from the trained full model of this seed (widths@next, oracle@next: the next's)
             if done[("full", source)].result() is None:
                 return None
             ticket = out.with_name(out.name + (f".from-s{source}" if source != seed else "") + ".ticket.json")
@@ -460,8 +463,8 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
             continue
         pairs = {}
         # the worth of the units beyond their widths: an oracle's, another run's widths', a method's own
-        widths = [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else \
-            ["widths@train"] if m == "widths@next" else [f"{WIDTHS}{m}"]
+        widths = ["widths@train"] if m == "widths@next" else ["oracle@train"] if m == "oracle@next" else \
+            [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else [f"{WIDTHS}{m}"]
         for ref in ("full", "random@0", f"random@{m}", *widths):
             common = [sd for sd in seeds if sd in by.get(ref, {})]
             if common:
