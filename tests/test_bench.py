@@ -16,8 +16,12 @@ import torch
 
 from earlybert_ds.bench import common, finetune, pretrain, throughput, tickets
 from earlybert_ds.bench.__main__ import main
+from earlybert_ds.config import RunConfig
 from earlybert_ds.data import load_tokenizer
+from earlybert_ds.finetune import ClassificationTask
 from earlybert_ds.modeling import EarlyBertForSequenceClassification, load_hf_bert
+from earlybert_ds.pipeline import initial_model
+from earlybert_ds.probe import probe_and_draw
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
@@ -484,3 +488,24 @@ def test_lamb_suite_matches_tokens_and_scales_the_rate(tmp_path):
     diffs = [runs[("lamb", k)]["final_val_loss"] - runs[("adamw", k)]["final_val_loss"] for k in (0, 1)]
     assert s["diffs"] == pytest.approx(diffs) and s["lamb_minus_adamw"]["mean"] == pytest.approx(np.mean(diffs))
     assert "LAMB − AdamW" in proc.stdout
+
+
+def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_bert):
+    """Each setting of the probe, without training: the probed head with Taylor scores draws the probe route's own
+    ticket (all of it kept when that ticket is the oracle), the others their own widths and shares."""
+    model, data = tiny_bert
+    cfg = RunConfig.from_dict({"finetune.task": "custom", "model.init_from": str(model),
+                               "finetune.train_file": str(data / "train.jsonl"),
+                               "finetune.dev_file": str(data / "dev.jsonl"), "finetune.text_a": "text",
+                               "finetune.max_len": 16, "train.micro_batch_size": 8, "earlybert.probe_examples": 48,
+                               "earlybert.probe_batches": 3, "earlybert.ffn_multiple": 1})
+    task = ClassificationTask(cfg)
+    probed, _, _ = probe_and_draw(initial_model(cfg, task, gates=True), task.train, cfg.earlybert, 8, cfg.train.seed)
+    rows = tickets.probe_variants(cfg, probed)
+    assert [(r["head"], r["score"], r["normalise"]) for r in rows] == [
+        (h, s, n) for h in ("fresh", "probed") for s in ("taylor", "fisher") for n in (False, True)]
+    same = rows[4]  # the probed head, Taylor, raw: the probe route's own ticket
+    assert same["ffn_widths"] == probed.intermediate_sizes
+    assert same["ffn_kept_of_oracle"] == same["heads_kept_of_oracle"] == 1.0
+    assert all(sum(r["ffn_widths"]) == sum(probed.intermediate_sizes) for r in rows)  # global FFN ratio: the same
+    assert all(0 <= r["ffn_kept_of_oracle"] <= 1 and 0 <= r["heads_kept_of_oracle"] <= 1 for r in rows)

@@ -5,7 +5,6 @@ that draw one ticket on every rank, the same as one process draws."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,7 @@ from earlybert_ds.search import ffn_gate_params, head_gate_params, prune_spec
 from earlybert_ds.tasks import TaskDataset
 from earlybert_ds.ticket import Scores, Ticket, draw_masks
 
-from conftest import launch, run_single, tiny_config
-
-WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
-
+from conftest import WORDS, launch, run_single, tiny_bert_dir, tiny_config
 
 def _data(n: int, seed: int, labels: int = 3) -> TaskDataset:
     """Rows of uneven length whose label says which third of the vocabulary their tokens come from: learnable from
@@ -133,26 +129,6 @@ def test_probe_needs_a_classification_head():
 
 # ---- real runs ----------------------------------------------------------------------------------------------------
 
-def _sentences(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = [rng.choice(WORDS[:5] if label else WORDS[5:]) for _ in range(3)] + rng.sample(WORDS, rng.randint(1, 6))
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny BERT checkpoint in Hugging Face's layout (random weights, a WordPiece vocabulary of its data) and a
-    binary task's train/dev files: what `finetune --model` reads, in seconds."""
-    root = tmp_path_factory.mktemp("tiny_bert")
-    for split, n, seed in (("train", 96, 0), ("dev", 32, 1)):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sentences(n, seed)))
-    return _tiny_bert_dir(root / "model", " ".join(WORDS), 64), root
-
-
 def probe_args(tiny_bert: tuple[Path, Path], out: Path, **overrides) -> list[str]:
     model, data = tiny_bert
     opts = {"--task": "custom", "--model": model, "--finetune.train_file": data / "train.jsonl",
@@ -188,19 +164,6 @@ def test_probe_draw_two_ranks_same_ticket(tiny_bert, tmp_path, stage):
     fresh = initial_model(cfg, task, gates=False).classifier.weight.detach()
     torch.testing.assert_close(drawn, head["classifier.weight"], rtol=1e-4, atol=1e-6)  # rounding: threads
     assert (drawn - fresh).abs().max() > 1e-3
-
-
-def _tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int) -> Path:
-    from transformers import BertConfig, BertModel
-
-    from earlybert_ds.data import train_wordpiece
-
-    tok = train_wordpiece([vocab_text] * 4, vocab_size=vocab_size)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
 
 
 def _task_args(tiny_bert: tuple[Path, Path]) -> list[str]:
@@ -252,7 +215,7 @@ def test_ticket_command_draws_what_given_then_trains(tiny_bert, tmp_path):
 def test_a_ticket_of_another_model_is_refused(tiny_bert, tmp_path):
     """A ticket drawn for a model of another vocabulary (by `earlybert-ds ticket` from another pre-trained model of
     the same shape) or of another shape fails a `--earlybert.draw given` run before anything is trained."""
-    other = _tiny_bert_dir(tmp_path / "other", " ".join(WORDS[::-1]) + " and some other words", 80)
+    other = tiny_bert_dir(tmp_path / "other", " ".join(WORDS[::-1]) + " and some other words", 80)
     proc = run_single([*_task_args(tiny_bert), "--model", str(other), "--out", str(tmp_path / "other.json")],
                       "ticket")
     assert proc.returncode == 0, proc.stderr[-3000:]

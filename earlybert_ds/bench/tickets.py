@@ -22,11 +22,13 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..checkpoint import FINAL_DIR
-from ..config import EarlyBertArgs
+from ..config import EarlyBertArgs, RunConfig
 from ..data import load_tokenizer
 from ..modeling import EarlyBertForSequenceClassification, load_hf_bert
 from ..plots import plot_intervals
-from ..probe import in_order, unit_scores
+from ..finetune import ClassificationTask
+from ..pipeline import initial_model
+from ..probe import in_order, normalise_layers, probe_head, score_batches, unit_scores
 from ..search import TaylorImportance, is_gate, prune_spec, scores_of
 from ..tasks import custom_task, encode, load_task_split
 from ..ticket import Masks, PruneSpec, Scores, Ticket, draw_masks, mask_distance
@@ -365,6 +367,8 @@ def tickets(args: argparse.Namespace) -> dict:
     """K seeds of each method at the same total budget (real runs), per-method means with intervals, and each
     variant's paired differences against the random controls and the full model."""
     methods = _methods(args)
+    if args.probe_variants and args.task != "finetune":
+        raise BenchError("--probe-variants: the probe draws fine-tuning tickets (--task finetune)")
     settings, command, key, data = _task(args)
     jobs = _tickets_jobs(args, methods)
     if args.task == "pretrain":
@@ -377,6 +381,8 @@ def tickets(args: argparse.Namespace) -> dict:
     result["summary"] = summarise_tickets(result["runs"], key, higher_is_better=args.task == "finetune")
     if args.profile_steps:
         result["profiles"] = _profiles(args, [r for r in result["runs"] if r["method"] == args.profile_of], data)
+    if args.probe_variants:
+        result["probe_variants"] = _probe_variants(args, settings, sorted({s for _, s, _ in jobs}))
     if args.plot:
         s = result["summary"]["methods"]
         plot_intervals({m: (v["cpu_vs_full"]["mean"], v["cpu_vs_full"]["ci95"], v["metric"]["mean"],
@@ -385,6 +391,48 @@ def tickets(args: argparse.Namespace) -> dict:
                        title=f"bench tickets ({args.task}): mean and 95% interval over seeds")
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
+
+
+def probe_variants(cfg: RunConfig, oracle: Ticket | None) -> list[dict[str, Any]]:
+    """What the probe's settings would draw, without training: through the fresh head and the probed one, Taylor
+    and Fisher scores, raw and normalised per layer (``cfg.earlybert``'s probe otherwise): the FFN widths per layer
+    and, against ``oracle`` (the oracle@train ticket of the same seed), the share of its FFN neurons and heads each
+    keeps (a random ticket: about the kept fractions, 0.6 and 0.67)."""
+    task, e, t, cpu = ClassificationTask(cfg), cfg.earlybert, cfg.train, torch.device("cpu")
+    model, spec = initial_model(cfg, task, gates=True), prune_spec(e)
+    batches = score_batches(len(task.train), t.micro_batch_size, e.probe_batches, t.seed)
+    rows = []
+    for head in ("fresh", "probed"):
+        if head == "probed":
+            model.load_state_dict(probe_head(model, task.train, e, t.micro_batch_size, t.seed, cpu)[0], strict=False)
+        for kind in ("taylor", "fisher"):
+            raw = unit_scores(model, task.train, batches, kind, cpu)
+            for norm in (False, True):
+                m = draw_masks(normalise_layers(raw) if norm else raw, spec)
+                row = {"head": head, "score": kind, "normalise": norm, "ffn_widths": [int(f.sum()) for f in m.ffn]}
+                if oracle is not None:
+                    row.update(ffn_kept_of_oracle=_share(m.ffn, oracle.masks().ffn),
+                               heads_kept_of_oracle=_share(m.heads, oracle.masks().heads))
+                rows.append(row)
+    return rows
+
+
+def _probe_variants(args: argparse.Namespace, settings: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Each seed's :func:`probe_variants` (kept in --out-dir), against its oracle@train ticket where there is one."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = {}
+    for seed in seeds:
+        cache, oracle = (Path(args.out_dir) / f"{name}-s{seed}" for name in ("probe-variants", "oracle@train"))
+        cache, oracle = cache.with_suffix(".json"), oracle.with_name(oracle.name + ".ticket.json")
+        cfg = RunConfig.from_dict({**settings, "train.seed": seed})
+        key = {"settings": cli_options(settings), "oracle": oracle.is_file()}
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") != key:
+            cached = {"key": key, "rows": probe_variants(cfg, Ticket.load(oracle) if oracle.is_file() else None)}
+            atomic_write_text(cache, json.dumps(cached) + "\n")
+        out[str(seed)] = cached["rows"]
+    return out
 
 
 def _profiles(args: argparse.Namespace, runs: list[dict], data: dict[str, Any] | None) -> dict[str, Any]:
@@ -504,6 +552,16 @@ def _print_tickets(result: dict) -> None:
         print(f"{m:<18}{v['metric']['n']:>3}{v['metric']['mean']:>12.4f} ± {v['metric']['ci95']:.4f}"
               f"{cpu:>18}"
               f"{v['flop_ratio']:>11.3f}{bound:>7}  {steps} ({reasons})")
+    if variants := result.get("probe_variants"):
+        print(f"\nthe probe's tickets without training (mean of {len(variants)} seeds): FFN neurons kept per layer, "
+              "share of the oracle@train ticket's FFN neurons / heads kept")
+        for i, row in enumerate(next(iter(variants.values()))):
+            rows = [v[i] for v in variants.values()]
+            widths = np.mean([r["ffn_widths"] for r in rows], axis=0).round().astype(int).tolist()
+            shares = " / ".join(f"{np.mean([r[k] for r in rows]):.2f}" for k in ("ffn_kept_of_oracle",
+                                                                               "heads_kept_of_oracle") if k in row)
+            print(f"{row['head']:>7} head {row['score']:>6} {'normalised' if row['normalise'] else 'raw':>10}  "
+                  f"{widths}  {shares}")
     if profiles := result.get("profiles"):
         what = "Taylor width profile of the full runs" if result["task"] == "finetune" else \
             f"gate profile of the {result['args'].get('profile_of')} searches"
@@ -557,6 +615,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "late (--earlybert.draw fixed) and saves a checkpoint at each profile step")
     k.add_argument("--profile-examples", type=int, default=640, help="training examples each profile step is "
                                                                       "scored on")
+    k.add_argument("--probe-variants", action="store_true",
+                   help="fine-tuning: also draw, without training, the tickets of the probe's settings (fresh or "
+                        "probed head, Taylor or Fisher, raw or normalised per layer) for every seed, against the "
+                        "oracle@train ticket where it was drawn")
     k.add_argument("--plot", default="", help="PNG of each method's metric against its CPU time (with intervals)")
     k.add_argument("--quick", action="store_true", help="tiny inputs, 2 seeds (smoke test)")
     k.add_argument("--out-dir", default="runs/bench-tickets", help="the runs' output directories (and data)")
