@@ -116,7 +116,7 @@ def search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tup
 
 
 def probe(run: Run) -> tuple[Ticket, dict | None]:
-    """The probe route's draw at step 0 (``earlybert.probe``), its time a stage of its own (``probe``); with it the
+    """The probe route's draw at step 0 (``earlybert.draw=probe``), its time a stage of its own (``probe``); with it the
     probed head when the ticket starts from it (``earlybert.probe_head=probed``)."""
     cfg = run.cfg
     ticket, head, metrics = probe_and_draw(initial_model(cfg, run.task, gates=True), run.task.train, cfg.earlybert,
