@@ -13,8 +13,16 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
-from .config import ConfigError, RunConfig, add_config_arguments, config_from_args, hf_names, unknown_options
+from .config import (ConfigError, RunConfig, add_config_arguments, config_from_args, flatten_config, hf_names,
+                     load_config_file, unknown_options)
+
+TICKET_HELP = """\
+Draws a ticket without training: a ticket.json that --earlybert.draw given trains from step 0 in any later run of
+the same model and task (another seed, another learning rate). From a finished full fine-tuning run (--run: its
+trained head scores every unit on the task's training data), or from a pre-trained model by the probe (the head
+alone trained on the frozen encoder, then every unit scored through it: the --earlybert.probe_* options)."""
 
 RUN_HELP = """\
 Runs the three EarlyBERT stages: a search with slimming gates, an early-bird ticket, and efficient training of
@@ -40,6 +48,35 @@ RUN_COMMANDS: dict[str, tuple[str, Callable]] = {
     "pretrain": ("EarlyBERT pre-training (masked LM): search -> ticket -> shrink -> efficient training", _pretrain),
     "finetune": ("EarlyBERT fine-tuning on a GLUE-style or SQuAD-style task from a pre-trained model", _finetune),
 }
+
+
+def _ticket_parser(sub: argparse._SubParsersAction, parser: argparse.ArgumentParser) -> None:
+    """``earlybert-ds ticket``: a fine-tuning run's options, a ticket drawn instead of a run."""
+    t = sub.add_parser("ticket", help=TICKET_HELP.split(".")[0], description=TICKET_HELP, allow_abbrev=False,
+                       usage="earlybert-ds ticket --out FILE (--run DIR | --model DIR --task TASK ...) [OPTION VALUE]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--out", required=True, metavar="FILE", help="the ticket.json to write")
+    t.add_argument("--run", metavar="DIR", help="a finished fine-tuning run of the full model (--earlybert.enabled "
+                                                "false): its final model scores the units, its run_config.json gives "
+                                                "the task and data; unset: the probe of --model on --task")
+    add_config_arguments(t, "finetune")
+    parser.commands["ticket"] = t
+
+
+def _ticket_base(run: str | None) -> tuple[dict, str]:
+    """The ticket command's fields before its options: the probe route's, and a finished run's own (task, data,
+    model, batch) without its EarlyBERT section, whose ratios and scores are the command's."""
+    from .checkpoint import RUN_CONFIG
+
+    base = {"earlybert.draw": "probe"}
+    if run is None:
+        return base, "defaults"
+    path = Path(run) / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"--run {run}: no run_config.json there (a finished earlybert-ds finetune run)")
+    saved = flatten_config(load_config_file(path), str(path))
+    return {**{k: v for k, v in saved.items() if not k.startswith("earlybert.") and k != "output_dir"}, **base}, \
+        str(path)
 
 
 def _resume_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_arguments(p, name)
         parser.commands[name] = p
     sub.add_parser("bench", help="benchmarks: earlybert-ds bench --help", add_help=False)
+    _ticket_parser(sub, parser)
     return parser
 
 
@@ -102,6 +140,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     args, unknown = parser.parse_known_args(argv)
     known = [o for o, a in parser.commands[args.command]._option_string_actions.items()
              if o.startswith("--") and a.help is not argparse.SUPPRESS]
+    if args.command == "ticket":
+        return args, config_from_args(args, "finetune", unknown_options(unknown, known), _ticket_base(args.run))
     return args, config_from_args(args, args.command, unknown_options(unknown, known))
 
 
@@ -115,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     _logging()
     try:
         args, cfg = parse(argv)
-        overrides = _overrides(args)
-        RUN_COMMANDS[args.command][1](cfg, args.resume, args.resume_from, overrides)
+        if args.command == "ticket":
+            from .finetune import draw_ticket
+
+            draw_ticket(cfg, args.out, args.run)
+        else:
+            RUN_COMMANDS[args.command][1](cfg, args.resume, args.resume_from, _overrides(args))
         from .distributed import shutdown
 
         shutdown()

@@ -46,7 +46,7 @@ class ConfigError(ValueError):
 #: The draws that come at ``earlybert.fixed_step`` rather than when the masks converge.
 FIXED_DRAWS = ("fixed", "random_at")
 #: The draws without a search: the ticket is there at step 0.
-NO_SEARCH_DRAWS = ("random", "given")
+NO_SEARCH_DRAWS = ("random", "given", "probe")
 
 
 class _Section:
@@ -168,12 +168,27 @@ class EarlyBertArgs(_Section):
     ffn_method: Literal["layerwise", "global"] = _f("global", "FFN pruning: per layer or across layers")
     ffn_multiple: int = _f(64, "round kept FFN widths up to a multiple of this: odd widths lose ~15% of the "
                                "speedup to slow GEMM kernels (bench throughput, variant c vs e); 1: exact ratio", ge=1)
-    draw: Literal["earlybird", "fixed", "random", "random_at", "given"] = _f(
+    draw: Literal["earlybird", "fixed", "random", "random_at", "given", "probe"] = _f(
         "earlybird", "earlybird: when masks converge; fixed: at fixed_step; random: a random ticket at step 0 (the "
                      "paper's baseline); random_at: the same search, then a random ticket at fixed_step (the control "
-                     "that isolates which units are kept); given: no search, earlybert.ticket from step 0")
+                     "that isolates which units are kept); given: no search, earlybert.ticket from step 0; probe "
+                     "(fine-tuning a classifier): no search, the head alone trained on the frozen encoder, every "
+                     "unit scored through it, the ticket drawn at step 0 (probe_* options)")
     ticket: str | None = _f(None, "draw=given: a ticket.json (or a run's ticket/ directory) drawn elsewhere, e.g. by "
                                   "another run or task; it keeps its own ratios and must fit the model")
+    probe_examples: int = _f(512, "draw=probe: training examples whose pooled features the head is trained on "
+                                  "(computed once; at most the training set)", ge=1, only="finetune")
+    probe_epochs: int = _f(20, "draw=probe: epochs of the head over those features", ge=1, only="finetune")
+    probe_lr: float = _f(1e-2, "draw=probe: the head's learning rate (AdamW, batches of train.micro_batch_size)",
+                         gt=0, only="finetune")
+    probe_batches: int = _f(8, "draw=probe: training batches every unit is scored on through the probed head (no "
+                               "weight update)", ge=1, only="finetune")
+    probe_score: Literal["taylor", "fisher"] = _f(
+        "taylor", "draw=probe: taylor: sum over the batches of |g x dL/dg|; fisher: of (dL/dg)^2", only="finetune")
+    probe_normalise: bool = _f(False, "draw=probe: divide each layer's scores by their L2 norm before drawing "
+                                      "(global FFN pruning then compares layers by their relative importance)", only="finetune")
+    probe_head: Literal["probed", "fresh"] = _f("probed", "draw=probe: the ticket's classifier head starts as probed "
+                                                          "(LP-FT) or freshly initialised", only="finetune")
     detect_every: int | None = _f(None, "compute masks and their distance every N search steps; unset: from the "
                                         "search budget, so that window+1 checks fit in half of it", ge=1)
     window: int = _f(5, "early-bird window: the last N mask distances must all be <= epsilon", ge=1)
@@ -252,7 +267,7 @@ class RunConfig(_Section):
         """A checked config from sections as mappings (``{"train": {"lr": 3e-4}}``, a saved ``run_config.json``) or
         ``section.field`` keys (``{"train.lr": 3e-4}``, as the benchmarks write their settings), or both."""
         cfg, errors = cls(), []
-        bad = _apply(cfg, _flatten(data, source), source, errors)
+        bad = _apply(cfg, flatten_config(data, source), source, errors)
         errors += cfg.problems(bad)
         if errors:
             raise ConfigError(errors)
@@ -440,7 +455,7 @@ def _is_choice(value: Any, choices: tuple) -> bool:
     return any(value == c and type(value) is type(c) for c in choices)  # True is not the ZeRO stage 1
 
 
-def _flatten(data: dict, source: str) -> dict[str, Any]:
+def flatten_config(data: dict, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     flat: dict[str, Any] = {}
@@ -630,6 +645,8 @@ def ignored_options(cfg: RunConfig) -> dict[str, str]:
           "earlybert.weights", "earlybert.rewarmup_steps"]),
         (e.draw not in FIXED_DRAWS, f"it is the step of earlybert.draw=fixed or random_at, and the draw is {e.draw}",
          ["earlybert.fixed_step"]),
+        (e.draw != "probe", f"it configures earlybert.draw=probe, and the draw is {e.draw}",
+         [k for k in all_fields() if k.startswith("earlybert.probe_")]),
         (bool(m.init_from), f"model.init_from={m.init_from} has its own shape",
          ["model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size"]),
         (bool(d.tokenizer or m.init_from), "there is a tokenizer (data.tokenizer or model.init_from's): no WordPiece "
@@ -711,17 +728,21 @@ def _metavar(key: str) -> str:
     return key.split(".")[-1].upper()
 
 
-def config_from_args(args: argparse.Namespace, command: str, unknown: list[str] = ()) -> RunConfig:
-    """The run config of ``command``: its defaults, then ``--config``, then the options on the command line. Every
-    problem is reported at once: options that are unknown (``unknown``: their messages) or refused, values that do
-    not fit their field, options the chosen mode would ignore, and what the fields cannot say together."""
+def config_from_args(args: argparse.Namespace, command: str, unknown: list[str] = (),
+                     base: tuple[dict[str, Any], str] | None = None) -> RunConfig:
+    """The run config of ``command``: its defaults, then ``base`` (fields and where they come from), then
+    ``--config``, then the options on the command line. Every problem is reported at once: options that are unknown
+    (``unknown``: their messages) or refused, values that do not fit their field, options the chosen mode would
+    ignore, and what the fields cannot say together."""
     errors = list(unknown)
     cfg = RunConfig()
     _apply(cfg, COMMAND_DEFAULTS[command], "defaults", errors)
     bad: set[str] = set()
+    if base is not None:
+        bad |= _apply(cfg, *base, errors)
     if args.config:
         try:
-            bad |= _apply(cfg, _flatten(load_config_file(args.config, command), args.config), args.config, errors)
+            bad |= _apply(cfg, flatten_config(load_config_file(args.config, command), args.config), args.config, errors)
         except ConfigError as e:
             errors += e.problems
     errors += [f"--{k[8:]} is a Hugging Face option with no one-to-one meaning here: {REFUSED[k[8:]]}"

@@ -59,6 +59,20 @@ def on_cuda() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
+def device() -> torch.device:
+    """This rank's accelerator (``cuda:LOCAL_RANK``), or the CPU: where work outside an engine runs."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks (in place, on its device; the same result on every rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def init() -> tuple[int, int]:
     """Initialise the process group once; returns (rank, world size)."""
     if not dist.is_initialized():
@@ -267,10 +281,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few scalars over ranks in one collective."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def shutdown() -> None:

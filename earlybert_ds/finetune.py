@@ -14,12 +14,15 @@ import torch
 
 from . import distributed as dist
 from .atomic import atomic_write_text
+from .checkpoint import FINAL_DIR, TICKET_DIR
 from .config import ConfigError, RunConfig
 from .data import ShardedBatches, load_tokenizer
 from .engine import Engine
 from .flops import train_flops_per_token
 from .modeling import EarlyBertConfig, EarlyBertForQuestionAnswering, EarlyBertForSequenceClassification
-from .pipeline import run_earlybert
+from .pipeline import initial_model, run_earlybert
+from .probe import draw_scored, in_order, probe_and_draw
+from .ticket import Ticket
 from .trainer import ShardedTask
 from .squad import load_squad, postprocess, prepare_features, squad_metrics
 from .tasks import (
@@ -181,6 +184,36 @@ class QATask(ShardedTask):
         predictions = self.predictions(engine)
         if dist.rank() == 0:
             atomic_write_text(out / "predictions" / "dev_predictions.json", json.dumps(predictions, indent=1))
+
+
+def draw_ticket(cfg: RunConfig, out: str | Path, run: str | None = None) -> Ticket:
+    """A ticket drawn without training, written to ``out`` (a ``ticket.json`` that ``--earlybert.draw given`` trains
+    from step 0, in any later run of the same model and task: another seed, another learning rate). From a finished
+    full fine-tuning run (``run``: its final model, whose trained head scores every unit on all of the task's
+    training data, as ``bench tickets``' oracle@train measures it), or else from ``model.init_from`` by the probe
+    (``earlybert.draw probe``'s route). The ratios and the score are ``cfg.earlybert``'s."""
+    if cfg.finetune.task in QA_TASKS:
+        raise ConfigError("earlybert-ds ticket scores units through a sequence-classification head; "
+                          f"finetune.task={cfg.finetune.task} is question answering")
+    dist.init()
+    task, e, t = ClassificationTask(cfg), cfg.earlybert, cfg.train
+    if run is None:
+        ticket, _, metrics = probe_and_draw(initial_model(cfg, task, gates=True), task.train, e, t.micro_batch_size,
+                                            t.seed)
+        logger.info("probe: %s", {k: round(v, 4) for k, v in metrics.items()})
+    else:
+        final = Path(run) / FINAL_DIR
+        model = EarlyBertForSequenceClassification.from_pretrained(final, use_gates=True)
+        if model.config.is_pruned:
+            raise ConfigError(f"{final} is already shrunk to a ticket (its own is {Path(run) / TICKET_DIR}): draw "
+                              "from a run of the full model (--earlybert.enabled false)")
+        ticket = draw_scored(model.to(dist.device()), task.train, in_order(len(task.train), t.micro_batch_size), e,
+                             "trained")
+    if dist.rank() == 0:
+        ticket.save(out)
+        logger.info("ticket (%s) written to %s: heads per layer %s, FFN widths %s", ticket.reason, out,
+                    ticket.heads_per_layer, ticket.intermediate_sizes)
+    return ticket
 
 
 def finetune(cfg: RunConfig, resume: bool = False, resume_from: str | None = None,

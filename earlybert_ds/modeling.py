@@ -565,6 +565,13 @@ class TaskOutput(ModelOutput):
     gate_penalty: torch.Tensor | None = None
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sequence head's loss: cross-entropy over classes, mean squared error with one label (regression)."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
 class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
     """Pooled [CLS] -> dropout -> linear; regression when ``num_labels == 1`` (e.g. STS-B)."""
 
@@ -593,12 +600,7 @@ class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                         return_dict=True)
         logits = self.classifier(self.dropout(out.pooler_output))
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels)
+        loss = None if labels is None else classification_loss(logits, labels)
         return self._returned(TaskOutput(loss=_add_penalty(loss, out.gate_penalty), logits=logits,
                                          hidden_states=out.hidden_states, attentions=out.attentions, task_loss=loss,
                                          gate_penalty=out.gate_penalty), return_dict)

@@ -37,6 +37,7 @@ from .hardware import job_peak_flops
 from .model_card import model_card
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, hf_bert_config, load_hf_bert
 from .monitor import Monitor, text_log
+from .probe import check_probe, probe_and_draw
 from .search import SearchStage, check_prunable, given_ticket, random_ticket
 from .shrink import shrink
 from .summary import run_summary, write_summary
@@ -72,6 +73,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
         full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)
         if start.phase == "search":
             check_prunable(cfg.earlybert, full_config)
+            check_probe(cfg.earlybert, task.model_class)
         dist.on_rank0(save_config, cfg, out / checkpoint.RUN_CONFIG)  # from here on the directory holds this run
         if rank == 0:
             _log_budget(cfg, world, count_parameters(full_config, task.model_class))
@@ -111,12 +113,15 @@ def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
 
 def search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tuple[Ticket, dict | None]:
     """Stages 1 and 2: train the gated model until the coordinator draws the ticket, which every rank receives;
-    with it the searched weights when the efficient stage continues from them (``earlybert.weights=continue``)."""
+    with it the searched weights when the efficient stage continues from them (``earlybert.weights=continue``), or
+    the probed head (``earlybert.draw=probe``)."""
     cfg = run.cfg
     if cfg.earlybert.draw == "random":  # the paper's baseline: no search, a random ticket at the same ratios
         return random_ticket(cfg.earlybert, full_config, cfg.train.seed), None
     if cfg.earlybert.draw == "given":  # no search either: a ticket drawn elsewhere
         return given_ticket(cfg.earlybert, full_config), None
+    if cfg.earlybert.draw == "probe":  # no search: the units scored through a probed head, at step 0
+        return probe(run)
     stage = SearchStage(cfg.earlybert, cfg.train.seed, run.monitor, run.search_log, run.out / "plots")
     engine = Engine(initial_model(cfg, run.task, gates=True), cfg, start_step=0)
     if start.checkpoint:
@@ -129,9 +134,22 @@ def search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tup
     return stage.ticket, searched
 
 
+def probe(run: Run) -> tuple[Ticket, dict | None]:
+    """The probe route's draw at step 0 (``earlybert.draw=probe``), its time a stage of its own (``probe``); with it the
+    probed head when the ticket starts from it (``earlybert.probe_head=probed``)."""
+    cfg = run.cfg
+    ticket, head, metrics = probe_and_draw(initial_model(cfg, run.task, gates=True), run.task.train, cfg.earlybert,
+                                           cfg.train.micro_batch_size, cfg.train.seed)
+    run.stages["probe"] = {"steps": 0, "train_s": metrics["probe/seconds"], "wall_s": metrics["probe/seconds"],
+                           "cpu_s": metrics["probe/cpu_seconds"], "tokens": 0.0, "first_step": 0, "last_step": 0}
+    run.monitor.log(0, metrics)
+    return ticket, head if cfg.earlybert.probe_head == "probed" else None
+
+
 def shrink_to_ticket(run: Run, ticket: Ticket, searched: dict | None) -> Model:
     """Stage 3: the physically smaller model the efficient stage starts from: the kept weights at initialisation or
-    as pre-trained (``rewind``, the paper) or as searched (``continue``, gates folded in)."""
+    as pre-trained (``rewind``, the paper) or as searched (``continue``, gates folded in); a probed head replaces
+    the fresh one."""
     full = initial_model(run.cfg, run.task, gates=True)
     if searched is not None:
         full.load_state_dict(searched, strict=False)

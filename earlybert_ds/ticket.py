@@ -22,7 +22,9 @@ TICKET_FORMAT = "earlybert_ds.ticket"
 TICKET_VERSION = 1
 TICKET_FILE = "ticket.json"
 Method = Literal["layerwise", "global"]
-REASONS = ("converged", "max_steps", "fixed", "random", "given")
+#: Why a ticket was drawn: the early-bird test converged or ran out of steps, a fixed step, a random ticket, one given
+#: from elsewhere, the probe (scored through a probed head at step 0), or a fine-tuned model's own scores.
+REASONS = ("converged", "max_steps", "fixed", "random", "given", "probe", "trained")
 
 
 class TicketError(ValueError):
@@ -145,12 +147,14 @@ class Ticket:
     hidden_size: int
     num_attention_heads: int
     intermediate_size: int
+    vocab_size: int | None = None  # of the model it was drawn for (None: a ticket written before it was recorded)
 
     @classmethod
     def from_masks(cls, masks: Masks, step: int, reason: str, spec: PruneSpec, config) -> "Ticket":
         heads, ffn = masks.kept()
         ticket = cls(step=step, reason=reason, heads=heads, ffn=ffn, spec=spec, hidden_size=config.hidden_size,
-                     num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size)
+                     num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+                     vocab_size=getattr(config, "vocab_size", None))
         ticket.check()
         return ticket
 
@@ -198,6 +202,9 @@ class Ticket:
             raise TicketError(
                 "ticket does not fit the model: ticket is for (layers, hidden, heads, ffn) = "
                 f"{mine}, the model is {theirs}")
+        if self.vocab_size is not None and self.vocab_size != config.vocab_size:
+            raise TicketError(f"ticket does not fit the model: it was drawn for a model with a vocabulary of "
+                              f"{self.vocab_size}, this one has {config.vocab_size} (another pre-trained model)")
         if config.is_pruned:
             raise TicketError("ticket must be applied to the unpruned model, but this model is already shrunk")
 
@@ -211,7 +218,8 @@ class Ticket:
             "format": TICKET_FORMAT, "version": TICKET_VERSION, "step": self.step, "reason": self.reason,
             "original": {"num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
                          "num_attention_heads": self.num_attention_heads,
-                         "intermediate_size": self.intermediate_size},
+                         "intermediate_size": self.intermediate_size,
+                         **({} if self.vocab_size is None else {"vocab_size": self.vocab_size})},
             **asdict(self.spec),
             "heads_per_layer": self.heads_per_layer, "intermediate_sizes": self.intermediate_sizes,
             "heads": self.heads, "ffn": self.ffn,
@@ -232,12 +240,13 @@ class Ticket:
                                                   "ffn_multiple")})
             ticket = cls(step=d["step"], reason=d["reason"], heads=d["heads"], ffn=d["ffn"], spec=spec,
                          hidden_size=original["hidden_size"], num_attention_heads=original["num_attention_heads"],
-                         intermediate_size=original["intermediate_size"])
+                         intermediate_size=original["intermediate_size"], vocab_size=original.get("vocab_size"))
             layers = original["num_hidden_layers"]
         except (KeyError, TypeError) as e:
             raise TicketError(f"{source}: missing or malformed field {e}") from e
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in
-                   (layers, ticket.hidden_size, ticket.num_attention_heads, ticket.intermediate_size)):
+                   (layers, ticket.hidden_size, ticket.num_attention_heads, ticket.intermediate_size,
+                    1 if ticket.vocab_size is None else ticket.vocab_size)):
             raise TicketError(f"{source}: 'original' must hold positive integers, got {original}")
         if not isinstance(ticket.heads, list) or not isinstance(ticket.ffn, list) or len(ticket.heads) != layers:
             raise TicketError(f"{source}: 'heads' must list {layers} layers")

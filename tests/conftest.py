@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -166,3 +167,42 @@ def zero2_run(corpus, tmp_path_factory) -> Path:
     proc = launch(tiny_run_args(*corpus, out, **ZERO2, **{"log.wandb": "offline"}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
+
+
+# ---- a tiny pre-trained model and a task for fine-tuning --------------------------------------------------------
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
+
+
+def tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int) -> Path:
+    """A tiny BERT checkpoint in Hugging Face's layout: random weights, a WordPiece vocabulary of ``vocab_text``."""
+    from transformers import BertConfig, BertModel
+
+    from earlybert_ds.data import train_wordpiece
+
+    tok = train_wordpiece([vocab_text] * 4, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def _sentences(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [rng.choice(WORDS[:5] if label else WORDS[5:]) for _ in range(3)] + rng.sample(WORDS, rng.randint(1, 6))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny BERT checkpoint in Hugging Face's layout (random weights, a WordPiece vocabulary of its data) and a
+    binary task's train/dev files: what `finetune --model` reads, in seconds."""
+    root = tmp_path_factory.mktemp("tiny_bert")
+    for split, n, seed in (("train", 96, 0), ("dev", 32, 1)):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sentences(n, seed)))
+    return tiny_bert_dir(root / "model", " ".join(WORDS), 64), root

@@ -16,8 +16,12 @@ import torch
 
 from earlybert_ds.bench import common, finetune, pretrain, throughput, tickets
 from earlybert_ds.bench.__main__ import main
+from earlybert_ds.config import RunConfig
 from earlybert_ds.data import load_tokenizer
+from earlybert_ds.finetune import ClassificationTask
 from earlybert_ds.modeling import EarlyBertForSequenceClassification, load_hf_bert
+from earlybert_ds.pipeline import initial_model
+from earlybert_ds.probe import probe_and_draw
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
@@ -112,6 +116,41 @@ def test_section_task_splits_by_page_and_balances(tmp_path):
     assert all(finetune.SECTIONS[r["label"]] == r["page"].split("/")[0] for side in rows.values() for r in side)
 
 
+def test_word_order_task_swaps_one_adjacent_pair_and_splits_by_page(tmp_path):
+    """As written (1) or two adjacent words swapped (0), balanced; every sentence used once; no page on both sides;
+    a swap never moves the first or last word, punctuation or a word that is not letters alone; seeded."""
+    _docs_tree(tmp_path / "docs")
+    data = finetune.word_order_task(tmp_path / "docs", tmp_path / "data", train_per_class=6, dev_per_class=2)
+    rows = {side: [json.loads(line) for line in (tmp_path / "data" / f"{side}.jsonl").read_text().splitlines()]
+            for side in ("train", "dev")}
+    assert data["classes"] == ["swapped", "as_written"] and data["counts"]["swapped"] == {"train": 6, "dev": 2}
+    assert not {r["page"] for r in rows["train"]} & {r["page"] for r in rows["dev"]}
+    sources = {}
+    for page in (tmp_path / "docs").rglob("*.txt"):
+        for para in finetune._paragraphs(page, 8):
+            for sentence in finetune._sentences(para):
+                sources[(*sorted(sentence.split()), str(page.relative_to(tmp_path / "docs")))] = sentence
+    used = []
+    for side, n in (("train", 6), ("dev", 2)):
+        assert sorted(r["label"] for r in rows[side]) == [0] * n + [1] * n
+        for r in rows[side]:
+            original = sources[(*sorted(r["text"].split()), r["page"])]  # from its own page
+            used.append(original)
+            a, b = original.split(), r["text"].split()
+            moved = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+            if r["label"] == 1:
+                assert r["text"] == original
+            else:
+                assert len(moved) == 2 and moved[1] == moved[0] + 1 and 0 < moved[0] < len(a) - 2
+                assert all(finetune._WORD.fullmatch(a[i]) for i in moved) and b[moved[0]] == a[moved[1]]
+    assert len(used) == len(set(used)) == 16  # each sentence once
+    again = finetune.word_order_task(tmp_path / "docs", tmp_path / "again", train_per_class=6, dev_per_class=2)
+    assert (tmp_path / "again" / "train.jsonl").read_text() == (tmp_path / "data" / "train.jsonl").read_text()
+    assert again["pages"] == data["pages"]
+    with pytest.raises(common.BenchError, match="too few for 40 per class"):
+        finetune.word_order_task(tmp_path / "docs", tmp_path / "big", train_per_class=40, dev_per_class=2)
+
+
 def test_finetune_names_the_missing_corpus(tmp_path, capsys):
     assert main(["finetune", "--corpus", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "r")]) == 2
     assert "python3.11-doc" in capsys.readouterr().err
@@ -191,6 +230,21 @@ def test_tickets_summary_intervals_and_paired_differences_by_hand():
     n = tickets.summarise_tickets(runs + others, "dev_accuracy", higher_is_better=True)["paired"]["widths@next"]
     assert set(n) == {"full", "random@0", "widths@train"}  # another run's widths against the run's own
     assert n["widths@train"]["diffs"] == pytest.approx([0.02, 0.03])
+    others = [_ticket_run(m, seed, acc, 60.0, 0, 0.6) for seed in (0, 1)
+              for m, acc in (("oracle@next", 0.55), ("oracle@train", 0.5 + seed / 100))]
+    n = tickets.summarise_tickets(runs + others, "dev_accuracy", higher_is_better=True)["paired"]["oracle@next"]
+    assert set(n) == {"full", "random@0", "oracle@train"}  # another run's ticket against the run's own
+    assert n["oracle@train"]["diffs"] == pytest.approx([0.05, 0.04])
+
+
+def test_heads_kept_across_seeds_and_of_the_oracle():
+    """Per layer and head, the share of seeds that keep it; per layer, the share of the same seed's oracle heads."""
+    probe = {0: {"heads": [[0, 1], [2, 3]]}, 1: {"heads": [[0, 2], [2, 3]]}}
+    oracle = {0: {"heads": [[0, 3], [1, 2]]}, 1: {"heads": [[0, 2], [2, 3]]}}
+    h = tickets._heads(probe, oracle)
+    assert h["head_keep_rate"] == [[1.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 1.0]]
+    assert h["heads_kept_of_oracle"] == [0.75, 0.75]  # seed 0: 1 of 2 in each layer; seed 1: all
+    assert "heads_kept_of_oracle" not in tickets._heads(probe, {})
 
 
 @pytest.mark.slow
@@ -339,15 +393,20 @@ def test_oracles_and_drawn_tickets_need_their_source_before_them():
         tickets._methods(args)
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="finetune", matched="", rewarmup=10, variant=[],
                               methods="full,widths@next", seeds=1, profile_steps=[])
-    with pytest.raises(common.BenchError, match="widths@next is drawn from another seed's full run"):
+    with pytest.raises(common.BenchError, match="widths@next and oracle@next are drawn from another seed's full run"):
         tickets._methods(args)
     args = argparse.Namespace(quick=False, batch=None, lr=None, task="pretrain", matched="", rewarmup=10, variant=[],
                               methods="full,ticket@paper,paper")
-    with pytest.raises(common.BenchError, match="ticket@paper trains the ticket of 'paper'"):
+    with pytest.raises(common.BenchError, match=r"ticket@paper trains the ticket \(or the widths\) of 'paper'"):
+        tickets._methods(args)
+    args.methods, args.matched = "full,random@0,widths@random@0", ""
+    with pytest.raises(common.BenchError, match="widths@random@0 trains the ticket"):
         tickets._methods(args)
     args.methods, args.matched = "full,paper,ticket@paper", "ticket@paper"
     with pytest.raises(common.BenchError, match="random@0 is its control"):
         tickets._methods(args)
+    args.methods, args.matched, args.seeds, args.profile_steps = "full,probe,widths@probe", "", 2, []
+    assert tickets._methods(args)["widths@probe"] == ["--earlybert.draw", "given"]
 
 
 def test_matched_control_keeps_the_method_and_draws_at_its_step():
@@ -361,34 +420,47 @@ def test_matched_control_keeps_the_method_and_draws_at_its_step():
     assert jobs == [("full", 0, None), ("paper", 0, None), ("random@paper", 0, "paper"),
                     ("full", 1, None), ("paper", 1, None), ("random@paper", 1, "paper")]
     jobs = tickets._tickets_jobs(argparse.Namespace(first_seed=3, seeds=2, matched=[]),
-                                 {"full": [], "widths@next": [], "random@0": []})
+                                 {"full": [], "oracle@next": [], "widths@next": [], "random@0": []})
     assert jobs == [("full", 3, None), ("random@0", 3, None), ("full", 4, None), ("random@0", 4, None),
-                    ("widths@next", 3, None), ("widths@next", 4, None)]  # after the full runs they are drawn from
+                    ("widths@next", 3, None), ("oracle@next", 3, None), ("widths@next", 4, None),
+                    ("oracle@next", 4, None)]  # after the full runs they are drawn from
 
 
 @pytest.mark.slow
 def test_tickets_quick_runs_seeds_and_controls(tmp_path):
-    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT, the two random controls, and
-    EarlyBERT's own ticket trained from step 0 (ticket@paper)."""
+    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT, the two random controls,
+    EarlyBERT's own ticket trained from step 0 (ticket@paper), the probe's ticket and its widths with random units
+    (widths@probe)."""
     _docs_tree(tmp_path / "docs")
     out = tmp_path / "tickets.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "tickets", "--quick", "--corpus", str(tmp_path / "docs"),
-         "--methods", "full,paper,random@0,ticket@paper", "--matched", "paper", "--out-dir", str(tmp_path / "runs"),
+         "--methods", "full,paper,random@0,ticket@paper,probe,widths@probe", "--matched", "paper",
+         "--out-dir", str(tmp_path / "runs"),
          "--plot", str(tmp_path / "t.png"), "--threads", "1", "--parallel", "2", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     runs = {(r["method"], r["seed"]): r for r in result["runs"]}
-    assert set(runs) == {(m, s) for m in ("full", "paper", "random@0", "random@paper", "ticket@paper") for s in (0, 1)}
+    assert set(runs) == {(m, s) for m in ("full", "paper", "random@0", "random@paper", "ticket@paper", "probe",
+                                          "widths@probe") for s in (0, 1)}
     for s in (0, 1):  # the control drew at the method's own step, with a random ticket
         assert runs[("random@paper", s)]["ticket_step"] == runs[("paper", s)]["ticket_step"] >= 1
         assert runs[("random@paper", s)]["ticket_reason"] == "random"
         assert runs[("random@0", s)]["ticket_step"] == 0
         drawn, given = (Ticket.load(tmp_path / "runs" / f"{m}-s{s}" / "ticket") for m in ("paper", "ticket@paper"))
         assert (given.step, given.reason, given.heads, given.ffn) == (0, "given", drawn.heads, drawn.ffn)
+        probed, widths = (Ticket.load(tmp_path / "runs" / f"{m}-s{s}" / "ticket") for m in ("probe", "widths@probe"))
+        assert (probed.step, probed.reason, widths.reason) == (0, "probe", "given")
+        assert widths.intermediate_sizes == probed.intermediate_sizes and widths.ffn != probed.ffn
+        assert runs[("probe", s)]["stages"]["probe"]["cpu_s"] > 0
     summary = result["summary"]
-    assert summary["methods"]["full"]["metric"]["n"] == 2 and set(summary["paired"]) == {"paper", "ticket@paper"}
+    assert summary["methods"]["full"]["metric"]["n"] == 2
+    assert set(summary["paired"]) == {"paper", "ticket@paper", "probe", "widths@probe"}
+    assert set(summary["paired"]["probe"]) == {"full", "random@0", "widths@probe"}
+    probe = summary["methods"]["probe"]  # s: the probe's CPU time over the full run's; the bound 1 - (s + r)
+    assert 0 < probe["search_share"] < 1
+    assert probe["time_saved_bound"] == pytest.approx(1 - probe["search_share"] - probe["flop_ratio"])
     assert set(summary["paired"]["ticket@paper"]) == {"full", "random@0"}
     assert all(0 < r["train_loss"] < 20 for r in runs.values())  # each run's own metrics.jsonl, read back
     assert "train_loss" in summary["paired"]["paper"]["random@paper"]
@@ -421,3 +493,24 @@ def test_lamb_suite_matches_tokens_and_scales_the_rate(corpus, tmp_path):
     diffs = [runs[("lamb", k)]["final_val_loss"] - runs[("adamw", k)]["final_val_loss"] for k in (0, 1)]
     assert s["diffs"] == pytest.approx(diffs) and s["lamb_minus_adamw"]["mean"] == pytest.approx(np.mean(diffs))
     assert "LAMB − AdamW" in proc.stdout
+
+
+def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_bert):
+    """Each setting of the probe, without training: the probed head with Taylor scores draws the probe route's own
+    ticket (all of it kept when that ticket is the oracle), the others their own widths and shares."""
+    model, data = tiny_bert
+    cfg = RunConfig.from_dict({"finetune.task": "custom", "model.init_from": str(model),
+                               "finetune.train_file": str(data / "train.jsonl"),
+                               "finetune.dev_file": str(data / "dev.jsonl"), "finetune.text_a": "text",
+                               "finetune.max_len": 16, "train.micro_batch_size": 8, "earlybert.probe_examples": 48,
+                               "earlybert.probe_batches": 3, "earlybert.ffn_multiple": 1})
+    task = ClassificationTask(cfg)
+    probed, _, _ = probe_and_draw(initial_model(cfg, task, gates=True), task.train, cfg.earlybert, 8, cfg.train.seed)
+    rows = tickets.probe_variants(cfg, probed)
+    assert [(r["head"], r["score"], r["normalise"]) for r in rows] == [
+        (h, s, n) for h in ("fresh", "probed") for s in ("taylor", "fisher") for n in (False, True)]
+    same = rows[4]  # the probed head, Taylor, raw: the probe route's own ticket
+    assert same["ffn_widths"] == probed.intermediate_sizes
+    assert same["ffn_kept_of_oracle"] == same["heads_kept_of_oracle"] == 1.0
+    assert all(sum(r["ffn_widths"]) == sum(probed.intermediate_sizes) for r in rows)  # global FFN ratio: the same
+    assert all(0 <= r["ffn_kept_of_oracle"] <= 1 and 0 <= r["heads_kept_of_oracle"] <= 1 for r in rows)

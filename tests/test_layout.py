@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "earlybert_ds"
 #: the subpackage of the benchmarks: only what comes after it (the command) may import it.
 #: ``modeling`` imports no other module of the package: its code is saved with each model and must stand alone.
 ORDER = ["modeling", "faults", "atomic", "digest", "config", "distributed", "hardware", "plots", "monitor", "data",
-         "ticket", "search", "flops", "shrink", "optim", "dsconfig", "engine", "checkpoint", "trainer", "summary",
+         "ticket", "search", "flops", "shrink", "probe", "optim", "dsconfig", "engine", "checkpoint", "trainer", "summary",
          "model_card", "pipeline", "tasks", "squad", "pretrain", "finetune", "bench", "cli", "__main__", "__init__"]
 #: The benchmark modules in order: the shared module first; each may import any core module before ``bench``.
 BENCH_ORDER = ["common", "throughput", "pretrain", "finetune", "tickets", "lamb", "data", "__main__", "__init__"]

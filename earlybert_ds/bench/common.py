@@ -144,6 +144,7 @@ def _run(command: str, options: list[str], out: Path, threads: int | None, key: 
     return {"command": cmd, "process_s": elapsed, "process_cpu_s": cpu, "train_wall_s": summary["wall_s"],
             "steps": summary["steps"], "ticket_step": ticket.get("step"), "ticket_reason": ticket.get("reason"),
             "heads_per_layer": ticket.get("heads_per_layer"), "intermediate_sizes": ticket.get("intermediate_sizes"),
+            "heads": ticket.get("heads"),
             "flop_ratio": summary["flop_ratio"], "params_final": summary["params_final"], "stages": summary["stages"],
             **{k: v for k, v in summary.items() if k.startswith("final_")}, "curve": _curve(out, start, key),
             "train_loss": train_loss_tail(out),

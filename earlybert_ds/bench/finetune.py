@@ -1,6 +1,7 @@
 """The finetune suite: real ``earlybert-ds finetune`` runs from the pretrained MiniLM (full fine-tuning, EarlyBERT,
-random ticket) on a labelled task made offline from the Python docs' reST sources: which section a paragraph comes
-from, pages never straddling the train/dev split."""
+random ticket) on labelled tasks made offline from the Python docs' reST sources, pages never straddling the
+train/dev split: which section a paragraph comes from (a topic task), and whether a sentence is as written or has
+two adjacent words swapped (a word-order task, which needs the pre-trained model's syntax)."""
 
 from __future__ import annotations
 
@@ -60,10 +61,7 @@ def section_task(root: Path, out: Path, train_per_class: int, dev_per_class: int
             raise BenchError(f"{root / section}: no .txt pages; is {root} the _sources of the Python docs?")
         paras = {p: _paragraphs(p, 12) for p in pages}
         order = [pages[i] for i in rng.permutation(len(pages))]
-        total, dev_pages, n_dev = sum(map(len, paras.values())), [], 0
-        while n_dev < total / 4 and len(dev_pages) < len(order) - 1:
-            dev_pages.append(order[len(dev_pages)])
-            n_dev += len(paras[dev_pages[-1]])
+        dev_pages = _dev_pages(order, {p: len(v) for p, v in paras.items()})
         for side, chosen, n in (("dev", dev_pages, dev_per_class),
                                 ("train", [p for p in order if p not in dev_pages], train_per_class)):
             pool = [(t, str(p.relative_to(root))) for p in chosen for t in paras[p]]
@@ -79,6 +77,87 @@ def section_task(root: Path, out: Path, train_per_class: int, dev_per_class: int
             "dev": str(out / "dev.jsonl")}
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def _sentences(paragraph: str) -> list[str]:
+    """The plain-English sentences of a paragraph: 8-32 words ending in a full stop, at least 85% of them words of
+    letters alone (no code, no paths)."""
+    out = []
+    for s in _SENTENCE_END.split(paragraph):
+        words = s.split()
+        if 8 <= len(words) <= 32 and s.endswith(".") and \
+                sum(bool(_WORD.fullmatch(w.rstrip(".,;:"))) for w in words) >= 0.85 * len(words):
+            out.append(s)
+    return out
+
+
+def swap_adjacent(sentence: str, rng: np.random.Generator) -> str | None:
+    """The sentence with two adjacent words swapped: both of letters alone, different, not the first word (its
+    capital) nor the last (its full stop), so that no punctuation or case gives the swap away; ``None`` if no pair
+    qualifies."""
+    words = sentence.split()
+    pairs = [i for i in range(1, len(words) - 2) if _WORD.fullmatch(words[i]) and _WORD.fullmatch(words[i + 1])
+             and words[i].lower() != words[i + 1].lower()]
+    if not pairs:
+        return None
+    i = pairs[rng.integers(len(pairs))]
+    words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+def word_order_task(root: Path, out: Path, train_per_class: int, dev_per_class: int, seed: int = 0) -> dict[str, Any]:
+    """Write ``train.jsonl``/``dev.jsonl`` (``text``, ``label``): is a sentence of the Python docs as written (1) or
+    with two adjacent words swapped (0, :func:`swap_adjacent`)? A binary task that needs word order, where a
+    bag of words gives nothing away (Prasanna et al. 2020: random subnetworks lose most on such tasks). Each sentence
+    appears once, as written or swapped; pages are split, not sentences: ~a quarter of the sentences, by whole pages
+    in a seeded order, go to dev. Classes are balanced: N sentences of each per side."""
+    rng = np.random.default_rng(seed)
+    pages = sorted(root.rglob("*.txt"))
+    if not pages:
+        raise BenchError(f"{root}: no .txt pages; is {root} the _sources of the Python docs?")
+    sentences = {p: [s for para in _paragraphs(p, 8) for s in _sentences(para)] for p in pages}
+    order = [pages[i] for i in rng.permutation(len(pages))]
+    dev_pages = set(_dev_pages(order, {p: len(v) for p, v in sentences.items()}))
+    rows: dict[str, list[dict]] = {}
+    for side, n in (("dev", dev_per_class), ("train", train_per_class)):
+        pool = [(s, str(p.relative_to(root))) for p in order if (p in dev_pages) == (side == "dev")
+                for s in sentences[p]]
+        picked, swapped = [pool[i] for i in rng.permutation(len(pool))], []
+        for text, page in picked[n:]:  # the first n stay as written; the swapped ones come from the others
+            if len(swapped) == n:
+                break
+            if (other := swap_adjacent(text, rng)) is not None:
+                swapped.append({"text": other, "label": 0, "page": page})
+        if len(picked) < 2 * n or len(swapped) < n:
+            raise BenchError(f"{root}: {len(pool)} sentences on the {side} side, too few for {n} per class")
+        rows[side] = [{"text": t, "label": 1, "page": page} for t, page in picked[:n]] + swapped
+    out.mkdir(parents=True, exist_ok=True)
+    for side, side_rows in rows.items():
+        shuffled = rng.permutation(len(side_rows))
+        atomic_write_text(out / f"{side}.jsonl", "".join(json.dumps(side_rows[i]) + "\n" for i in shuffled))
+    return {"classes": list(WORD_ORDER), "counts": {c: {side: n for side, n in (("train", train_per_class),
+                                                                            ("dev", dev_per_class))}
+                                                   for c in WORD_ORDER},
+            "pages": {"train": len(pages) - len(dev_pages), "dev": len(dev_pages)},
+            "train": str(out / "train.jsonl"), "dev": str(out / "dev.jsonl")}
+
+
+def _dev_pages(order: list[Path], sizes: dict[Path, int]) -> list[Path]:
+    """The first pages of ``order`` that hold a quarter of all the items (at least one page stays for training)."""
+    total, dev, n = sum(sizes[p] for p in order), [], 0
+    while n < total / 4 and len(dev) < len(order) - 1:
+        dev.append(order[len(dev)])
+        n += sizes[dev[-1]]
+    return dev
+
+
+#: The labelled tasks the suites fine-tune on: name -> (its builder, its class names)
+WORD_ORDER = ("swapped", "as_written")
+TASKS = {"sections": section_task, "word-order": word_order_task}
+
+
 def finetune_settings(args: argparse.Namespace, data: dict[str, Any], detect_every: bool = True) -> dict[str, Any]:
     """The settings every fine-tuning run shares: the model, the task, the budget (and the search schedule, unless
     ``detect_every`` is false: then the runs derive it from their search budget)."""
@@ -88,7 +167,7 @@ def finetune_settings(args: argparse.Namespace, data: dict[str, Any], detect_eve
     return {
         "finetune.task": "custom", "model.init_from": args.model or str(_minilm()),
         "finetune.train_file": data["train"], "finetune.dev_file": data["dev"], "finetune.text_a": "text",
-        "finetune.num_labels": len(SECTIONS), "finetune.max_len": args.max_len, "finetune.epochs": args.epochs,
+        "finetune.num_labels": len(data["classes"]), "finetune.max_len": args.max_len, "finetune.epochs": args.epochs,
         "finetune.search_epochs": args.search_epochs, "train.micro_batch_size": args.batch, "train.lr": args.lr,
         "train.seed": args.seed, "train.eval_every": max(round(args.epochs * steps_per_epoch) // args.evals, 1),
         "log.wandb": "disabled", "log.progress": False,

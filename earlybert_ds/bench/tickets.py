@@ -22,16 +22,19 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..checkpoint import FINAL_DIR
-from ..config import EarlyBertArgs
+from ..config import EarlyBertArgs, RunConfig
 from ..data import load_tokenizer
 from ..modeling import EarlyBertForSequenceClassification, load_hf_bert
 from ..plots import plot_intervals
+from ..finetune import ClassificationTask
+from ..pipeline import initial_model
+from ..probe import in_order, normalise_layers, probe_head, score_batches, unit_scores
 from ..search import TaylorImportance, is_gate, prune_spec, scores_of
 from ..tasks import custom_task, encode, load_task_split
 from ..ticket import Masks, PruneSpec, Scores, Ticket, draw_masks, mask_distance
 from .common import (PYTHON_DOCS, SHAPES, BenchError, _machine, _prepare_data, _python_docs, _run, _run_args,
                      cli_options, interval, train_loss_tail)
-from .finetune import finetune_settings, section_task
+from .finetune import TASKS, finetune_settings
 from .pretrain import pretrain_settings
 
 #: The paper-faithful EarlyBERT, spelt out so that it stays the paper's whatever the defaults become.
@@ -45,9 +48,15 @@ CONTROLS = ("full", "random@0")  # the references every variant is compared with
 #: layer but random units within each layer: oracle − widths is what its choice of units is worth, widths − random@0
 #: what its (unbalanced) widths are worth. ``widths@next`` takes its widths from the full run of the *next* seed (the
 #: last seed: the first's), another data order and head: whether the widths belong to the model and the task, so that
-#: one full fine-tuning could give them to every later run, or to the run.
+#: one full fine-tuning could give them to every later run, or to the run. ``oracle@next`` takes that run's whole
+#: ticket, units too: what ``earlybert-ds ticket --run`` gives a later run (a seed or learning-rate sweep).
 ORACLES = {"oracle@train": "train", "oracle@dev": "dev", "widths@train": "train", "widths@dev": "dev",
-           "widths@next": "train"}
+           "widths@next": "train", "oracle@next": "train"}
+NEXT = ("widths@next", "oracle@next")  # drawn from the full run of the next seed
+#: ``widths@M`` (M a method with a ticket of its own, not an oracle): the ticket M's run of the same seed drew, its
+#: width per layer kept, its units drawn at random within each layer: M − widths@M is what M's choice of units is
+#: worth beyond its widths.
+WIDTHS = "widths@"
 #: ``ticket@M``: the ticket that method M's run of the same seed drew, trained from step 0 like random@0: what M's
 #: choice of units is worth with no search cost and no mid-schedule restart (e.g. M a search that draws late).
 DRAWN = "ticket@"
@@ -69,6 +78,7 @@ def ticket_methods(lr: float, rewarmup: int) -> dict[str, list[str]]:
         "continue": PAPER + ["--earlybert.weights", "continue"],
         "rewarmup": PAPER + ["--earlybert.rewarmup_steps", str(rewarmup)],
         "taylor+continue": PAPER + ["--earlybert.score", "taylor", "--earlybert.weights", "continue"],
+        "probe": ["--earlybert.draw", "probe"],
         **{name: ["--earlybert.draw", "given"] for name in ORACLES},
     }
 
@@ -80,15 +90,9 @@ def _split_data(run: Path, split_file: str, max_len: int, num_labels: int) -> An
 
 
 def taylor_scores(model: EarlyBertForSequenceClassification, data: Any, batch: int) -> Scores:
-    """Each unit's Taylor importance Σ_batches |dL/dg| in ``model`` (its gates at 1, dropout off) over ``data``,
-    summed as the search sums its scores over steps."""
-    model.eval()
-    taylor = TaylorImportance(0.0, 0.0)  # no L1 term to take out: the loss is the task's alone
-    for inputs in torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=data.collate):
-        model.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        taylor.accumulate(model, None)
-    return taylor.total
+    """Each unit's Taylor importance Σ_batches |dL/dg| in ``model`` (its gates at 1, dropout off) over all of
+    ``data`` in order, summed as the search sums its scores over steps."""
+    return unit_scores(model, data, in_order(len(data), batch), "taylor", torch.device("cpu"))
 
 
 def oracle_ticket(full_run: Path, split_file: str, max_len: int, batch: int, path: Path,
@@ -202,12 +206,13 @@ def matched_control(options: list[str], step: int) -> list[str]:
 def _tickets_jobs(args: argparse.Namespace, methods: dict[str, list[str]]) -> list[tuple[str, int, str | None]]:
     """(method, seed, method it is the matched control of) in run order: interleaved by seed, every matched
     control right after the rest of its seed, so that load on a shared machine falls on all methods alike;
-    widths@next last, after every full run it can be drawn from (a run waits only for runs submitted before it)."""
+    widths@next and oracle@next last, after every full run they can be drawn from (a run waits only for runs submitted
+    before it)."""
     jobs, last = [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        jobs += [(m, seed, None) for m in methods if m != "widths@next"]
+        jobs += [(m, seed, None) for m in methods if m not in NEXT]
         jobs += [(f"random@{m}", seed, m) for m in args.matched]
-        last += [("widths@next", seed, None)] if "widths@next" in methods else []
+        last += [(m, seed, None) for m in NEXT if m in methods]
     return jobs + last
 
 
@@ -225,11 +230,11 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
         methods[name] = opts.split()
     names = args.methods.split(",")
     for i, name in enumerate(names):
-        if name.startswith(DRAWN):
-            source = name.removeprefix(DRAWN)
-            if source not in names[:i] or source in CONTROLS:
-                raise BenchError(f"--methods: {name} trains the ticket of {source!r}, which must be a method with a "
-                                 "ticket of its own listed before it")
+        if name.startswith((DRAWN, WIDTHS)) and name not in ORACLES:
+            source = name.partition("@")[2]
+            if source not in names[:i] or source in CONTROLS or source in ORACLES:
+                raise BenchError(f"--methods: {name} trains the ticket (or the widths) of {source!r}, which must be "
+                                 "a method with a ticket of its own listed before it")
             methods[name] = ["--earlybert.draw", "given"]
     if unknown := (set(names) | set(args.matched)) - set(methods):
         raise BenchError(f"--methods/--matched: unknown {', '.join(sorted(unknown))}; choose from "
@@ -240,10 +245,11 @@ def _methods(args: argparse.Namespace) -> dict[str, list[str]]:
         if args.task != "finetune" or "full" not in names or names.index("full") > names.index(oracles[0]):
             raise BenchError(f"--methods: {', '.join(oracles)} are drawn from the full model's fine-tuning run: "
                              "they need --task finetune and 'full' listed before them")
-    if any(m in ORACLES or m.startswith(DRAWN) for m in args.matched):
-        raise BenchError("--matched: an oracle or ticket@ is trained from step 0; random@0 is its control")
-    if "widths@next" in names and args.seeds < 2:
-        raise BenchError("--methods: widths@next is drawn from another seed's full run: it needs --seeds >= 2")
+    if any(m in ORACLES or m.startswith((DRAWN, WIDTHS)) for m in args.matched):
+        raise BenchError("--matched: an oracle, ticket@ or widths@ is trained from step 0; random@0 is its control")
+    if set(NEXT) & set(names) and args.seeds < 2:
+        raise BenchError("--methods: widths@next and oracle@next are drawn from another seed's full run: they need "
+                         "--seeds >= 2")
     if args.profile_steps and args.profile_of not in names:
         raise BenchError(f"--profile-steps: the profile is read from the runs of --profile-of {args.profile_of}, "
                          "which --methods does not list")
@@ -258,7 +264,8 @@ def _task(args: argparse.Namespace) -> tuple[dict[str, Any], str, str, dict[str,
     its metric, and its data (fine-tuning: the section task, made here)."""
     root = _python_docs(args.corpus)
     if args.task == "finetune":
-        data = section_task(root, Path(args.out_dir) / "data", args.train_per_class, args.dev_per_class, args.seed)
+        data = TASKS[args.finetune_task](root, Path(args.out_dir) / "data", args.train_per_class, args.dev_per_class,
+                                         args.seed)
         settings, command, key = finetune_settings(args, data, detect_every=False), "finetune", "dev_accuracy"
     else:
         args.corpus, data = str(root), None
@@ -305,17 +312,18 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
     def run(job: tuple[str, int, str | None]) -> dict | None:
         name, seed, of = job
         out = Path(args.out_dir) / f"{name}-s{seed}"
-        source = args.first_seed + (seed - args.first_seed + 1) % args.seeds if name == "widths@next" else seed
-        if name in ORACLES:  # drawn from the trained full model of this seed (widths@next: of the next one)
+        source = args.first_seed + (seed - args.first_seed + 1) % args.seeds if name in NEXT else seed
+        if name in ORACLES:  # drawn from the trained full model of this seed (widths@next, oracle@next: the next's)
             if done[("full", source)].result() is None:
                 return None
             ticket = out.with_name(out.name + (f".from-s{source}" if source != seed else "") + ".ticket.json")
             opts = methods[name] + ["--earlybert.ticket", str(ticket)]
-        elif name.startswith(DRAWN):  # the ticket its source method's run of this seed drew
-            source_run = name.removeprefix(DRAWN)
-            if done[(source_run, seed)].result() is None:
+        elif name.startswith((DRAWN, WIDTHS)):  # the ticket its source method's run of this seed drew, or its widths
+            source_run = Path(args.out_dir) / f"{name.partition('@')[2]}-s{seed}" / "ticket"
+            if done[(name.partition("@")[2], seed)].result() is None:
                 return None
-            opts = methods[name] + ["--earlybert.ticket", str(Path(args.out_dir) / f"{source_run}-s{seed}" / "ticket")]
+            ticket = source_run if name.startswith(DRAWN) else out.with_name(out.name + ".ticket.json")
+            opts = methods[name] + ["--earlybert.ticket", str(ticket)]
         elif of is None:
             opts = methods[name]
         else:
@@ -329,6 +337,8 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
             if r["command"][4:-2] == options:
                 if "train_loss" not in r:  # a record from before the suite kept it
                     r["train_loss"] = train_loss_tail(out)
+                if "heads" not in r and (out / "summary.json").is_file():  # the same: the kept heads
+                    r["heads"] = (json.loads((out / "summary.json").read_text())["ticket"] or {}).get("heads")
                 return r
         if args.summarise_only:
             return None
@@ -336,8 +346,10 @@ def _run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, str | None]],
             if name in ORACLES:
                 oracle_ticket(Path(args.out_dir) / f"full-s{source}", data[ORACLES[name]], args.max_len, args.batch,
                               ticket)
-                if name.startswith("widths@"):
+                if name.startswith(WIDTHS):
                     same_widths(Ticket.load(ticket), seed).save(ticket)
+            elif name.startswith(WIDTHS):
+                same_widths(Ticket.load(source_run), seed).save(ticket)
             r = _run(command, options, out, args.threads, key)
         r.update(method=name, seed=seed, options=opts, metric=r[f"final_{key}"])
         record.write_text(json.dumps(r) + "\n")
@@ -355,6 +367,8 @@ def tickets(args: argparse.Namespace) -> dict:
     """K seeds of each method at the same total budget (real runs), per-method means with intervals, and each
     variant's paired differences against the random controls and the full model."""
     methods = _methods(args)
+    if args.probe_variants and args.task != "finetune":
+        raise BenchError("--probe-variants: the probe draws fine-tuning tickets (--task finetune)")
     settings, command, key, data = _task(args)
     jobs = _tickets_jobs(args, methods)
     if args.task == "pretrain":
@@ -367,6 +381,8 @@ def tickets(args: argparse.Namespace) -> dict:
     result["summary"] = summarise_tickets(result["runs"], key, higher_is_better=args.task == "finetune")
     if args.profile_steps:
         result["profiles"] = _profiles(args, [r for r in result["runs"] if r["method"] == args.profile_of], data)
+    if args.probe_variants:
+        result["probe_variants"] = _probe_variants(args, settings, sorted({s for _, s, _ in jobs}))
     if args.plot:
         s = result["summary"]["methods"]
         plot_intervals({m: (v["cpu_vs_full"]["mean"], v["cpu_vs_full"]["ci95"], v["metric"]["mean"],
@@ -375,6 +391,48 @@ def tickets(args: argparse.Namespace) -> dict:
                        title=f"bench tickets ({args.task}): mean and 95% interval over seeds")
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
+
+
+def probe_variants(cfg: RunConfig, oracle: Ticket | None) -> list[dict[str, Any]]:
+    """What the probe's settings would draw, without training: through the fresh head and the probed one, Taylor
+    and Fisher scores, raw and normalised per layer (``cfg.earlybert``'s probe otherwise): the FFN widths per layer
+    and, against ``oracle`` (the oracle@train ticket of the same seed), the share of its FFN neurons and heads each
+    keeps (a random ticket: about the kept fractions, 0.6 and 0.67)."""
+    task, e, t, cpu = ClassificationTask(cfg), cfg.earlybert, cfg.train, torch.device("cpu")
+    model, spec = initial_model(cfg, task, gates=True), prune_spec(e)
+    batches = score_batches(len(task.train), t.micro_batch_size, e.probe_batches, t.seed)
+    rows = []
+    for head in ("fresh", "probed"):
+        if head == "probed":
+            model.load_state_dict(probe_head(model, task.train, e, t.micro_batch_size, t.seed, cpu)[0], strict=False)
+        for kind in ("taylor", "fisher"):
+            raw = unit_scores(model, task.train, batches, kind, cpu)
+            for norm in (False, True):
+                m = draw_masks(normalise_layers(raw) if norm else raw, spec)
+                row = {"head": head, "score": kind, "normalise": norm, "ffn_widths": [int(f.sum()) for f in m.ffn]}
+                if oracle is not None:
+                    row.update(ffn_kept_of_oracle=_share(m.ffn, oracle.masks().ffn),
+                               heads_kept_of_oracle=_share(m.heads, oracle.masks().heads))
+                rows.append(row)
+    return rows
+
+
+def _probe_variants(args: argparse.Namespace, settings: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Each seed's :func:`probe_variants` (kept in --out-dir), against its oracle@train ticket where there is one."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = {}
+    for seed in seeds:
+        cache, oracle = (Path(args.out_dir) / f"{name}-s{seed}" for name in ("probe-variants", "oracle@train"))
+        cache, oracle = cache.with_suffix(".json"), oracle.with_name(oracle.name + ".ticket.json")
+        cfg = RunConfig.from_dict({**settings, "train.seed": seed})
+        key = {"settings": cli_options(settings), "oracle": oracle.is_file()}
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") != key:
+            cached = {"key": key, "rows": probe_variants(cfg, Ticket.load(oracle) if oracle.is_file() else None)}
+            atomic_write_text(cache, json.dumps(cached) + "\n")
+        out[str(seed)] = cached["rows"]
+    return out
 
 
 def _profiles(args: argparse.Namespace, runs: list[dict], data: dict[str, Any] | None) -> dict[str, Any]:
@@ -409,7 +467,8 @@ def _profiles(args: argparse.Namespace, runs: list[dict], data: dict[str, Any] |
 
 def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dict[str, Any]:
     """Per method: the metric's mean and 95% interval over seeds, CPU time relative to the full model of the same
-    seed, ticket steps and reasons, FLOP ratio, the search share s and the time-saved bound 1 - (s + (1 - s) r).
+    seed, ticket steps and reasons, FLOP ratio, the search share s and the time-saved bound 1 - (s + (1 - s) r)
+    (a probe: s its CPU seconds over the full run's, spent on top of the whole budget, and the bound 1 - (s + r)).
     Per method with a ticket: the paired (same-seed) differences against the full model, the random ticket at
     step 0 and its own same-step random control (an oracle: its same-widths random ticket; ``gain`` is the
     difference signed so that > 0 is better), and where both sides have it the paired difference in training loss:
@@ -433,17 +492,27 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
             s["cpu_vs_full"] = interval([seeds[sd]["process_cpu_s"] / full[sd]["process_cpu_s"] for sd in common])
         elif m == "full":
             s["cpu_vs_full"] = {"mean": 1.0, "ci95": 0.0, "n": len(rs)}
-        if rs[0]["ticket_step"] is not None:
+        if "probe" in (rs[0].get("stages") or {}):  # the probe comes on top of the whole budget: s + r
+            common = [sd for sd in seeds if sd in full]
+            shares = [seeds[sd]["stages"]["probe"]["cpu_s"] / full[sd]["process_cpu_s"] for sd in common]
+            if shares:
+                s["search_share"] = float(np.mean(shares))
+                s["time_saved_bound"] = float(np.mean([1 - (sh + seeds[sd]["flop_ratio"])
+                                                       for sh, sd in zip(shares, common)]))
+        elif rs[0]["ticket_step"] is not None:
             shares = [r["ticket_step"] / r["steps"] for r in rs]
             s["search_share"] = float(np.mean(shares))
             s["time_saved_bound"] = float(np.mean([1 - (sh + (1 - sh) * r["flop_ratio"]) for sh, r in zip(shares, rs)]))
+        if rs[0].get("heads"):
+            s.update(_heads(seeds, by.get("oracle@train", {})))
         out["methods"][m] = s
     for m, seeds in by.items():
         if m in CONTROLS or m.startswith("random@"):
             continue
         pairs = {}
-        widths = [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else \
-            ["widths@train"] if m == "widths@next" else []  # an oracle's units' worth; another run's widths' worth
+        # the worth of the units beyond their widths: an oracle's, another run's widths', a method's own
+        widths = ["widths@train"] if m == "widths@next" else ["oracle@train"] if m == "oracle@next" else \
+            [f"widths@{m.removeprefix('oracle@')}"] if m.startswith("oracle@") else [f"{WIDTHS}{m}"]
         for ref in ("full", "random@0", f"random@{m}", *widths):
             common = [sd for sd in seeds if sd in by.get(ref, {})]
             if common:
@@ -453,6 +522,21 @@ def summarise_tickets(runs: list[dict], key: str, higher_is_better: bool) -> dic
                 if all(a is not None and b is not None for a, b in fits):
                     pairs[ref]["train_loss"] = interval([a - b for a, b in fits])
         out["paired"][m] = pairs
+    return out
+
+
+def _heads(seeds: dict[int, dict], oracle: dict[int, dict]) -> dict[str, Any]:
+    """Which heads a method's tickets keep: per layer and head, the share of seeds that keep it; and per layer, the
+    share of the heads the oracle ticket of the same seed keeps that it keeps too (chance: the kept fraction)."""
+    rs = [r for r in seeds.values() if r.get("heads")]
+    n = max(max(h) for r in rs for h in r["heads"]) + 1
+    out: dict[str, Any] = {"head_keep_rate": np.mean([[np.isin(np.arange(n), h) for h in r["heads"]] for r in rs],
+                                                     axis=0).round(3).tolist()}
+    common = [sd for sd, r in seeds.items() if r.get("heads") and (oracle.get(sd) or {}).get("heads")]
+    if common:
+        out["heads_kept_of_oracle"] = np.mean([[len(set(a) & set(b)) / len(b) for a, b in
+                                                zip(seeds[sd]["heads"], oracle[sd]["heads"])] for sd in common],
+                                              axis=0).round(3).tolist()
     return out
 
 
@@ -468,6 +552,16 @@ def _print_tickets(result: dict) -> None:
         print(f"{m:<18}{v['metric']['n']:>3}{v['metric']['mean']:>12.4f} ± {v['metric']['ci95']:.4f}"
               f"{cpu:>18}"
               f"{v['flop_ratio']:>11.3f}{bound:>7}  {steps} ({reasons})")
+    if variants := result.get("probe_variants"):
+        print(f"\nthe probe's tickets without training (mean of {len(variants)} seeds): FFN neurons kept per layer, "
+              "share of the oracle@train ticket's FFN neurons / heads kept")
+        for i, row in enumerate(next(iter(variants.values()))):
+            rows = [v[i] for v in variants.values()]
+            widths = np.mean([r["ffn_widths"] for r in rows], axis=0).round().astype(int).tolist()
+            shares = " / ".join(f"{np.mean([r[k] for r in rows]):.2f}" for k in ("ffn_kept_of_oracle",
+                                                                               "heads_kept_of_oracle") if k in row)
+            print(f"{row['head']:>7} head {row['score']:>6} {'normalised' if row['normalise'] else 'raw':>10}  "
+                  f"{widths}  {shares}")
     if profiles := result.get("profiles"):
         what = "Taylor width profile of the full runs" if result["task"] == "finetune" else \
             f"gate profile of the {result['args'].get('profile_of')} searches"
@@ -521,6 +615,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "late (--earlybert.draw fixed) and saves a checkpoint at each profile step")
     k.add_argument("--profile-examples", type=int, default=640, help="training examples each profile step is "
                                                                       "scored on")
+    k.add_argument("--probe-variants", action="store_true",
+                   help="fine-tuning: also draw, without training, the tickets of the probe's settings (fresh or "
+                        "probed head, Taylor or Fisher, raw or normalised per layer) for every seed, against the "
+                        "oracle@train ticket where it was drawn")
     k.add_argument("--plot", default="", help="PNG of each method's metric against its CPU time (with intervals)")
     k.add_argument("--quick", action="store_true", help="tiny inputs, 2 seeds (smoke test)")
     k.add_argument("--out-dir", default="runs/bench-tickets", help="the runs' output directories (and data)")
@@ -539,10 +637,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _task_arguments(k: argparse.ArgumentParser) -> None:
     """The options of one task only (the finetune and pretrain suites' own, other defaults)."""
     k.add_argument("--model", help="fine-tuning: pretrained BERT directory (default: MiniLM)")
-    k.add_argument("--train-per-class", type=int, default=300, help="fine-tuning: training paragraphs per section")
+    k.add_argument("--finetune-task", choices=list(TASKS), default="sections",
+                   help="fine-tuning: the labelled task made from the Python docs: sections (which section a "
+                        "paragraph comes from, 7 classes) or word-order (a sentence as written or with two adjacent "
+                        "words swapped, 2 classes)")
+    k.add_argument("--train-per-class", type=int, default=300, help="fine-tuning: training examples per class")
     k.add_argument("--dev-per-class", type=int, default=160,
-                   help="fine-tuning: dev paragraphs per section (160: ~1,100 dev paragraphs, standard error of one "
-                        "accuracy <= 1.5 points)")
+                   help="fine-tuning: dev examples per class (sections, 160: ~1,100 dev paragraphs, standard error "
+                        "of one accuracy <= 1.5 points)")
     k.add_argument("--max-len", type=int, default=64, help="fine-tuning: tokens per paragraph")
     k.add_argument("--epochs", type=float, default=2.0, help="fine-tuning: epochs")
     k.add_argument("--search-epochs", type=float, default=0.2, help="fine-tuning: EarlyBERT's search budget")
