@@ -196,6 +196,7 @@ def draw_ticket(cfg: RunConfig, out: str | Path, run: str | None = None) -> Tick
         raise ConfigError("earlybert-ds ticket scores units through a sequence-classification head; "
                           f"finetune.task={cfg.finetune.task} is question answering")
     dist.init()
+    cfg.settle_launch(dist.world_size())  # the batch per rank, the model's tokenizer
     task, e, t = ClassificationTask(cfg), cfg.earlybert, cfg.train
     if run is None:
         ticket, _, metrics = probe_and_draw(initial_model(cfg, task, gates=True), task.train, e, t.micro_batch_size,
