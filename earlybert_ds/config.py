@@ -97,8 +97,9 @@ class TrainArgs(_Section):
     steps: int = _f(300, "total optimizer steps (search + efficient training)", ge=1)
     micro_batch_size: int = _f(8, "sequences per rank per forward pass", ge=1)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
-    optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: a per-parameter trust ratio at every ZeRO "
-                                                      "stage; DeepSpeed's FusedLamb on CUDA at ZeRO-0)")
+    optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (adamw: torch's fused AdamW, DeepSpeed's FusedAdam "
+                                                      "where prebuilt, CPUAdam under ZeRO-Offload; lamb: a "
+                                                      "per-parameter trust ratio at every ZeRO stage)")
     lr: float = _f(1e-3, "peak learning rate", gt=0)
     warmup_steps: int = _f(30, "linear warm-up steps", ge=0)
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warm-up")
@@ -107,11 +108,16 @@ class TrainArgs(_Section):
     eps: float = _f(1e-6, "Adam/LAMB epsilon", gt=0)
     clip_grad: float = _f(1.0, "global gradient-norm clipping (0: off)", ge=0)
     precision: Literal["fp32", "bf16", "fp16"] | None = _f(None, "mixed precision; unset: as the DeepSpeed config "
-                                                                 "says ('auto': bf16 on CUDA and on CPUs with bf16 "
-                                                                 "units (AMX-BF16, AVX512-BF16), else fp32)")
+                                                                 "says ('auto': bf16 on GPUs of compute capability "
+                                                                 ">= 8.0 and on CPUs with bf16 units (AMX-BF16, "
+                                                                 "AVX512-BF16); fp16 on older GPUs under ZeRO >= 1; "
+                                                                 "else fp32)")
     zero_stage: Literal[0, 1, 2, 3] | None = _f(None, "ZeRO stage; unset: as the DeepSpeed config says (0 if 'auto')")
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass")
     seed: int = _f(42, "random seed (model init, masking, data order)", ge=0)
+    deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms, "
+                                    "CUBLAS_WORKSPACE_CONFIG): on CUDA, what bit-identical resume and reruns need; "
+                                    "CPU runs are deterministic without it")
     log_every: int = _f(10, "log metrics every N steps", ge=1)
     eval_every: int = _f(50, "validate every N steps (0: only at the end)", ge=0)
     eval_batches: int = _f(20, "validation micro-batches per rank", ge=1)

@@ -574,7 +574,13 @@ def collate(packed: np.ndarray, indices: np.ndarray, masker: MLMMasker, seed: in
     ids = torch.from_numpy(np.asarray(packed[indices], dtype=np.int64))
     masked, labels = masker(ids, indices, seed, epochs)
     return {"input_ids": masked, "attention_mask": torch.ones_like(masked), "labels": labels,
-            "sample_idx": torch.from_numpy(indices)}
+            "masked_positions": masked_positions(labels), "sample_idx": torch.from_numpy(indices)}
+
+
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the MLM targets in a host batch's ``labels``: the model selects them with these, with no
+    wait for the device (the selection's size is known here)."""
+    return (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .config import ConfigError, RunConfig
-from .data import IGNORE_INDEX
+from .data import masked_positions as find_masked_positions
 from .search import apply_gates, new_gates
 
 logger = logging.getLogger(__name__)
@@ -281,8 +281,10 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
 
 
 def _sdpa_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch, seq) 1/0 padding mask -> additive (batch, 1, 1, seq) mask; ``None`` when nothing is padded."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(batch, seq) 1/0 padding mask -> additive (batch, 1, 1, seq) mask; ``None`` when nothing is padded. Whether
+    anything is padded is read only off a host tensor: on a GPU it would stall every forward until the device
+    catches up (``Engine`` drops an all-ones mask on the host, before the batch moves)."""
+    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
         return None
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
@@ -380,16 +382,21 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
         **_: object,
     ) -> PreTrainingOutput:
+        """``masked_positions``: the flat indices of ``labels != -100`` (:func:`~earlybert_ds.data.masked_positions`),
+        computed on the host before the batch moves; without them they are found here, which on a GPU waits for
+        the device (a selection's size is data-dependent)."""
         out = self.bert(input_ids, attention_mask, token_type_ids)
         h = out.last_hidden_state
         nsp_logits = self.nsp(out.pooler_output) if self.nsp is not None else None
         if labels is None:
             return PreTrainingOutput(logits=self.cls(h), nsp_logits=nsp_logits)
-        masked = labels != IGNORE_INDEX
-        targets = labels[masked]
-        logits = self.cls(h[masked])
+        if masked_positions is None:
+            masked_positions = find_masked_positions(labels)
+        targets = labels.view(-1).index_select(0, masked_positions)
+        logits = self.cls(h.flatten(0, 1).index_select(0, masked_positions))
         scores = logits.float()  # exact; and torch's CPU argmax is 4x slower on bf16 than on fp32
         mlm_loss = F.cross_entropy(scores, targets, reduction="sum") / max(targets.numel(), 1)
         loss, nsp_loss = mlm_loss, None
@@ -403,7 +410,7 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             nsp_loss=None if nsp_loss is None else nsp_loss.detach(),
             logits=logits,
             mlm_correct=(scores.argmax(-1) == targets).sum().detach(),
-            mlm_count=torch.tensor(targets.numel(), device=logits.device),
+            mlm_count=torch.full((), targets.numel(), device=logits.device),  # no copy from the host
             nsp_logits=nsp_logits,
         )
 

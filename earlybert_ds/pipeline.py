@@ -27,9 +27,9 @@ from . import distributed as dist
 from . import trainer
 from .checkpoint import Start
 from .config import RunConfig, save_config
-from .dsconfig import build_ds_config, describe_precision
+from .dsconfig import plan_ds
 from .engine import Engine
-from .hardware import job_peak_flops
+from .hardware import job_peak_flops, this_machine, use_deterministic_kernels
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, initial_config, initial_model
 from .monitor import Monitor
 from .search import SearchStage, check_prunable, given_ticket, random_ticket
@@ -46,11 +46,13 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
                   resume_from: str | None = None) -> dict:
     """Run the stages (or the full-model baseline) on the task that ``make_task`` builds; returns the summary that
     is also written to ``OUTPUT/summary.json``."""
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     rank, _ = dist.init()
     random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
     torch.manual_seed(cfg.train.seed + rank)
-    ds_config = build_ds_config(cfg, dist.world_size(), dist.on_cuda())  # a bad config fails before any work
-    logger.info(describe_precision(cfg, dist.on_cuda()))
+    plan = plan_ds(cfg, dist.world_size(), this_machine())  # a bad config fails before any work
+    logger.info("precision %s (%s)", plan.precision, plan.precision_why)
     with dist.claim_output_dir(cfg.output_dir, resume or bool(resume_from), checkpoint.RUN_CONFIG) as out:
         # decided once, so that no file-system view can split the ranks across stages
         start = dist.on_rank0(checkpoint.where_to_start, cfg, out, resume, resume_from)
@@ -62,7 +64,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
         if start.phase == "search":
             check_prunable(cfg.earlybert, full_config)
         dist.on_rank0(save_config, cfg, out / checkpoint.RUN_CONFIG)  # from here on the directory holds this run
-        run = Run(cfg, out, task, peak_flops=job_peak_flops(ds_config))
+        run = Run(cfg, out, task, peak_flops=job_peak_flops(plan.config))
         run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
         try:
             return _run_stages(run, start, full_config)

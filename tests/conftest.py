@@ -14,13 +14,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from earlybert_ds.hardware import auto_precision  # noqa: E402
+from earlybert_ds.hardware import Machine, auto_precision, cpu_info  # noqa: E402
 from earlybert_ds.modeling import EarlyBertConfig  # noqa: E402
 
 #: What ``auto`` picks on this CPU: bf16 where it has bf16 units, fp32 on AVX2-only CPUs, where bf16 is emulated and
 #: slow. The multi-rank tests that are not about bf16 run at it; ``test_zero3_bf16_pipeline_two_ranks`` and the
 #: in-process ZeRO tests run bf16 on every CPU.
-MACHINE_PRECISION = auto_precision(False)[0]
+MACHINE_PRECISION = auto_precision(Machine("cpu", cpu_info()["flags"]))[0]
 #: The reference run's ZeRO stage and precision (``zero2_run``), shared by the tests that compare with it.
 ZERO2 = {"train.zero_stage": 2, "train.precision": MACHINE_PRECISION}
 

@@ -104,7 +104,7 @@ def test_gate_group_and_taylor_under_zero(distributed, stage):
             state = engine.full_state_dict()
             hand = _hand_taylor(state, _batch(step))
             expected = hand if expected is None else [a + b for a, b in zip(expected, hand)]
-            engine.train_step([_batch(step)], lambda: taylor.accumulate(engine.module, engine.optimizer))
+            engine.train_step([_batch(step)], step, lambda: taylor.accumulate(engine.module, engine.optimizer))
             if step == 0:  # Adam's first step moves every gate by exactly its lr (no decay on gates)
                 after = read_gates(engine.module, engine.optimizer)
                 moved = np.concatenate([np.abs(a - b) for a, b in zip(after.heads + after.ffn,
