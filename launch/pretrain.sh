@@ -6,15 +6,17 @@
 #   NPROC=8 launch/pretrain.sh --corpus /data/text --deepspeed ds_configs/zero2_bf16.json --output-dir runs/x
 #
 # Environment: NPROC (ranks; default: all GPUs, or 2 on CPU), MASTER_PORT (default 29500),
-# OMP_NUM_THREADS (CPU only; default: cores / ranks).
+# OMP_NUM_THREADS (CPU only; default: cores / ranks), DS_ACCELERATOR=cpu (train on the CPU even with GPUs).
+# GPUs are counted by the repository venv's torch (else python3's); where nvidia-smi lists GPUs that this torch
+# cannot use, the script stops rather than train on the CPU.
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
-[ -x "$here/.venv/bin/deepspeed" ] && export PATH="$here/.venv/bin:$PATH"
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
-else
-  export DS_ACCELERATOR=cpu
+source "$(dirname "$0")/common.sh"
+gpus=0
+[ "${DS_ACCELERATOR:-}" = cpu ] || gpus="$(cuda_gpus)"
+if [ "$gpus" = 0 ]; then
   NPROC="${NPROC:-2}"
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
+  cpu_ranks "$NPROC"
+else
+  NPROC="${NPROC:-$gpus}"
 fi
 exec deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module earlybert_ds pretrain "$@"

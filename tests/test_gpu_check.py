@@ -114,3 +114,24 @@ def test_preflight_names_what_a_python_environment_lacks(tmp_path):
     proc = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0 and "torch.Size([2, 8, 50])" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_pretrain_sh_refuses_gpus_that_its_torch_cannot_use(tmp_path):
+    """A GPU node whose torch is CPU-only would quietly start 2 CPU ranks: launch/pretrain.sh stops, naming the
+    torch. (This machine has no NVIDIA driver: an `nvidia-smi` that lists one GPU, as the driver's tool prints it,
+    stands in for it.) With DS_ACCELERATOR=cpu it goes on, on the CPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-5c2f1b44)'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "NPROC": "1"}
+    env.pop("DS_ACCELERATOR", None)
+    proc = subprocess.run(["bash", "launch/pretrain.sh", "--output-dir", str(tmp_path / "out")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "out").exists(), proc.stderr[-2000:]
+    assert f"nvidia-smi lists 1 GPU(s), but torch {torch.__version__}" in proc.stderr
+    assert "DS_ACCELERATOR=cpu" in proc.stderr
+    proc = subprocess.run(["bash", "launch/pretrain.sh", "--help"], cwd=REPO, env={**env, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--train.deterministic" in proc.stdout, proc.stderr[-2000:]
