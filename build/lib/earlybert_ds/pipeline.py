@@ -1,0 +1,165 @@
+"""EarlyBERT on DeepSpeed, stage by stage — the same stages for pre-training and fine-tuning.
+
+    1. search   the full model with slimming gates trains with an L1 penalty on them; every ``detect_every`` steps
+                all ranks read the gates and the coordinator (rank 0) draws masks from the units' scores and checks
+                whether they have stopped changing (the early-bird test, :class:`~earlybert_ds.search.SearchStage`);
+    2. draw     rank 0 broadcasts the decision and the ticket, so every rank switches at the same step;
+    3. shrink   the search engine is torn down and every rank shrinks the model physically to the ticket, which
+                rank 0 writes to ``OUTPUT/ticket/`` (ticket.json, the shrunk model, the tokenizer, the data position);
+    4. train    a new engine trains the small model to ``train.steps`` (efficient training); the model is exported.
+
+What differs between pre-training and fine-tuning (data, model head, evaluation) is a :class:`~earlybert_ds.trainer.
+Task`; see ``pretrain.py`` and ``finetune.py``. With ``earlybert.enabled = false`` the full model trains throughout
+(the baseline). Every stage checkpoints and resumes exactly; ``--resume-from OUTPUT/ticket`` restarts the efficient
+stage on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import torch
+
+from . import checkpoint
+from . import distributed as dist
+from . import trainer
+from .checkpoint import Start
+from .config import RunConfig, save_config
+from .dsconfig import plan_ds
+from .engine import Engine
+from .hardware import job_peak_flops, this_machine, use_deterministic_kernels
+from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, initial_config, initial_model
+from .monitor import Monitor
+from .search import SearchStage, check_prunable, given_ticket, random_ticket
+from .shrink import shrink
+from .summary import run_summary, write_summary
+from .ticket import Ticket
+from .trainer import NonFiniteLossError, Run, Task
+
+logger = logging.getLogger("earlybert_ds")
+Model = EarlyBertPreTrainedModel
+
+
+def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume: bool = False,
+                  resume_from: str | None = None) -> dict:
+    """Run the stages (or the full-model baseline) on the task that ``make_task`` builds; returns the summary that
+    is also written to ``OUTPUT/summary.json``."""
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
+    rank, _ = dist.init()
+    random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
+    torch.manual_seed(cfg.train.seed + rank)
+    plan = plan_ds(cfg, dist.world_size(), this_machine())  # a bad config fails before any work
+    logger.info("precision %s (%s)", plan.precision, plan.precision_why)
+    with dist.claim_output_dir(cfg.output_dir, resume or bool(resume_from), checkpoint.RUN_CONFIG) as out:
+        # decided once, so that no file-system view can split the ranks across stages
+        start = dist.on_rank0(checkpoint.where_to_start, cfg, out, resume, resume_from)
+        task = make_task(cfg)
+        cfg.resolve(task.epoch_examples, dist.world_size())  # derived fields settled, then frozen
+        if start.phase == "efficient":
+            dist.on_rank0(checkpoint.check_ticket_fits, cfg, task.tokenizer, start.ticket)
+        full_config = initial_config(cfg, task, gates=cfg.earlybert.enabled)
+        if start.phase == "search":
+            check_prunable(cfg.earlybert, full_config)
+        dist.on_rank0(save_config, cfg, out / checkpoint.RUN_CONFIG)  # from here on the directory holds this run
+        run = Run(cfg, out, task, peak_flops=job_peak_flops(plan.config))
+        run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
+        try:
+            return _run_stages(run, start, full_config)
+        finally:
+            run.monitor.close()
+
+
+def _run_stages(run: Run, start: Start, full_config: EarlyBertConfig) -> dict:
+    """Search, draw, shrink, train — from wherever this launch starts."""
+    ticket, model = None, None
+    if start.phase == "search":
+        ticket, searched = search_and_draw(run, start, full_config)
+        model = shrink_to_ticket(run, ticket, searched)
+        write_ticket(run, ticket, model, full_config)
+    elif start.phase == "efficient":  # resumed after the ticket was drawn
+        ticket, model, full_config = load_ticket(run, start)
+    if model is None:  # the full-model baseline
+        model = initial_model(run.cfg, run.task, gates=False)
+    return train_efficient(run, start, ticket, model, full_config)
+
+
+def search_and_draw(run: Run, start: Start, full_config: EarlyBertConfig) -> tuple[Ticket, dict | None]:
+    """Stages 1 and 2: train the gated model until the coordinator draws the ticket, which every rank receives;
+    with it the searched weights when the efficient stage continues from them (``earlybert.weights=continue``)."""
+    cfg = run.cfg
+    if cfg.earlybert.draw == "random":  # the paper's baseline: no search, a random ticket at the same ratios
+        return random_ticket(cfg.earlybert, full_config, cfg.train.seed), None
+    if cfg.earlybert.draw == "given":  # no search either: a ticket drawn elsewhere
+        return given_ticket(cfg.earlybert, full_config), None
+    stage = SearchStage(cfg.earlybert, cfg.train.seed, run.monitor, run.search_log, run.out / "plots")
+    engine = Engine(initial_model(cfg, run.task, gates=True), cfg, start_step=0)
+    if start.checkpoint:
+        stage.load_state_dict(trainer.load(run, engine, start.checkpoint)["search"])
+    trainer.train(run, engine, "search", cfg.train.steps, stage)
+    if stage.ticket is None:
+        raise RuntimeError("the search reached train.steps without drawing a ticket (max_search_steps too large)")
+    searched = engine.full_state_dict() if cfg.earlybert.weights == "continue" else None  # collective
+    engine.destroy()
+    return stage.ticket, searched
+
+
+def shrink_to_ticket(run: Run, ticket: Ticket, searched: dict | None) -> Model:
+    """Stage 3: the physically smaller model the efficient stage starts from: the kept weights at initialisation or
+    as pre-trained (``rewind``, the paper) or as searched (``continue``, gates folded in)."""
+    full = initial_model(run.cfg, run.task, gates=True)
+    if searched is not None:
+        full.load_state_dict(searched, strict=False)
+    return shrink(full, ticket, fold_gates=searched is not None)
+
+
+def write_ticket(run: Run, ticket: Ticket, model: Model, full_config: EarlyBertConfig) -> None:
+    """``OUTPUT/ticket/``: everything a fresh launch on any number of ranks needs to train the ticket."""
+    state = {**run.client_state("efficient")["earlybert"], "full_config": full_config.to_dict()}
+    checkpoint.write_ticket_dir(run.out / checkpoint.TICKET_DIR, ticket, model, run.task.tokenizer, state)
+    run.monitor.event(ticket.step, "ticket", {"reason": ticket.reason, "heads_per_layer": ticket.heads_per_layer,
+                                              "intermediate_sizes": ticket.intermediate_sizes})
+    if dist.rank() == 0:
+        logger.info("ticket drawn at step %d (%s): heads per layer %s, FFN widths %s", ticket.step, ticket.reason,
+                    ticket.heads_per_layer, ticket.intermediate_sizes)
+
+
+def load_ticket(run: Run, start: Start) -> tuple[Ticket, Model, EarlyBertConfig]:
+    """The ticket, shrunk model and unpruned config of a ticket checkpoint (copied into this run's directory, which
+    stays self-contained); a start from the ticket itself also takes its position and random state."""
+    ticket_dir, own = start.ticket, run.out / checkpoint.TICKET_DIR
+    if ticket_dir.resolve() != own.resolve():
+        dist.on_rank0(checkpoint.copy_ticket_dir, ticket_dir, own)
+    ticket, model, state = checkpoint.load_ticket_dir(ticket_dir, run.task.model_class)
+    if start.checkpoint is None:
+        run.restore(state)
+        checkpoint.restore_ticket_rng(ticket_dir)
+    return ticket, model, EarlyBertConfig.from_dict(state["full_config"])
+
+
+def train_efficient(run: Run, start: Start, ticket: Ticket | None, model: Model, full_config: EarlyBertConfig) -> dict:
+    """Stage 4: train the shrunk model (the full one without a ticket) to ``train.steps``, validate, export, and
+    report."""
+    cfg, phase = run.cfg, "full" if ticket is None else "efficient"
+    run.ticket = ticket
+    rewarmup = cfg.earlybert.rewarmup_steps if ticket and ticket.step else 0
+    engine = Engine(model, cfg, start_step=ticket.step if ticket else 0, rewarmup_steps=rewarmup)
+    if start.checkpoint is not None and start.phase != "search":
+        trainer.load(run, engine, start.checkpoint)
+    trainer.train(run, engine, phase, cfg.train.steps)
+    if run.nonfinite:  # fewer than train.max_nonfinite, but nothing may be saved or exported from them
+        raise NonFiniteLossError(f"the last {run.nonfinite} step(s), up to step {run.step}, had a non-finite loss: "
+                                 f"no checkpoint or model was written from them. {trainer.last_good(run)}")
+    if run.saved_step != run.step:  # a resumed finished run has its checkpoint: never rewrite it in place
+        trainer.save(run, engine, phase)
+    final_eval = run.evaluate(engine)
+    state = engine.full_state_dict()  # collective
+    dist.on_rank0(checkpoint.export_final, run.out / checkpoint.FINAL_DIR, run.task.model_class,
+                  engine.module.config, state, run.task.tokenizer)
+    run.task.finish(engine, run.out)
+    summary = run_summary(run, ticket, full_config, engine.module.config, final_eval)
+    engine.destroy()
+    dist.on_rank0(write_summary, run, summary)
+    return summary
