@@ -216,16 +216,24 @@ def test_fused_adam_that_cannot_be_built_is_refused_before_any_rank_starts(tmp_p
     assert plan.optimizer.jit_builder == "FusedAdamBuilder" and "fused" not in plan.config["optimizer"]["params"]
 
 
+def test_cuda_without_nvcc_uses_optimizers_that_need_no_build():
+    """A pip-only CUDA install (no nvcc, nothing prebuilt into DeepSpeed): torch's fused AdamW and our Lamb, nothing
+    compiled; in the config, torch_adam and fused, or no optimizer section (our Lamb is a client optimizer)."""
+    plan = plan_ds(_run(zero_stage=2, precision="bf16"), 1, A100)
+    assert plan.config["optimizer"]["params"]["torch_adam"] is True and plan.config["optimizer"]["params"]["fused"]
+    assert plan.optimizer.jit_builder is None
+    lamb = plan_ds(_run(optimizer="lamb", zero_stage=1), 1, A100)
+    assert "optimizer" not in lamb.config and lamb.optimizer.client and lamb.optimizer.jit_builder is None
+
+
 def test_the_config_carries_the_choice():
-    """The DeepSpeed config builds what the choice says: torch's fused AdamW (torch_adam, fused), DeepSpeed's own
-    optimizer (no torch_adam: FusedAdam, or CPUAdam under offload), or no section (our Lamb, a client optimizer)."""
-    assert build_ds_config(_run(zero_stage=2, precision="bf16"), 1, A100)["optimizer"]["params"]["torch_adam"] is True
+    """The DeepSpeed config builds what the choice says: DeepSpeed's own optimizer (no torch_adam: FusedAdam, or
+    CPUAdam under offload) where the machine has it prebuilt or the config asks for it."""
     prebuilt = build_ds_config(_run(zero_stage=2, precision="bf16"), 1, A100_PREBUILT)["optimizer"]["params"]
     assert "torch_adam" not in prebuilt and "fused" not in prebuilt
     offload = _run()
     offload.deepspeed = str(DEFAULT_DS_CONFIG.parent / "zero3_offload.json")
     assert plan_ds(offload, 1, A100).optimizer.name == "DeepSpeed CPUAdam"
-    assert "optimizer" not in build_ds_config(_run(optimizer="lamb", zero_stage=1), 1, A100)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
