@@ -6,8 +6,9 @@ Run it where the package registry is reachable, for the target's Python version 
 machine's); copy DIR to the target and there run ``launch/setup.sh --offline DIR``, which installs from DIR alone
 into a venv that keeps the target's own CUDA torch. torch is never in the bundle: the target's is the one built for
 its driver. DeepSpeed is published as source only; its wheel is built here, without compiled ops (pure Python: any
-platform), as ``pip install deepspeed`` would build it. The wheels of the build backend (pyproject.toml's
-``build-system``) come too, for the editable install of this checkout.
+platform), as ``pip install deepspeed`` would build it. This project's own dependencies are read from
+pyproject.toml (with the extras asked for), and its build backend (``build-system``) comes too, for the editable
+install of this checkout.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ except ModuleNotFoundError:  # a bare python3: pip's own copy
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_BUNDLED = {"torch"}  # the target's own
-NOT_DOWNLOADED = NOT_BUNDLED | {"deepspeed", "earlybert-ds"}  # built here; their dependencies are downloaded
+NOT_DOWNLOADED = NOT_BUNDLED | {"deepspeed", "earlybert-ds"}  # built here, or this checkout; their dependencies come
 
 
 def target_environment(python_version: str, platform: str) -> dict[str, str]:
@@ -43,12 +44,9 @@ def target_environment(python_version: str, platform: str) -> dict[str, str]:
                if platform.startswith(("manylinux", "musllinux", "linux")) else {})}
 
 
-def requirements(wheel: Path, extras: set[str], env: dict[str, str]) -> list[str]:
-    """The dependencies a wheel declares (with ``extras``) that apply on the target, but torch and the two wheels
-    built here."""
-    with zipfile.ZipFile(wheel) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        declared = Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+def requirements(declared: list[str], extras: set[str], env: dict[str, str]) -> list[str]:
+    """Of the ``declared`` dependencies, those that apply on the target (with ``extras``), but torch, DeepSpeed and
+    this project, which are not downloaded."""
     out = []
     for line in declared:
         req = Requirement(line)
@@ -57,6 +55,13 @@ def requirements(wheel: Path, extras: set[str], env: dict[str, str]) -> list[str
             out.append(str(Requirement(f"{req.name}{'[' + ','.join(sorted(req.extras)) + ']' if req.extras else ''}"
                                        f"{req.specifier}")))
     return out
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The dependencies a wheel declares (its METADATA's Requires-Dist)."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        return Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
 
 
 def platform_tags(platform: str) -> list[str]:
@@ -79,22 +84,18 @@ def pip(*args: str) -> None:
 def bundle(out: Path, python_version: str, platform: str, extras: set[str]) -> list[Path]:
     """Fill ``out`` with the wheels; returns them."""
     out.mkdir(parents=True, exist_ok=True)
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    deepspeed = next(d for d in project["project"]["dependencies"] if Requirement(d).name == "deepspeed")
-    built = out / "built"
-    pip("wheel", "--no-deps", "--wheel-dir", str(built), str(REPO), deepspeed.split("#")[0].strip())
-    env = target_environment(python_version, platform)
-    wanted = [r for w in sorted(built.glob("*.whl")) for r in requirements(w, extras, env)]
-    wanted += project["build-system"]["requires"]
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    deepspeed = next(d for d in project["dependencies"] if Requirement(d).name == "deepspeed")
+    pip("wheel", "--no-deps", "--wheel-dir", str(out), deepspeed)
+    declared = project["dependencies"] + wheel_requirements(next(out.glob("deepspeed-*.whl")))
+    declared += [r for e, reqs in project.get("optional-dependencies", {}).items() if e in extras for r in reqs]
+    wanted = requirements(declared, extras, target_environment(python_version, platform))
+    wanted += pyproject["build-system"]["requires"]  # for the editable install of this checkout
     (out / "requirements.txt").write_text("\n".join(wanted) + "\n")
     pip("download", "--dest", str(out), "--only-binary=:all:", "--python-version", python_version,
         *[a for tag in platform_tags(platform) for a in ("--platform", tag)], "--implementation", "cp",
         "-r", str(out / "requirements.txt"))
-    for w in built.glob("deepspeed-*.whl"):  # this checkout is installed from source, not from its wheel
-        w.replace(out / w.name)
-    for w in built.glob("*.whl"):
-        w.unlink()
-    built.rmdir()
     wheels = sorted(out.glob("*.whl"))
     bundled_torch = [w.name for w in wheels if w.name.split("-")[0].lower() in NOT_BUNDLED]
     if bundled_torch:
