@@ -38,6 +38,14 @@ def tiny_config(**kw) -> EarlyBertConfig:
     return EarlyBertConfig(**{**base, **kw})
 
 
+def tiny_mlm_batch() -> dict[str, torch.Tensor]:
+    """One MLM micro-batch for :func:`tiny_config` models: 4 sequences of 16 tokens, about 30% of them masked."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 120, (4, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
+
+
 def randomize_gates(model: torch.nn.Module, seed: int = 0) -> None:
     """Gates as after a search: spread magnitudes, some near zero, some negative."""
     g = torch.Generator().manual_seed(seed)

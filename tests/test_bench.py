@@ -21,7 +21,7 @@ from earlybert_ds.modeling import EarlyBertForSequenceClassification, load_hf_be
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
-from conftest import REPO, metrics, run_single, tiny_config, tiny_run_args
+from conftest import REPO, metrics, run_single, tiny_config, tiny_mlm_batch, tiny_run_args
 
 
 @pytest.mark.slow
@@ -442,10 +442,7 @@ def test_checkpoint_gates_reads_the_fp32_masters_in_every_layout(distributed, tm
     torch.manual_seed(0)
     engine = Engine(EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2)), run)
     try:
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(5, 120, (4, 16), generator=g)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-                 "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
+        batch = tiny_mlm_batch()
         for step in range(3):
             engine.train_step([batch], step)
         engine.engine.save_checkpoint(str(tmp_path / "ckpt"), tag="global_step3")

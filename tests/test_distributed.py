@@ -90,14 +90,11 @@ def test_deterministic_mode_trains(distributed, monkeypatch):
     from earlybert_ds.hardware import use_deterministic_kernels
     from earlybert_ds.modeling import EarlyBertForPreTraining
 
-    from conftest import tiny_config
+    from conftest import tiny_config, tiny_mlm_batch
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     run = RunConfig.from_dict({"train": {"deterministic": True, "precision": "fp32", "warmup_steps": 0}})
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 120, (4, 16), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-             "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
+    batch = tiny_mlm_batch()
     batch["attention_mask"][0, -4:] = 0  # the padded path too
     use_deterministic_kernels()
     try:

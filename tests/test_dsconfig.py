@@ -463,17 +463,14 @@ def test_gates_are_read_from_fp32_masters_under_bf16(distributed, stage):
     from earlybert_ds.engine import Engine
     from earlybert_ds.search import read_gates
 
-    from conftest import tiny_config
+    from conftest import tiny_config, tiny_mlm_batch
 
     run = _run(zero_stage=stage, precision="bf16", lr=1e-4, warmup_steps=0, steps=10)
     torch.manual_seed(0)
     model = EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2))
     engine = Engine(model, run)
     try:
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(5, 120, (4, 16), generator=g)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-                 "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
+        batch = tiny_mlm_batch()
         for step in range(3):
             engine.train_step([batch], step)
         gates = read_gates(engine.module, engine.optimizer)

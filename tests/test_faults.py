@@ -16,7 +16,7 @@ import torch
 from earlybert_ds.atomic import atomic_directory, atomic_write_text
 from earlybert_ds.faults import FAULT_ENV
 
-from conftest import ZERO2, launch, losses, metrics, tiny_run_args
+from conftest import ZERO2, launch, losses, metrics, tiny_mlm_batch, tiny_run_args
 
 
 def _crash(args: list[str], fault: str) -> None:
@@ -125,18 +125,11 @@ def _fp16_engine(tmp_path: Path, scale_power: int, start_step: int = 0):
     return Engine(EarlyBertForPreTraining(tiny_config()), _fp16_run(tmp_path, scale_power), start_step)
 
 
-def _mlm_batch() -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 120, (4, 16), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-            "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
-
-
 def test_fp16_loss_scale_accounting(distributed, fp16_anywhere, tmp_path):
     """What the training loop reports under fp16 (``loss_scale``, ``skipped_steps``), on every machine: at 2^40
     every step overflows, is skipped (weights untouched, same loss) and halves the scale (hysteresis 1); at 2^8
     nothing overflows and the model learns."""
-    batch = _mlm_batch()
+    batch = tiny_mlm_batch()
     engine = _fp16_engine(tmp_path, 40)
     try:
         before = engine.full_state_dict()
@@ -163,7 +156,7 @@ def test_fp16_skipped_steps_do_not_shift_the_schedule(distributed, fp16_anywhere
     over 20 steps), in the optimizer's groups as in the readings, also in a second engine built mid-run."""
     from earlybert_ds.engine import lr_lambda
 
-    batch = _mlm_batch()
+    batch = tiny_mlm_batch()
     engine = _fp16_engine(tmp_path, 20)
     run = _fp16_run(tmp_path, 20)
     schedule, peak = lr_lambda(run), run.train.lr
