@@ -2,6 +2,7 @@
 
 from .modeling import (
     EarlyBertConfig,
+    EarlyBertForMaskedLM,
     EarlyBertForPreTraining,
     EarlyBertForQuestionAnswering,
     EarlyBertForSequenceClassification,
@@ -13,6 +14,7 @@ from .ticket import PruneSpec, Ticket
 
 __version__ = "0.1.0"
 __all__ = [
-    "EarlyBertConfig", "EarlyBertModel", "EarlyBertForPreTraining", "EarlyBertForSequenceClassification",
-    "EarlyBertForQuestionAnswering", "load_hf_bert", "shrink", "PruneSpec", "Ticket",
+    "EarlyBertConfig", "EarlyBertModel", "EarlyBertForMaskedLM", "EarlyBertForPreTraining",
+    "EarlyBertForSequenceClassification", "EarlyBertForQuestionAnswering", "load_hf_bert", "shrink", "PruneSpec",
+    "Ticket",
 ]

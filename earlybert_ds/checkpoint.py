@@ -169,34 +169,50 @@ def load(engine: Engine, path: str | Path) -> tuple[dict, dict]:
 #
 # OUTPUT/run_config.json   the run's config (its presence: the directory holds a run)
 # OUTPUT/checkpoints/      training checkpoints (above)
-# OUTPUT/ticket/           ticket.json, the shrunk model at the top (Hugging Face format), tokenizer/, state.json
-#                          (the run's position and the unpruned model's config), rng.pt (every rank's random state)
-# OUTPUT/final/            the trained model with its tokenizer;  OUTPUT/summary.json  the run's summary
+# OUTPUT/ticket/           ticket.json, the shrunk model with its tokenizer, code and card (a Hugging Face model
+#                          directory, as final/), state.json (the run's position and the unpruned model's config),
+#                          rng.pt (every rank's random state)
+# OUTPUT/final/            the trained model with its tokenizer, code and card
+# OUTPUT/summary.json      the run's summary;  OUTPUT/metrics.jsonl, OUTPUT/train.log  its metrics and log (monitor.py)
 
-CHECKPOINTS, TICKET_DIR, FINAL_DIR, TOKENIZER_DIR = "checkpoints", "ticket", "final", "tokenizer"
+CHECKPOINTS, TICKET_DIR, FINAL_DIR = "checkpoints", "ticket", "final"
 RUN_CONFIG, SUMMARY, STATE, RNG_FILE = "run_config.json", "summary.json", "state.json", "rng.pt"
+CARD_FILE = "README.md"  # a saved model's card, as on the Hugging Face Hub
 
 #: The run-config fields that decide the unpruned model's shape and dropout, by their name in its configuration.
 _MODEL_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                  "intermediate_size": "intermediate_size", "dropout": "hidden_dropout_prob"}
 
 
-def write_ticket_dir(path: Path, ticket: Ticket, model: PreTrainedModel, tokenizer: Any, state: dict) -> None:
+def save_model_dir(tmp: Path, model: PreTrainedModel, tokenizer: Any, card: str) -> None:
+    """A Hugging Face model directory in ``tmp``: the weights (safetensors), config, code, tokenizer and card."""
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / CARD_FILE).write_text(card)
+
+
+def write_ticket_dir(path: Path, ticket: Ticket, model: PreTrainedModel, tokenizer: Any, state: dict,
+                     card: str) -> None:
     """``path`` (``OUTPUT/ticket/``), written atomically by rank 0 (a collective): the ticket, the model the
-    efficient stage starts from, the tokenizer, ``state`` (the run's position, the unpruned model's config) and
-    every rank's random state — all a fresh launch on any world size needs (and, on the same number of ranks, to
-    continue exactly)."""
+    efficient stage starts from with its tokenizer and card (``pipeline(..., model=OUTPUT/ticket)`` works, as on
+    ``final/``), ``state`` (the run's position, the unpruned model's config) and every rank's random state — all a
+    fresh launch on any world size needs (and, on the same number of ranks, to continue exactly)."""
     rng = dist.all_gather_object(rng_state())
 
     def write() -> None:
         with atomic_directory(path) as tmp:
             ticket.save(tmp / TICKET_FILE)
             torch.save(rng, tmp / RNG_FILE)
-            model.save_pretrained(tmp)  # at the top, as in final/: AutoModel*.from_pretrained(OUTPUT/ticket)
-            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            save_model_dir(tmp, model, tokenizer, card)
             atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
 
     dist.on_rank0(write)
+
+
+def ticket_tokenizer_dir(ticket_dir: Path) -> Path | None:
+    """Where a ticket checkpoint keeps its tokenizer: beside the model, or in ``tokenizer/`` in older tickets
+    (``None``: in neither)."""
+    return next((d for d in (ticket_dir, ticket_dir / "tokenizer") if (d / "tokenizer_config.json").is_file()), None)
 
 
 def copy_ticket_dir(src: Path, dst: Path) -> None:
@@ -254,31 +270,30 @@ def check_ticket_fits(cfg: RunConfig, tokenizer: Any, ticket_dir: Path) -> None:
             raise ConfigError(f"model.{name}={getattr(cfg.model, name)} differs from the model of the ticket "
                               f"{ticket_dir} ({key}={full.get(key)}); a ticket trains the model it was drawn from: "
                               f"drop --model.{name}, or start a new run")
-    if (ticket_dir / TOKENIZER_DIR).is_dir():
+    if (where := ticket_tokenizer_dir(ticket_dir)) is not None:
         try:
-            theirs = load_tokenizer(ticket_dir / TOKENIZER_DIR)
+            theirs = load_tokenizer(where)
         except DataError as e:
             raise CheckpointError(f"{ticket_dir}: unreadable ticket tokenizer ({e})") from e
         if tokenizer_digest(theirs) != tokenizer_digest(tokenizer):
             ours = f"data.tokenizer={cfg.data.tokenizer}" if cfg.data.tokenizer else "this run's tokenizer"
-            raise ConfigError(f"the ticket {ticket_dir} was drawn with the tokenizer in {ticket_dir / TOKENIZER_DIR} "
-                              f"({len(theirs)} tokens); {ours} ({len(tokenizer)} tokens) gives other token "
-                              f"ids: pass --data.tokenizer {ticket_dir / TOKENIZER_DIR}")
+            raise ConfigError(f"the ticket {ticket_dir} was drawn with the tokenizer in {where} ({len(theirs)} "
+                              f"tokens); {ours} ({len(tokenizer)} tokens) gives other token ids: pass "
+                              f"--data.tokenizer {where}")
     elif full.get("vocab_size") != len(tokenizer):
         raise ConfigError(f"the ticket {ticket_dir} has a vocabulary of {full.get('vocab_size')}, this run's "
                           f"tokenizer {len(tokenizer)}")
 
 
 def export_final(path: Path, model_class: type[PreTrainedModel], config: Any, state: dict[str, torch.Tensor],
-                 tokenizer: Any) -> None:
-    """``OUTPUT/final/`` (rank 0): a ``model_class`` of ``config`` with the trained weights ``state``, in Hugging
-    Face format (safetensors), with its tokenizer."""
+                 tokenizer: Any, card: str) -> None:
+    """``OUTPUT/final/`` (rank 0): a ``model_class`` of ``config`` with the trained weights ``state``, a Hugging
+    Face model directory (:func:`save_model_dir`)."""
     model = model_class(config)
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model_dir(tmp, model, tokenizer, card)
 
 
 # ---- where a launch begins ------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFa
 from .atomic import atomic_directory
 from .config import DataArgs
 from .digest import json_digest
+from .modeling import IGNORE_INDEX, mlm_positions
 
 if TYPE_CHECKING:  # imported where a corpus is prepared: a run from a prepared cache needs neither
     import datasets
@@ -59,10 +60,6 @@ _TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _FILE_SUFFIXES = (".txt", ".md", ".rst", *_TABLE_FORMATS)
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _SPLIT, _ORDER, _MASK = 0, 1, 2  # stream tags: the val split, epoch orders and masks never share random numbers
-
-
-#: The label of a position that is not predicted (not masked): cross-entropy skips it.
-IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
@@ -589,13 +586,7 @@ def collate(packed: np.ndarray, indices: np.ndarray, masker: MLMMasker, seed: in
     ids = torch.from_numpy(np.asarray(packed[indices], dtype=np.int64))
     masked, labels = masker(ids, indices, seed, epochs)
     return {"input_ids": masked, "attention_mask": torch.ones_like(masked), "labels": labels,
-            "masked_positions": masked_positions(labels), "sample_idx": torch.from_numpy(indices)}
-
-
-def masked_positions(labels: torch.Tensor) -> torch.Tensor:
-    """The flat indices of the MLM targets in a host batch's ``labels``: the model selects them with these, with no
-    wait for the device (the selection's size is known here)."""
-    return (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+            "masked_positions": mlm_positions(labels), "sample_idx": torch.from_numpy(indices)}
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------------

@@ -169,6 +169,10 @@ class DSPlan:
     precision_why: str
     optimizer: OptimizerChoice
 
+    def describe_precision(self) -> str:
+        """One line for the log and the model card: the precision the run trains in and why."""
+        return f"precision {self.precision} ({self.precision_why})"
+
 
 def plan_ds(run: RunConfig, world_size: int, machine: Machine) -> DSPlan:
     """The DeepSpeed config for this run on ``machine``: the JSON (run.deepspeed, or the default) with every "auto"

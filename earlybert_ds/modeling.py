@@ -8,12 +8,19 @@ head's context before the output projection) and one per FFN neuron (scaling the
 The parameter names follow Hugging Face's BERT where they can (``embeddings.*``, ``encoder.layer.N.*``), except
 that query, key and value are one fused ``qkv`` projection (one GEMM instead of three);
 :func:`load_hf_bert` converts a Hugging Face BERT checkpoint directory.
+
+This module stands alone: it imports only torch, transformers and the standard library, never the rest of the
+package. ``save_pretrained`` copies it beside the weights (as ``modeling_earlybert.py``, named in config.json's
+``auto_map``), so that plain ``transformers`` loads a saved model with ``trust_remote_code=True`` where this
+package is not installed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +42,31 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .config import ConfigError, RunConfig
-from .data import masked_positions as find_masked_positions
-from .search import apply_gates, new_gates
-
 logger = logging.getLogger(__name__)
 
+#: The label of a position that is not predicted (not masked): cross-entropy skips it, as in Hugging Face.
+IGNORE_INDEX = -100
+
+
+def mlm_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the MLM targets in ``labels`` (those not ``IGNORE_INDEX``). Found on the host, in the
+    batch the model is handed, they spare it a wait for the device (the selection's size is known there)."""
+    return (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+#: What a saved model's directory holds of this module, and the Auto classes that its config.json maps to it.
+CODE_FILE = "modeling_earlybert.py"
+AUTO_MAP = {
+    "AutoConfig": "EarlyBertConfig",
+    "AutoModel": "EarlyBertModel",
+    "AutoModelForPreTraining": "EarlyBertForPreTraining",
+    "AutoModelForMaskedLM": "EarlyBertForMaskedLM",
+    "AutoModelForSequenceClassification": "EarlyBertForSequenceClassification",
+    "AutoModelForQuestionAnswering": "EarlyBertForQuestionAnswering",
+}
+
+#: Output fields that training reads beside Hugging Face's own (the task loss without the gates' term, MLM counts):
+#: left out of the tuples that ``return_dict=False`` gives and of a ``Trainer``'s predictions, as ``BertFor*``.
+TRAINING_EXTRAS = ("task_loss", "gate_penalty", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count")
 
 
 class EarlyBertConfig(PretrainedConfig):
@@ -51,6 +77,7 @@ class EarlyBertConfig(PretrainedConfig):
     """
 
     model_type = "earlybert"
+    keys_to_ignore_at_inference = list(TRAINING_EXTRAS)  # read by transformers.Trainer's prediction_step
 
     def __init__(
         self,
@@ -128,6 +155,31 @@ class EarlyBertConfig(PretrainedConfig):
         return self.heads_per_layer is not None or self.intermediate_sizes is not None
 
 
+# ---- the slimming gates (the search stage) ---------------------------------------------------------------------
+
+def new_gates(units: int, enabled: bool) -> nn.Parameter | None:
+    """One gate per unit, all 1 at the start (``None`` for a model without gates)."""
+    return nn.Parameter(torch.ones(units)) if enabled else None
+
+
+def l1_term(gates: torch.Tensor, coef: float) -> torch.Tensor:
+    """``coef * sum|gates|``, written so that its backward needs only ``sign(gates)``, never the gates themselves:
+    under ZeRO-3 a gate is gathered only while its module runs, and this term's backward may run outside that
+    window."""
+    return coef * (gates.float() * gates.detach().float().sign()).sum()
+
+
+def apply_gates(x: torch.Tensor, gates: nn.Parameter | None, coef: float, training: bool,
+                shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` scaled by its units' gates (viewed as ``shape`` to broadcast), and their L1 term when training with one
+    (else ``None``)."""
+    if gates is None:
+        return x, None
+    return x * gates.to(x.dtype).view(shape), l1_term(gates, coef) if training and coef else None
+
+
+# ---- the encoder ------------------------------------------------------------------------------------------------
+
 class Embeddings(nn.Module):
     def __init__(self, config: EarlyBertConfig):
         super().__init__()
@@ -162,16 +214,23 @@ class SelfAttention(nn.Module):
         self.head_gates = new_gates(num_heads, config.use_gates)
         self.l1 = config.gate_l1_heads
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block's output, and its gates' L1 term (``None`` unless training with one)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The block's output, its gates' L1 term (``None`` unless training with one) and, with
+        ``output_attentions``, the attention probabilities (batch, heads, seq, seq)."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (b, heads, t, head_size)
-        ctx, penalty = apply_gates(ctx, self.head_gates, self.l1, self.training, (1, -1, 1, 1))
+        dropout = self.attn_dropout if self.training else 0.0
+        probs = None
+        if output_attentions:  # SDPA does not return the probabilities: computed as Hugging Face's eager attention
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_size)
+            probs = F.dropout((scores if attn_mask is None else scores + attn_mask).softmax(-1), dropout)
+            ctx = probs @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        ctx, penalty = apply_gates(ctx, self.head_gates, self.l1, self.training, (1, -1, 1, 1))  # (b, heads, t, hs)
         ctx = ctx.transpose(1, 2).reshape(b, t, self.num_heads * self.head_size)
-        return self.LayerNorm(x + self.dropout(self.dense(ctx))), penalty
+        return self.LayerNorm(x + self.dropout(self.dense(ctx))), penalty, probs
 
 
 class FeedForward(nn.Module):
@@ -199,11 +258,13 @@ class Layer(nn.Module):
         self.attention = SelfAttention(config, config.layer_heads(index))
         self.ffn = FeedForward(config, config.layer_ffn(index))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """The layer's output and its blocks' L1 terms (attention, FFN; ``None`` where there is none)."""
-        x, attention_l1 = self.attention(x, attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool = False
+                ) -> tuple[torch.Tensor | None, ...]:
+        """The layer's output, its blocks' L1 terms (attention, FFN; ``None`` where there is none) and its attention
+        probabilities (``None`` unless asked for)."""
+        x, attention_l1, probs = self.attention(x, attn_mask, output_attentions)
         x, ffn_l1 = self.ffn(x)
-        return x, attention_l1, ffn_l1
+        return x, attention_l1, ffn_l1, probs
 
 
 class Encoder(nn.Module):
@@ -212,17 +273,25 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = config.gradient_checkpointing_layers
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states, and the gates' L1 penalty of this forward pass (``None`` unless training with it): returned
-        by the layers, so a recomputation (activation checkpointing) cannot leave one behind."""
-        penalties = []
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> tuple[Any, ...]:
+        """Hidden states; the gates' L1 penalty of this forward pass (``None`` unless training with it): returned
+        by the layers, so a recomputation (activation checkpointing) cannot leave one behind; and, when asked for,
+        every layer's input and output (the embeddings first) and every layer's attention probabilities."""
+        penalties, hidden, attentions = [], [x] if output_hidden_states else None, [] if output_attentions else None
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
-                x, *l1 = checkpoint(layer, x, attn_mask, use_reentrant=False)
+                x, *l1, probs = checkpoint(layer, x, attn_mask, output_attentions, use_reentrant=False)
             else:
-                x, *l1 = layer(x, attn_mask)
+                x, *l1, probs = layer(x, attn_mask, output_attentions)
             penalties += [p for p in l1 if p is not None]
-        return x, (torch.stack(penalties).sum() if penalties else None)
+            if hidden is not None:
+                hidden.append(x)
+            if attentions is not None:
+                attentions.append(probs)
+        penalty = torch.stack(penalties).sum() if penalties else None
+        return (x, penalty, None if hidden is None else tuple(hidden),
+                None if attentions is None else tuple(attentions))
 
 
 class EarlyBertPreTrainedModel(PreTrainedModel):
@@ -249,6 +318,16 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
                              f"{', '.join([*map(repr, args), *kwargs])}); use earlybert_ds.modeling.load_hf_bert(path, "
                              f"{cls.__name__}, **config_overrides)")
         return load_hf_bert(pretrained_model_name_or_path, cls)
+
+    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True, **kwargs: Any) -> None:
+        """As ``PreTrainedModel.save_pretrained``, plus this module's source beside the weights (:data:`CODE_FILE`)
+        and config.json's ``auto_map`` naming it: plain ``transformers`` then loads the directory with
+        ``trust_remote_code=True``, without this package."""
+        self.config.auto_map = {auto: f"{Path(CODE_FILE).stem}.{name}" for auto, name in AUTO_MAP.items()}
+        if is_main_process:  # before the weights: save_pretrained(..., push_to_hub=True) uploads when it is done
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(__file__, Path(save_directory) / CODE_FILE)
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -279,9 +358,17 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
     def gradient_checkpointing_disable(self) -> None:
         self._set_gradient_checkpointing(False)
 
+    def _returned(self, out: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+        """``out``, or with ``return_dict=False`` (default: the config's) Hugging Face's tuple: its fields that are
+        set, in order, without the :data:`TRAINING_EXTRAS`."""
+        if self.config.return_dict if return_dict is None else return_dict:
+            return out
+        return tuple(v for k, v in out.items() if k not in TRAINING_EXTRAS)
+
 
 def _sdpa_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch, seq) 1/0 padding mask -> additive (batch, 1, 1, seq) mask; ``None`` when nothing is padded. Whether
+    """(batch, seq) 1/0 padding mask -> additive (batch, 1, 1, seq) mask; ``None`` when nothing is padded. Additive
+    for both attention paths: SDPA, and the explicit one of ``output_attentions`` adds it to the scores. Whether
     anything is padded is read only off a host tensor: on a GPU it would stall every forward until the device
     catches up (``Engine`` drops an all-ones mask on the host, before the batch moves)."""
     if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
@@ -293,11 +380,17 @@ def _sdpa_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch
 class EncoderOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     gate_penalty: torch.Tensor | None = None
 
 
 class EarlyBertModel(EarlyBertPreTrainedModel):
-    """The bare encoder (embeddings, ticket-shaped layers, pooler)."""
+    """The bare encoder (embeddings, ticket-shaped layers, pooler).
+
+    ``output_hidden_states``, ``output_attentions`` and ``return_dict`` (default: the config's) mean what they mean
+    for Hugging Face's ``BertModel``; ``head_mask`` is refused (see :func:`_refuse_head_mask`).
+    """
 
     _input_embed_layer = "word_embeddings"  # transformers' get/set_input_embeddings find embeddings.word_embeddings
 
@@ -313,12 +406,31 @@ class EarlyBertModel(EarlyBertPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        **_: object,
-    ) -> EncoderOutput:
+        *,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> EncoderOutput | tuple:
+        _refuse_head_mask(head_mask)
+        c = self.config
         x = self.embeddings(input_ids, token_type_ids)
-        x, penalty = self.encoder(x, _sdpa_mask(attention_mask, x.dtype))
+        x, penalty, hidden, attentions = self.encoder(
+            x, _sdpa_mask(attention_mask, x.dtype),
+            c.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            c.output_attentions if output_attentions is None else output_attentions)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        return EncoderOutput(last_hidden_state=x, pooler_output=pooled, gate_penalty=penalty)
+        out = EncoderOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden, attentions=attentions,
+                            gate_penalty=penalty)
+        return self._returned(out, return_dict)
+
+
+def _refuse_head_mask(head_mask: torch.Tensor | None) -> None:
+    if head_mask is not None:
+        raise ValueError("head_mask is not supported: a ticket-shaped model has its own number of heads in each "
+                         "layer (and transformers 5's BERT takes no head_mask either); to remove heads, shrink the "
+                         "model to a ticket (earlybert_ds.shrink) or build it with use_gates=True and set the "
+                         "layers' head_gates to 0")
 
 
 class MLMHead(nn.Module):
@@ -339,12 +451,14 @@ class MLMHead(nn.Module):
 @dataclass
 class PreTrainingOutput(ModelOutput):
     loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     mlm_loss: torch.Tensor | None = None
     nsp_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
     mlm_correct: torch.Tensor | None = None
     mlm_count: torch.Tensor | None = None
-    nsp_logits: torch.Tensor | None = None
     gate_penalty: torch.Tensor | None = None
 
 
@@ -354,19 +468,22 @@ def _add_penalty(loss: torch.Tensor | None, penalty: torch.Tensor | None) -> tor
 
 
 class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
-    """Masked LM (and next-sentence prediction when ``config.use_nsp``).
+    """Masked LM, and next-sentence prediction when ``config.use_nsp`` (Hugging Face's ``BertForPreTraining``).
 
     With ``labels`` the decoder runs only at the masked positions: over a 30k vocabulary it would otherwise be a
-    large share of the step's FLOPs. ``logits`` are then (num_masked, vocab); without labels, (batch, seq, vocab).
+    large share of the step's FLOPs. ``logits`` are then (num_masked, vocab), in the order of
+    ``labels[labels != -100]``; without labels, (batch, seq, vocab).
     """
 
     _tied_weights_keys = {"cls.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    _next_sentence = True  # EarlyBertForMaskedLM: never
 
     def __init__(self, config: EarlyBertConfig):
         super().__init__(config)
-        self.bert = EarlyBertModel(config, add_pooling_layer=config.use_nsp)
+        nsp = config.use_nsp and self._next_sentence
+        self.bert = EarlyBertModel(config, add_pooling_layer=nsp)
         self.cls = MLMHead(config)
-        self.nsp = nn.Linear(config.hidden_size, 2) if config.use_nsp else None
+        self.nsp = nn.Linear(config.hidden_size, 2) if nsp else None
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -382,19 +499,27 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
+        *,
         masked_positions: torch.Tensor | None = None,
-        **_: object,
-    ) -> PreTrainingOutput:
-        """``masked_positions``: the flat indices of ``labels != -100`` (:func:`~earlybert_ds.data.masked_positions`),
-        computed on the host before the batch moves; without them they are found here, which on a GPU waits for
-        the device (a selection's size is data-dependent)."""
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> PreTrainingOutput | tuple:
+        """``masked_positions``: the flat indices of ``labels != -100`` (:func:`mlm_positions`), found on the host
+        before the batch moves; without them they are found here, which on a GPU waits for the device (the
+        selection's size depends on the data)."""
+        out = self.bert(input_ids, attention_mask, token_type_ids, head_mask=head_mask,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                        return_dict=True)
         h = out.last_hidden_state
         nsp_logits = self.nsp(out.pooler_output) if self.nsp is not None else None
         if labels is None:
-            return PreTrainingOutput(logits=self.cls(h), nsp_logits=nsp_logits)
+            return self._returned(PreTrainingOutput(logits=self.cls(h), nsp_logits=nsp_logits,
+                                                    hidden_states=out.hidden_states, attentions=out.attentions),
+                                  return_dict)
         if masked_positions is None:
-            masked_positions = find_masked_positions(labels)
+            masked_positions = mlm_positions(labels)
         targets = labels.view(-1).index_select(0, masked_positions)
         logits = self.cls(h.flatten(0, 1).index_select(0, masked_positions))
         scores = logits.float()  # exact; and torch's CPU argmax is 4x slower on bf16 than on fp32
@@ -403,16 +528,43 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         if nsp_logits is not None and next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
             loss = loss + nsp_loss
-        return PreTrainingOutput(
+        return self._returned(PreTrainingOutput(
             loss=_add_penalty(loss, out.gate_penalty),
-            gate_penalty=None if out.gate_penalty is None else out.gate_penalty.detach(),
+            logits=logits,
+            nsp_logits=nsp_logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
             mlm_loss=mlm_loss.detach(),
             nsp_loss=None if nsp_loss is None else nsp_loss.detach(),
-            logits=logits,
             mlm_correct=(scores.argmax(-1) == targets).sum().detach(),
             mlm_count=torch.full((), targets.numel(), device=logits.device),  # no copy from the host
-            nsp_logits=nsp_logits,
-        )
+            gate_penalty=None if out.gate_penalty is None else out.gate_penalty.detach(),
+        ), return_dict)
+
+
+class EarlyBertForMaskedLM(EarlyBertForPreTraining):
+    """The masked LM alone (Hugging Face's ``BertForMaskedLM``): ``labels`` is its only label argument, so that a
+    ``transformers.Trainer`` evaluating it computes ``eval_loss`` (it computes a loss only when every argument named
+    like a label is in the batch). Its weights are those of :class:`EarlyBertForPreTraining` without NSP."""
+
+    _next_sentence = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        masked_positions: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> PreTrainingOutput | tuple:
+        return super().forward(input_ids, attention_mask, token_type_ids, labels, masked_positions=masked_positions,
+                               head_mask=head_mask, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict)
 
 
 @dataclass
@@ -421,6 +573,8 @@ class TaskOutput(ModelOutput):
     logits: torch.Tensor | None = None
     start_logits: torch.Tensor | None = None
     end_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     task_loss: torch.Tensor | None = None
     gate_penalty: torch.Tensor | None = None
 
@@ -443,9 +597,15 @@ class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        **_: object,
-    ) -> TaskOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+        *,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TaskOutput | tuple:
+        out = self.bert(input_ids, attention_mask, token_type_ids, head_mask=head_mask,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                        return_dict=True)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = None
         if labels is not None:
@@ -453,8 +613,9 @@ class EarlyBertForSequenceClassification(EarlyBertPreTrainedModel):
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels)
-        return TaskOutput(loss=_add_penalty(loss, out.gate_penalty), logits=logits, task_loss=loss,
-                          gate_penalty=out.gate_penalty)
+        return self._returned(TaskOutput(loss=_add_penalty(loss, out.gate_penalty), logits=logits,
+                                         hidden_states=out.hidden_states, attentions=out.attentions, task_loss=loss,
+                                         gate_penalty=out.gate_penalty), return_dict)
 
 
 class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
@@ -473,9 +634,15 @@ class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
-        **_: object,
-    ) -> TaskOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+        *,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TaskOutput | tuple:
+        out = self.bert(input_ids, attention_mask, token_type_ids, head_mask=head_mask,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                        return_dict=True)
         start, end = self.qa_outputs(out.last_hidden_state).float().unbind(-1)
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -484,14 +651,15 @@ class EarlyBertForQuestionAnswering(EarlyBertPreTrainedModel):
                 F.cross_entropy(start, start_positions.clamp(0, n - 1))
                 + F.cross_entropy(end, end_positions.clamp(0, n - 1))
             ) / 2
-        return TaskOutput(loss=_add_penalty(loss, out.gate_penalty), start_logits=start, end_logits=end,
-                          task_loss=loss, gate_penalty=out.gate_penalty)
+        return self._returned(TaskOutput(loss=_add_penalty(loss, out.gate_penalty), start_logits=start,
+                                         end_logits=end, hidden_states=out.hidden_states, attentions=out.attentions,
+                                         task_loss=loss, gate_penalty=out.gate_penalty), return_dict)
 
 
 AutoConfig.register(EarlyBertConfig.model_type, EarlyBertConfig)
 AutoModel.register(EarlyBertConfig, EarlyBertModel)
 AutoModelForPreTraining.register(EarlyBertConfig, EarlyBertForPreTraining)
-AutoModelForMaskedLM.register(EarlyBertConfig, EarlyBertForPreTraining)
+AutoModelForMaskedLM.register(EarlyBertConfig, EarlyBertForMaskedLM)
 AutoModelForSequenceClassification.register(EarlyBertConfig, EarlyBertForSequenceClassification)
 AutoModelForQuestionAnswering.register(EarlyBertConfig, EarlyBertForQuestionAnswering)
 
@@ -600,55 +768,3 @@ def load_hf_bert(
         logger.info("%s: %d tensors not in the checkpoint were freshly initialised: %s", path, len(fresh), fresh)
     model.tie_weights()
     return model
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The run's initial model
-# --------------------------------------------------------------------------------------------------------------
-
-def _model_overrides(cfg: RunConfig, task: Any, gates: bool) -> dict[str, Any]:
-    e = cfg.earlybert
-    return dict(use_gates=gates, gate_l1_heads=e.l1_heads if gates else 0.0, gate_l1_ffn=e.l1_ffn if gates else 0.0,
-                hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout,
-                gradient_checkpointing_layers=cfg.train.activation_checkpointing, **task.model_overrides)
-
-
-def initial_config(cfg: RunConfig, task: Any, gates: bool = True) -> EarlyBertConfig:
-    """The unpruned model's configuration: ``model.init_from``'s, or the ``model.*`` shape."""
-    m, extra = cfg.model, _model_overrides(cfg, task, gates)
-    vocab = len(task.tokenizer)
-    if not m.init_from:
-        return EarlyBertConfig(vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-                               num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
-                               max_position_embeddings=max(512, cfg.data.seq_len), **extra)
-    config = hf_bert_config(m.init_from, **extra) if _is_hf_bert(m.init_from) else \
-        EarlyBertConfig.from_pretrained(m.init_from, **extra)
-    if config.vocab_size != vocab:
-        raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {config.vocab_size}, the tokenizer "
-                          f"{vocab}: pass the checkpoint's tokenizer with --data.tokenizer")
-    if config.is_pruned and cfg.earlybert.enabled:
-        raise ConfigError(f"model.init_from={m.init_from} is already shrunk to a ticket; train it with "
-                          "--earlybert.enabled false")
-    return config
-
-
-def initial_model(cfg: RunConfig, task: Any, gates: bool) -> EarlyBertPreTrainedModel:
-    """The model at step 0 of ``task`` (its ``model_class``, ``model_overrides`` and ``tokenizer``), identical on
-    every rank and rebuildable at any time (rewinding needs it again): the ``model.init_from`` checkpoint (new heads
-    initialised from ``train.seed``), or a random initialisation."""
-    config = initial_config(cfg, task, gates)
-    init_from = cfg.model.init_from
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.train.seed)
-        if not init_from:
-            return task.model_class(config)
-        if _is_hf_bert(init_from):
-            return load_hf_bert(init_from, task.model_class, **_model_overrides(cfg, task, gates))
-        return task.model_class.from_pretrained(init_from, config=config)
-
-
-def _is_hf_bert(path: str) -> bool:
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "bert"
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"model.init_from={path}: not a model directory with a readable config.json ({e})") from e

@@ -1,5 +1,5 @@
 """Metrics for a training run: ``OUTPUT/metrics.jsonl``, wandb (our own steps, not DeepSpeed's sample count) and
-a progress display on rank 0.
+a progress display on rank 0; and ``OUTPUT/train.log``, the text log of rank 0 (:func:`text_log`).
 
 Every rank builds a :class:`Monitor` so the training loop needs no rank checks; all but rank 0 are no-ops.
 ``metrics.jsonl`` is the durable record (one JSON object a line, ``step`` first, flushed per call); on resume
@@ -9,11 +9,14 @@ run (offline runs cannot be resumed); the run name stays the same and ``resume_s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -22,6 +25,12 @@ from .atomic import atomic_write_text
 from .config import LogArgs
 
 METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
+#: The metric and event lines that rank 0 prints reach ``train.log`` through this logger; it does not propagate, so
+#: the console shows each line once, as printed.
+_printed = logging.getLogger("earlybert_ds.metrics")
+_printed.propagate = False
+_printed.setLevel(logging.INFO)
 # Progress-bar postfix label -> metric name; the trainer logs these as "train/<name>" (or bare "<name>").
 PROGRESS_KEYS = {"loss": "loss", "lr": "lr", "tok/s": "tokens_per_s"}
 _SECRET_WORD_ENDINGS = ("key", "token", "secret", "password", "passwd")
@@ -58,6 +67,32 @@ def resolve_wandb_mode(setting: str) -> str:
     except AuthenticationError:  # a malformed key would fail online anyway: keep the run's data offline
         found = None
     return "online" if found else "offline"
+
+
+@contextlib.contextmanager
+def text_log(output_dir: Path, rank: int, append: bool) -> Iterator[None]:
+    """While the run lasts, rank 0's log lines (in the console's format) and the lines :class:`Monitor` prints go
+    to ``OUTPUT/train.log`` too (appended to when resuming), so that whoever reads the run later sees what the
+    console showed; an error that ends the run is its last entry, with its traceback."""
+    if rank != 0:
+        yield
+        return
+    root = logging.getLogger()
+    console = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+    handler = logging.FileHandler(Path(output_dir) / LOG_FILE, mode="a" if append else "w", encoding="utf-8")
+    handler.setFormatter(console or logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    _printed.addHandler(handler)
+    try:
+        yield
+    except BaseException as e:
+        handler.handle(_printed.makeRecord("earlybert_ds", logging.ERROR, __file__, 0, "run failed: %s: %s",
+                                           (type(e).__name__, e), sys.exc_info()))
+        raise
+    finally:
+        root.removeHandler(handler)
+        _printed.removeHandler(handler)
+        handler.close()
 
 
 def _fmt(v: Any) -> str:
@@ -121,9 +156,10 @@ class Monitor:
                 if v is not None:
                     postfix[label] = _fmt(v)
             self._bar.set_postfix(postfix, refresh=True)
-        else:
-            print(f"step {step}/{self._total} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in values.items()),
-                  flush=True)
+        line = f"step {step}/{self._total} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+        if self._bar is None:
+            print(line, flush=True)
+        _printed.info(line)
 
     def event(self, step: int, name: str, data: dict[str, Any]) -> None:
         """Record a one-off event (e.g. the ticket being drawn): a metrics line, a wandb row and summary entries
@@ -140,6 +176,7 @@ class Monitor:
             self._bar.write(message)
         else:
             print(message, flush=True)
+        _printed.info(message)
 
     def log_image(self, step: int, key: str, png_path: str | Path) -> None:
         """Attach a figure (e.g. the mask-distance plot) to the wandb run at ``step``."""

@@ -16,9 +16,12 @@ stage on any number of ranks.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,12 +29,13 @@ from . import checkpoint
 from . import distributed as dist
 from . import trainer
 from .checkpoint import Start
-from .config import RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config
 from .dsconfig import plan_ds
 from .engine import Engine
 from .hardware import job_peak_flops, this_machine, use_deterministic_kernels
-from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, initial_config, initial_model
-from .monitor import Monitor
+from .model_card import model_card
+from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, hf_bert_config, load_hf_bert
+from .monitor import Monitor, text_log
 from .search import SearchStage, check_prunable, given_ticket, random_ticket
 from .shrink import shrink
 from .summary import run_summary, write_summary
@@ -52,8 +56,10 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
     random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
     torch.manual_seed(cfg.train.seed + rank)
     plan = plan_ds(cfg, dist.world_size(), this_machine())  # a bad config fails before any work
-    logger.info("precision %s (%s)", plan.precision, plan.precision_why)
-    with dist.claim_output_dir(cfg.output_dir, resume or bool(resume_from), checkpoint.RUN_CONFIG) as out:
+    resuming = resume or bool(resume_from)
+    with dist.claim_output_dir(cfg.output_dir, resuming, checkpoint.RUN_CONFIG) as out, \
+            text_log(out, rank, append=resuming):
+        logger.info(plan.describe_precision())
         # decided once, so that no file-system view can split the ranks across stages
         start = dist.on_rank0(checkpoint.where_to_start, cfg, out, resume, resume_from)
         task = make_task(cfg)
@@ -118,7 +124,9 @@ def shrink_to_ticket(run: Run, ticket: Ticket, searched: dict | None) -> Model:
 def write_ticket(run: Run, ticket: Ticket, model: Model, full_config: EarlyBertConfig) -> None:
     """``OUTPUT/ticket/``: everything a fresh launch on any number of ranks needs to train the ticket."""
     state = {**run.client_state("efficient")["earlybert"], "full_config": full_config.to_dict()}
-    checkpoint.write_ticket_dir(run.out / checkpoint.TICKET_DIR, ticket, model, run.task.tokenizer, state)
+    where = run.out / checkpoint.TICKET_DIR
+    checkpoint.write_ticket_dir(where, ticket, model, run.task.tokenizer, state,
+                                model_card(run, where, model.config, full_config, ticket))
     run.monitor.event(ticket.step, "ticket", {"reason": ticket.reason, "heads_per_layer": ticket.heads_per_layer,
                                               "intermediate_sizes": ticket.intermediate_sizes})
     if dist.rank() == 0:
@@ -156,10 +164,61 @@ def train_efficient(run: Run, start: Start, ticket: Ticket | None, model: Model,
         trainer.save(run, engine, phase)
     final_eval = run.evaluate(engine)
     state = engine.full_state_dict()  # collective
-    dist.on_rank0(checkpoint.export_final, run.out / checkpoint.FINAL_DIR, run.task.model_class,
-                  engine.module.config, state, run.task.tokenizer)
+    where, config = run.out / checkpoint.FINAL_DIR, engine.module.config
+    dist.on_rank0(checkpoint.export_final, where, run.task.model_class, config, state, run.task.tokenizer,
+                  model_card(run, where, config, full_config, ticket, final_eval))
     run.task.finish(engine, run.out)
     summary = run_summary(run, ticket, full_config, engine.module.config, final_eval)
     engine.destroy()
     dist.on_rank0(write_summary, run, summary)
     return summary
+
+
+# ---- the run's initial model --------------------------------------------------------------------------------------
+
+def _model_overrides(cfg: RunConfig, task: Any, gates: bool) -> dict[str, Any]:
+    e = cfg.earlybert
+    return dict(use_gates=gates, gate_l1_heads=e.l1_heads if gates else 0.0, gate_l1_ffn=e.l1_ffn if gates else 0.0,
+                hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout,
+                gradient_checkpointing_layers=cfg.train.activation_checkpointing, **task.model_overrides)
+
+
+def initial_config(cfg: RunConfig, task: Any, gates: bool = True) -> EarlyBertConfig:
+    """The unpruned model's configuration: ``model.init_from``'s, or the ``model.*`` shape."""
+    m, extra = cfg.model, _model_overrides(cfg, task, gates)
+    vocab = len(task.tokenizer)
+    if not m.init_from:
+        return EarlyBertConfig(vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                               num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                               max_position_embeddings=max(512, cfg.data.seq_len), **extra)
+    config = hf_bert_config(m.init_from, **extra) if _is_hf_bert(m.init_from) else \
+        EarlyBertConfig.from_pretrained(m.init_from, **extra)
+    if config.vocab_size != vocab:
+        raise ConfigError(f"model.init_from={m.init_from} has a vocabulary of {config.vocab_size}, the tokenizer "
+                          f"{vocab}: pass the checkpoint's tokenizer with --data.tokenizer")
+    if config.is_pruned and cfg.earlybert.enabled:
+        raise ConfigError(f"model.init_from={m.init_from} is already shrunk to a ticket; train it with "
+                          "--earlybert.enabled false")
+    return config
+
+
+def initial_model(cfg: RunConfig, task: Any, gates: bool) -> EarlyBertPreTrainedModel:
+    """The model at step 0 of ``task`` (its ``model_class``, ``model_overrides`` and ``tokenizer``), identical on
+    every rank and rebuildable at any time (rewinding needs it again): the ``model.init_from`` checkpoint (new heads
+    initialised from ``train.seed``), or a random initialisation."""
+    config = initial_config(cfg, task, gates)
+    init_from = cfg.model.init_from
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        if not init_from:
+            return task.model_class(config)
+        if _is_hf_bert(init_from):
+            return load_hf_bert(init_from, task.model_class, **_model_overrides(cfg, task, gates))
+        return task.model_class.from_pretrained(init_from, config=config)
+
+
+def _is_hf_bert(path: str) -> bool:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.init_from={path}: not a model directory with a readable config.json ({e})") from e

@@ -27,7 +27,7 @@ from .data import (
 )
 from .engine import Engine
 from .flops import train_flops_per_token
-from .modeling import EarlyBertConfig, EarlyBertForPreTraining
+from .modeling import EarlyBertConfig, EarlyBertForMaskedLM
 from .pipeline import run_earlybert
 from .trainer import ShardedTask, step_metrics
 
@@ -37,7 +37,7 @@ logger = logging.getLogger("earlybert_ds")
 class MLMTask(ShardedTask):
     """Masked-LM pre-training on a packed corpus (prepared once per node and cached)."""
 
-    model_class = EarlyBertForPreTraining
+    model_class = EarlyBertForMaskedLM
     model_overrides: dict = {}
 
     def __init__(self, cfg: RunConfig):

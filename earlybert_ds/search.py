@@ -1,10 +1,10 @@
 """The search stage: slimming gates, their L1 term, their optimizer group, the scores a ticket is drawn from, and the
 early-bird test.
 
-- the gates themselves: :func:`new_gates` makes them (one scalar per head, one per FFN neuron; the model holds them
-  as ``head_gates``/``ffn_gates`` when ``config.use_gates``), :func:`apply_gates` scales a block's output by them and
-  returns their L1 term with it: the model's forward pass returns the sum (``gate_penalty``), computed where ZeRO-3
-  has the gates gathered, and nothing is stored on the modules;
+- the gates themselves live in the model (``modeling.py``, whose code is saved with it; one scalar per head, one per
+  FFN neuron, held as ``head_gates``/``ffn_gates`` when ``config.use_gates``): a block's output is scaled by them
+  and their L1 term returned with it; the model's forward pass returns the sum (``gate_penalty``), computed where
+  ZeRO-3 has the gates gathered, and nothing is stored on the modules;
 - which parameters are gates, and reading them in full (fp32 master copies, gathered under ZeRO-3);
 - their optimizer group: never weight-decayed (the L1 term regularises them), with its own learning rate
   (``earlybert.gate_lr``): at the weights' fine-tuning rate the gates move by ~1e-3 in a search of 20 steps, so the
@@ -42,27 +42,6 @@ SCORES = ("magnitude", "signed", "taylor")
 
 
 # ---- the gates ----------------------------------------------------------------------------------------------------
-
-def new_gates(units: int, enabled: bool) -> nn.Parameter | None:
-    """One gate per unit, all 1 at the start (``None`` for a model without gates)."""
-    return nn.Parameter(torch.ones(units)) if enabled else None
-
-
-def l1_term(gates: torch.Tensor, coef: float) -> torch.Tensor:
-    """``coef * sum|gates|``, written so that its backward needs only ``sign(gates)``, never the gates themselves:
-    under ZeRO-3 a gate is gathered only while its module runs, and this term's backward may run outside that
-    window."""
-    return coef * (gates.float() * gates.detach().float().sign()).sum()
-
-
-def apply_gates(x: torch.Tensor, gates: nn.Parameter | None, coef: float, training: bool,
-                shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x`` scaled by its units' gates (viewed as ``shape`` to broadcast), and their L1 term when training with one
-    (else ``None``)."""
-    if gates is None:
-        return x, None
-    return x * gates.to(x.dtype).view(shape), l1_term(gates, coef) if training and coef else None
-
 
 def head_gate_params(model: nn.Module) -> list[nn.Parameter]:
     """The per-layer head gates, in layer order (empty for a model built without gates)."""

@@ -4,6 +4,7 @@ resuming through the ticket — real DeepSpeed engines and in-process runs of th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from earlybert_ds import checkpoint
 from earlybert_ds.config import RunConfig
+from earlybert_ds.data import load_tokenizer
 from earlybert_ds.engine import Engine
 from earlybert_ds.modeling import EarlyBertForPreTraining
 
@@ -111,8 +113,19 @@ def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corp
     ticket = ticket_run / "ticket"
     _refused(capsys, tiny_run_args(*corpus, out, **{"data.tokenizer": tmp_path / "other-tokenizer"})
              + ["--resume-from", str(ticket)],
-             f"the ticket {ticket} was drawn with the tokenizer in {ticket / 'tokenizer'} (600 tokens)",
+             f"the ticket {ticket} was drawn with the tokenizer in {ticket} (600 tokens)",
              f"data.tokenizer={tmp_path / 'other-tokenizer'} (600 tokens) gives other token ids")
+    # older tickets keep their tokenizer in ticket/tokenizer/: still found, and named as the remedy
+    older = tmp_path / "older-ticket"
+    shutil.copytree(ticket, older)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (older / name).unlink()
+    load_tokenizer(ticket).save_pretrained(older / "tokenizer")
+    _refused(capsys, tiny_run_args(*corpus, out, **{"data.tokenizer": tmp_path / "other-tokenizer"})
+             + ["--resume-from", str(older)],
+             f"drawn with the tokenizer in {older / 'tokenizer'} (600 tokens)",
+             f"pass --data.tokenizer {older / 'tokenizer'}")
+    checkpoint.check_ticket_fits(RunConfig(), load_tokenizer(ticket), older)  # its own tokenizer: accepted
     _refused(capsys, tiny_run_args(*corpus, out, **{"model.hidden_size": 64}) + ["--resume-from", str(ticket)],
              f"model.hidden_size=64 differs from the model of the ticket {ticket} (hidden_size=32)")
     assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
@@ -120,14 +133,14 @@ def test_a_ticket_from_another_vocabulary_or_model_shape_is_refused(capsys, corp
 
 def test_the_ticket_directory_loads_with_the_auto_classes(ticket_run):
     """README: ``ticket/`` holds the shrunk model: ``AutoModelForMaskedLM.from_pretrained(OUTPUT/ticket)`` loads it
-    with the ticket's shape, and its tokenizer is in ``ticket/tokenizer``."""
+    with the ticket's shape, and its tokenizer beside it."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     ticket = json.loads((ticket_run / "ticket" / "ticket.json").read_text())
     model = AutoModelForMaskedLM.from_pretrained(ticket_run / "ticket")
     assert model.config.heads_per_layer == ticket["heads_per_layer"]
     assert model.config.intermediate_sizes == ticket["intermediate_sizes"]
-    assert len(AutoTokenizer.from_pretrained(ticket_run / "ticket" / "tokenizer")) == model.config.vocab_size == 600
+    assert len(AutoTokenizer.from_pretrained(ticket_run / "ticket")) == model.config.vocab_size == 600
 
 
 def test_resuming_through_the_ticket_is_bit_identical(corpus, ticket_run, tmp_path):

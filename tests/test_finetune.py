@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, pipeline
 
 from conftest import launch, run_single
 
@@ -59,6 +59,12 @@ def test_classification_two_ranks_learns_and_shrinks(minilm_dir, tmp_path):
     assert summary["final_dev_accuracy"] >= 0.9  # chance is 0.5
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final")
     assert model.config.num_labels == 2 and model.config.heads_per_layer == [8] * 6
+    # the model card says what it is, and its pipeline works as the card shows
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "24 steps of fine-tuning on `sst2`" in card
+    assert "| this model | 6 | 8, 8, 8, 8, 8, 8 |" in card and "| dev_accuracy |" in card
+    classify = pipeline("text-classification", model=str(tmp_path / "run" / "final"))
+    assert classify("a great film")[0]["label"] in model.config.id2label.values()
 
 
 def test_regression_learns(minilm_dir, tmp_path):

@@ -52,7 +52,7 @@ def test_the_run_trains_in_the_precision_auto_chose_and_says_why():
     want, why = auto_precision(this_machine())
     plan = plan_ds(RunConfig(), 1, this_machine())
     assert (plan.config["bf16"]["enabled"], plan.config["fp16"]["enabled"]) == (want == "bf16", False)
-    assert (plan.precision, plan.precision_why) == (want, f"auto: {why}")
+    assert plan.describe_precision() == f"precision {want} (auto: {why})"
     v100 = plan_ds(RunConfig(), 1, Machine("cuda", capability=(7, 0), torch_cuda=(12, 8)))  # cpu.json: ZeRO-0
     assert v100.precision == "fp32" and not v100.config["bf16"]["enabled"] and "7.0 < 8.0" in v100.precision_why
     run = RunConfig()

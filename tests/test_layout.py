@@ -10,9 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "earlybert_ds"
 
 #: The modules in the order data flows, foundations first (the README's "How the code is laid out"); ``bench`` is
 #: the subpackage of the benchmarks: only what comes after it (the command) may import it.
-ORDER = ["faults", "atomic", "digest", "config", "distributed", "hardware", "plots", "monitor", "data", "ticket",
-         "search", "modeling", "flops", "shrink", "optim", "dsconfig", "engine", "checkpoint", "trainer", "summary",
-         "pipeline", "tasks", "squad", "pretrain", "finetune", "bench", "cli", "__main__", "__init__"]
+#: ``modeling`` imports no other module of the package: its code is saved with each model and must stand alone.
+ORDER = ["modeling", "faults", "atomic", "digest", "config", "distributed", "hardware", "plots", "monitor", "data",
+         "ticket", "search", "flops", "shrink", "optim", "dsconfig", "engine", "checkpoint", "trainer", "summary",
+         "model_card", "pipeline", "tasks", "squad", "pretrain", "finetune", "bench", "cli", "__main__", "__init__"]
 #: The benchmark modules in order: the shared helpers first; each may import any core module before ``bench``.
 BENCH_ORDER = ["common", "throughput", "pretrain", "finetune", "tickets", "lamb", "data", "__main__", "__init__"]
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfig
 
 from earlybert_ds.modeling import (
     EarlyBertConfig,
+    EarlyBertForMaskedLM,
     EarlyBertForPreTraining,
     EarlyBertForQuestionAnswering,
     EarlyBertForSequenceClassification,
@@ -41,6 +42,64 @@ def test_parity_with_transformers_on_minilm_weights(minilm_dir, attn):
     real = mask.bool()
     assert (ref.last_hidden_state - out.last_hidden_state)[real].abs().max() < 1e-5
     assert (ref.pooler_output - out.pooler_output).abs().max() < 1e-5
+
+
+def test_hidden_states_attentions_and_tuples_as_transformers_on_minilm_weights(minilm_dir):
+    """``output_hidden_states`` (the embeddings, then every layer), ``output_attentions`` (computed as the eager
+    attention does: SDPA returns no probabilities) and ``return_dict=False`` (Hugging Face's tuples) give what
+    transformers' BertModel gives on the real MiniLM weights; the config's flags are the defaults."""
+    hf = BertModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
+    ours = load_hf_bert(minilm_dir, EarlyBertModel).eval()
+    ids, mask, types = _inputs(30000)
+    real = mask.bool()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True,
+                 output_attentions=True)
+        out = ours(ids, mask, types, output_hidden_states=True, output_attentions=True)
+        ref_tuple = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True,
+                       return_dict=False)
+        out_tuple = ours(ids, mask, types, output_hidden_states=True, return_dict=False)
+        ours.config.output_attentions = True
+        by_config = ours(ids, mask, types)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 7 and len(out.attentions) == len(ref.attentions) == 6
+    for a, b in zip(ref.hidden_states, out.hidden_states):
+        assert (a - b)[real].abs().max() < 1e-5
+    for a, b in zip(ref.attentions, out.attentions):
+        assert a.shape == b.shape == (3, 12, 17, 17) and (a - b).abs().max() < 1e-5
+    assert isinstance(out_tuple, tuple) and len(out_tuple) == len(ref_tuple) == 3  # last, pooled, hidden states
+    assert (ref_tuple[0] - out_tuple[0])[real].abs().max() < 1e-5 and (ref_tuple[1] - out_tuple[1]).abs().max() < 1e-5
+    assert all((a - b)[real].abs().max() < 1e-5 for a, b in zip(ref_tuple[2], out_tuple[2]))
+    assert by_config.hidden_states is None and torch.equal(by_config.attentions[2], out.attentions[2])
+
+
+def test_task_heads_return_tuples_and_refuse_what_they_do_not_support(tmp_path):
+    """``return_dict=False`` gives the tuples of ``BertForMaskedLM`` / ``BertForSequenceClassification`` (loss
+    first; no training extras); ``head_mask`` is refused with a reason, and an unknown argument is never ignored."""
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=200, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                     intermediate_size=80, max_position_embeddings=40, num_labels=3)
+    hf = BertForMaskedLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_bert(tmp_path, EarlyBertForMaskedLM).eval()
+    ids, mask, types = _inputs(200, seed=2)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[2, 7] = 17, 42
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, return_dict=False)
+        out = ours(ids, mask, types, labels=labels, return_dict=False)
+        plain = ours(ids, mask, types, return_dict=False, output_hidden_states=True)
+    assert len(out) == len(ref) == 2 and abs(out[0].item() - ref[0].item()) < 1e-5
+    assert (out[1] - ref[1][labels != -100]).abs().max() < 1e-5
+    assert len(plain) == 2 and (plain[0] - ref[1])[mask.bool()].abs().max() < 1e-5 and len(plain[1]) == 3
+    cls = EarlyBertForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids, mask, types = _inputs(120)
+    loss, logits = cls(ids, mask, types, labels=torch.tensor([0, 2, 1]), return_dict=False)
+    assert logits.shape == (3, 3) and loss.ndim == 0
+    for model in (ours, cls, EarlyBertModel(tiny_config())):
+        with pytest.raises(ValueError, match="head_mask is not supported: a ticket-shaped model has its own number"):
+            model(ids, mask, head_mask=torch.ones(4))
+        with pytest.raises(TypeError, match="inputs_embeds"):
+            model(ids, mask, inputs_embeds=torch.zeros(3, 17, 32))
 
 
 def test_from_pretrained_converts_a_hugging_face_bert_directory(minilm_dir):
@@ -202,15 +261,15 @@ def test_pretraining_forward_reads_nothing_off_the_device():
     there read none. With the positions the pre-training batches carry (found on the host) and whatever mask is
     given, the model runs there, and computes exactly what it computes without them; without the positions the
     selection's size is data-dependent, which the meta device refuses (the check can fail)."""
-    from earlybert_ds.data import masked_positions
     from earlybert_ds.engine import to_device
+    from earlybert_ds.modeling import mlm_positions
 
     torch.manual_seed(0)
     model = EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2)).eval()
     ids, _, _ = _inputs(120)
     labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-             "masked_positions": masked_positions(labels)}
+             "masked_positions": mlm_positions(labels)}
     with_positions = model(**batch)
     without = model(**{k: v for k, v in batch.items() if k != "masked_positions"})
     assert torch.equal(with_positions.loss, without.loss) and torch.equal(with_positions.logits, without.logits)

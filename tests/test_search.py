@@ -15,7 +15,7 @@ from earlybert_ds.config import ConfigError, EarlyBertArgs, RunConfig, settle_de
 from earlybert_ds.data import load_tokenizer
 from earlybert_ds.engine import lr_lambda
 from earlybert_ds.modeling import EarlyBertForPreTraining, EarlyBertForSequenceClassification
-from earlybert_ds.modeling import initial_model
+from earlybert_ds.pipeline import initial_model
 from earlybert_ds.pretrain import MLMTask
 from earlybert_ds.search import (
     EarlyBirdDetector,
@@ -257,7 +257,7 @@ def test_given_ticket_trains_from_step_0(corpus, tmp_path):
     assert small.heads_per_layer == [2, 3] and small.intermediate_sizes == [32, 2]
     cfg = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
     task = MLMTask.__new__(MLMTask)
-    task.tokenizer = load_tokenizer(out / "ticket" / "tokenizer")
+    task.tokenizer = load_tokenizer(out / "ticket")
     init = initial_model(cfg, task, gates=True).bert.encoder.layer[1].ffn.intermediate.weight
     kept = EarlyBertForPreTraining.from_pretrained(out / "ticket").bert.encoder.layer[1].ffn.intermediate.weight
     assert torch.equal(kept, init[[5, 9]])  # rewound: the given rows of the initial weights
@@ -289,7 +289,7 @@ def test_same_step_random_control(corpus, tmp_path, weights):
     assert ticket.masks().kept() == expected.kept()
     # the weights rule: rewind starts the kept weights from the initial model, continue from the searched one
     task = MLMTask.__new__(MLMTask)  # only its model class and tokenizer: the initial model is rebuilt from them
-    task.tokenizer = load_tokenizer(out / "ticket" / "tokenizer")
+    task.tokenizer = load_tokenizer(out / "ticket")
     init = initial_model(cfg, task, gates=True).bert.embeddings.word_embeddings.weight
     small = EarlyBertForPreTraining.from_pretrained(out / "ticket").bert.embeddings.word_embeddings.weight
     assert torch.equal(small, init) == (weights == "rewind")

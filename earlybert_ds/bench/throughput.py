@@ -21,11 +21,10 @@ from transformers import BertConfig, BertForMaskedLM
 
 from .. import distributed as dist
 from ..config import RunConfig
-from ..data import masked_positions
 from ..engine import Engine
 from ..flops import forward_flops_per_token, train_flops_per_token
 from ..hardware import PEAK_SHAPES, auto_precision, peak_flops, this_machine
-from ..modeling import EarlyBertForPreTraining, PreTrainingOutput
+from ..modeling import EarlyBertForPreTraining, PreTrainingOutput, mlm_positions
 from ..shrink import shrink, shrunk_config
 from ..ticket import PruneSpec, Scores, Ticket, draw_masks
 from .common import SHAPES, Shape, _child_env, _machine, _run_args
@@ -104,7 +103,7 @@ def worker(spec: dict) -> dict:
     ids = torch.randint(5, shape.vocab, (batch, shape.seq), generator=g)
     labels = torch.where(torch.rand(batch, shape.seq, generator=g) < 0.15, ids, -100)
     mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-          "labels": labels, "masked_positions": masked_positions(labels)}  # as the pre-training batches come
+          "labels": labels, "masked_positions": mlm_positions(labels)}  # as the pre-training batches come
     wall, cpu = [], []
     for step in range(spec["warmup"] + spec["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
