@@ -293,8 +293,9 @@ def test_same_step_random_control(corpus, tmp_path, weights):
     init = initial_model(cfg, task, gates=True).bert.embeddings.word_embeddings.weight
     small = EarlyBertForPreTraining.from_pretrained(out / "ticket").bert.embeddings.word_embeddings.weight
     assert torch.equal(small, init) == (weights == "rewind")
-    # the logged lr (the next step's) after the switch: the schedule times the re-warm-up factor, by hand
+    # the logged lr (the rate each step was taken at) after the switch: the schedule at the run's step times the
+    # re-warm-up factor, by hand
     lr = {m["step"]: m["lr"] for m in metrics(out) if "lr" in m}
     base = lr_lambda(cfg)
-    for k in range(rewarm + 2):  # after k + 1 efficient steps
-        assert lr[step + 1 + k] == pytest.approx(cfg.train.lr * base(step + k + 1) * min(1.0, (k + 2) / rewarm))
+    for k in range(rewarm + 2):  # the (k + 1)-th efficient step, the run's step + k (0-based), logged as step + k + 1
+        assert lr[step + 1 + k] == pytest.approx(cfg.train.lr * base(step + k) * min(1.0, (k + 1) / rewarm))
