@@ -124,8 +124,9 @@ class TrainArgs(_Section):
     micro_batch_size: int = _f(8, "sequences per rank per forward pass; with a global batch: at most this many",
                                ge=1)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step (derived with a global batch)", ge=1)
-    optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (lamb: a per-parameter trust ratio at every ZeRO "
-                                                      "stage; DeepSpeed's FusedLamb on CUDA at ZeRO-0)")
+    optimizer: Literal["adamw", "lamb"] = _f("adamw", "optimizer (adamw: torch's fused AdamW, DeepSpeed's FusedAdam "
+                                                      "where prebuilt, CPUAdam under ZeRO-Offload; lamb: a "
+                                                      "per-parameter trust ratio at every ZeRO stage)")
     lr: float = _f(1e-3, "peak learning rate", gt=0)
     warmup_steps: int | None = _f(None, "linear warm-up steps; unset: train.warmup_ratio of the steps", ge=0)
     warmup_ratio: float = _f(0.1, "warm-up as a fraction of train.steps (when warmup_steps is unset)", ge=0, lt=1)
@@ -135,11 +136,15 @@ class TrainArgs(_Section):
     eps: float = _f(1e-6, "Adam/LAMB epsilon", gt=0)
     clip_grad: float = _f(1.0, "global gradient-norm clipping (0: off)", ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
-        "auto", "mixed precision; auto: as the DeepSpeed config says, and where it says auto too: bf16 on CUDA and on "
-                "CPUs with bf16 units (AMX-BF16, AVX512-BF16), else fp32")
+        "auto", "mixed precision; auto: as the DeepSpeed config says, and where it says auto too: bf16 on GPUs of "
+                "compute capability >= 8.0 and on CPUs with bf16 units (AMX-BF16, AVX512-BF16); fp16 on older GPUs "
+                "under ZeRO >= 1; else fp32")
     zero_stage: Literal[0, 1, 2, 3] | None = _f(None, "ZeRO stage; unset: as the DeepSpeed config says (0 if 'auto')")
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass")
     seed: int = _f(42, "random seed (model init, masking, data order)", ge=0)
+    deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms, "
+                                    "CUBLAS_WORKSPACE_CONFIG): on CUDA, what bit-identical resume and reruns need; "
+                                    "CPU runs are deterministic without it")
     log_every: int = _f(10, "log metrics every N steps", ge=1, resume=True)
     eval_every: int = _f(50, "validate every N steps (0: only at the end)", ge=0, resume=True)
     eval_batches: int = _f(20, "validation micro-batches per rank", ge=1, only="pretrain")

@@ -34,11 +34,9 @@ import tokenize
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
@@ -46,7 +44,11 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFa
 from .atomic import atomic_directory
 from .config import DataArgs
 from .digest import json_digest
-from .modeling import IGNORE_INDEX
+from .modeling import IGNORE_INDEX, mlm_positions
+
+if TYPE_CHECKING:  # imported where a corpus is prepared: a run from a prepared cache needs neither
+    import datasets
+    import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +205,9 @@ def _file_documents(path: Path) -> Iterator[str]:
 def _text_files_dataset(files: list[Path], work_dir: Path | None) -> datasets.Dataset:
     """The documents of ``files`` as a dataset: written in batches to an Arrow file in ``work_dir`` and
     memory-mapped from there (held in memory without one: small corpora, tests)."""
+    import datasets
+    import pyarrow as pa
+
     docs = (d for f in files for d in _file_documents(f))
     if work_dir is None:
         return datasets.Dataset.from_dict({"text": list(docs)})
@@ -243,6 +248,8 @@ def load_corpus(corpus: str | None, text_column: str = "text", work_dir: Path | 
     text cut into documents; a directory: its files, recursively, in sorted order, as text; any other string that
     looks like ``name`` or ``owner/name``: ``datasets.load_dataset(corpus, split="train")`` (needs the network).
     """
+    import datasets
+
     if corpus is None:
         ds, where = datasets.Dataset.from_dict({"text": builtin_corpus()}), "built-in corpus"
     elif (path := Path(corpus).expanduser()).exists():
@@ -316,6 +323,8 @@ def train_wordpiece(texts: Iterable[str] | datasets.Dataset, vocab_size: int) ->
     ties (huggingface/tokenizers#1794), so every '##x' of the corpus alphabet is registered up front, sorted.
     Two passes (the alphabet, then training): a dataset's "text" column is streamed in batches, other texts are
     held in memory."""
+    import datasets
+
     if vocab_size <= len(SPECIAL_TOKENS):
         raise DataError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens")
     if isinstance(texts, datasets.Dataset):
@@ -417,6 +426,8 @@ def _tokenise(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, workers:
               work_dir: Path) -> datasets.Dataset:
     """Token ids of every document, [SEP] after each, in ``workers`` processes, into memory-mapped Arrow files in
     ``work_dir`` (never all in memory)."""
+    import datasets
+
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()
@@ -435,6 +446,8 @@ def _tokenise(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, workers:
 def _record_batches(ds: datasets.Dataset) -> Iterator[pa.RecordBatch]:
     """The record batches of a dataset's Arrow cache files, in order, read (not memory-mapped) one at a time: the
     pages of a memory-mapped file stay resident in the process once read, and a large corpus's would add up."""
+    import pyarrow as pa
+
     if not ds.cache_files:  # held in memory
         yield from ds.data.to_batches()
     for cache in ds.cache_files:
@@ -451,6 +464,8 @@ def _pack(ids: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, data_args: 
     """Cut the token stream into rows of [CLS] + seq_len-2 tokens + [SEP] (the last partial row dropped), hold out
     ``val_fraction`` of them (at least one) chosen by ``seed``, and write ``train.npy``/``val.npy`` into ``out`` in
     the smallest integer type the vocabulary allows, one Arrow record batch at a time."""
+    import pyarrow.compute as pc
+
     total = int(pc.sum(pc.list_value_length(ids.data.column("ids"))).as_py() or 0)
     width = data_args.seq_len - 2
     n = total // width
@@ -571,7 +586,7 @@ def collate(packed: np.ndarray, indices: np.ndarray, masker: MLMMasker, seed: in
     ids = torch.from_numpy(np.asarray(packed[indices], dtype=np.int64))
     masked, labels = masker(ids, indices, seed, epochs)
     return {"input_ids": masked, "attention_mask": torch.ones_like(masked), "labels": labels,
-            "sample_idx": torch.from_numpy(indices)}
+            "masked_positions": mlm_positions(labels), "sample_idx": torch.from_numpy(indices)}
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------------

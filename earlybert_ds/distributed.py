@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -44,7 +45,8 @@ BUILD_FLOCK = "earlybert_build.flock"
 
 
 class RendezvousError(ValueError):
-    """The ranks could not meet at MASTER_ADDR:MASTER_PORT in time; the message says where and what to check."""
+    """The process group could not start (the ranks did not meet at MASTER_ADDR:MASTER_PORT in time, or could not
+    connect to each other); the message says where and what to check."""
 
 
 def _free_port() -> int:
@@ -85,15 +87,17 @@ def init() -> tuple[int, int]:
         import deepspeed
 
         timeout = timedelta(seconds=float(os.environ.get("EARLYBERT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        if on_cuda():
+            torch.cuda.set_device(local_rank())
         try:
             deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", timeout=timeout, verbose=False)
+            if on_cuda():  # NCCL connects at its first collective: a failure to start shows here, explained
+                dist.barrier(device_ids=[local_rank()])
         except RuntimeError as e:
             if not isinstance(e, dist.DistError) and "connectFullMesh" not in str(e):
                 raise
-            raise _rendezvous_error(e, timeout.total_seconds()) from e
-        if on_cuda():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        else:
+            raise start_error(e, timeout.total_seconds()) from e
+        if not on_cuda():
             _unlink_shm_segment()
     return dist.get_rank(), dist.get_world_size()
 
@@ -106,10 +110,26 @@ def _jit_build_environment() -> None:
     way rebuilt the CPU communication op from scratch, about a minute per rank (``launch/*.sh`` put the environment's
     ``bin/`` first on PATH, a bare ``.venv/bin/earlybert-ds`` does not). ``TORCH_EXTENSIONS_DIR`` still overrides.
     """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    chosen = extensions_dir(Path(sys.prefix))
+    if chosen is not None:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(chosen))
     here = Path(sys.executable).parent
     if (here / "ninja").is_file() and shutil.which("ninja") != str(here / "ninja"):
         os.environ["PATH"] = os.pathsep.join([str(here), os.environ.get("PATH", "")])
+
+
+def extensions_dir(prefix: Path) -> Path | None:
+    """``PREFIX/torch_extensions`` where this process can write there, else None (torch's default, under
+    ``~/.cache``): a shared, read-only Python environment (a conda module, a system site) would make every
+    just-in-time build fail with PermissionError."""
+    path = prefix / "torch_extensions"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError:
+        return None
+    return path
 
 
 def build_cpu_ops() -> None:
@@ -120,6 +140,17 @@ def build_cpu_ops() -> None:
 
     with build_guard(SHM_OP):
         build_shm_op()
+
+
+def build_op(builder_name: str) -> None:
+    """Compile (or load) DeepSpeed's op of ``builder_name`` (e.g. ``FusedAdamBuilder``) under :func:`build_guard`,
+    before ``deepspeed.initialize`` asks for it: the engine then finds it loaded (DeepSpeed keeps loaded ops)."""
+    _jit_build_environment()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    with build_guard(builder.name):
+        builder.load()
 
 
 @contextlib.contextmanager
@@ -169,11 +200,22 @@ def _unlink_shm_segment() -> None:
     Path(f"/dev/shm/{name}_{dist.get_rank()}").unlink(missing_ok=True)
 
 
-def _rendezvous_error(e: RuntimeError, timeout_s: float) -> RendezvousError:
-    """A failed rendezvous (the TCPStore at MASTER_ADDR:MASTER_PORT: DistNetworkError when it cannot be reached,
-    DistStoreError when peers never arrive) or a failed gloo mesh (the ranks met but cannot reach each other at the
-    addresses they advertise), explained."""
-    env, reason = os.environ, (str(e).strip().splitlines() or [""])[0].rstrip(".")
+def start_error(e: RuntimeError, timeout_s: float) -> RendezvousError:
+    """A failed start of the process group, explained: a failed rendezvous (the TCPStore at MASTER_ADDR:MASTER_PORT:
+    DistNetworkError when it cannot be reached, DistStoreError when peers never arrive), a failed gloo mesh (the
+    ranks met but cannot reach each other at the addresses they advertise), or NCCL failing to connect the GPUs
+    (DistBackendError: the ranks met; the hostfile and MASTER_ADDR are not the problem)."""
+    env, lines = os.environ, [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [""]
+    reason = lines[0].rstrip(".")
+    if isinstance(e, dist.DistBackendError) and "nccl" in str(e).lower():
+        last = f" ({lines[-1].rstrip('.')})" if len(lines) > 1 else ""  # NCCL's "Last error: ..." names the call
+        return RendezvousError(
+            f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')}: NCCL could not connect the GPUs: "
+            f"{reason}{last}. "
+            "The ranks met at MASTER_ADDR:MASTER_PORT, so the hostfile and MASTER_ADDR are not the problem. Rerun with "
+            "NCCL_DEBUG=INFO to see the interfaces and transports NCCL tried; on nodes with several network "
+            "interfaces set NCCL_SOCKET_IFNAME to the one the nodes reach each other on (see `ip -brief addr`), and "
+            "without InfiniBand set NCCL_IB_DISABLE=1")
     where = (f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} could not join the job at "
              f"MASTER_ADDR:MASTER_PORT = {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')} "
              f"(EARLYBERT_DIST_TIMEOUT = {timeout_s:g} s): {type(e).__name__}: {reason}. ")

@@ -13,12 +13,13 @@ import copy
 import difflib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import RunConfig, TrainArgs
-from .hardware import auto_precision
-from .optim import cuda_op_available, uses_own_lamb
+from .hardware import Machine, auto_precision
+from .optim import OptimizerChoice, choose_optimizer
 
 AUTO = "auto"
 
@@ -158,26 +159,42 @@ def _leftover_auto(node: Any, path: str = "") -> str | None:
 
 # ---- the config ------------------------------------------------------------------------------------------------
 
-def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
-    """The DeepSpeed config for this run: the JSON (run.deepspeed, or the default) with every "auto" filled.
+@dataclass(frozen=True)
+class DSPlan:
+    """The DeepSpeed config of a run, with the two decisions taken on the way that the log reports: the precision
+    (and why) and the optimizer implementation."""
 
-    Raises DSConfigError for a missing or malformed file, unknown or wrongly typed fields, and any field that
-    contradicts the run config. On CPU, and on CUDA where DeepSpeed's fused kernels are neither built in nor
-    buildable (no nvcc: a pip-only install), AdamW is torch's (FusedAdam would be compiled for minutes, or fail) and
-    LAMB is ours: the optimizer section is then dropped and ``optim.make_client_optimizer`` builds it.
+    config: dict
+    precision: str
+    precision_why: str
+    optimizer: OptimizerChoice
+
+    def describe_precision(self) -> str:
+        """One line for the log and the model card: the precision the run trains in and why."""
+        return f"precision {self.precision} ({self.precision_why})"
+
+
+def plan_ds(run: RunConfig, world_size: int, machine: Machine) -> DSPlan:
+    """The DeepSpeed config for this run on ``machine``: the JSON (run.deepspeed, or the default) with every "auto"
+    filled, the precision ``auto`` chose and the optimizer implementation (``optim.choose_optimizer``).
+
+    Raises DSConfigError for a missing or malformed file, unknown or wrongly typed fields, any field that
+    contradicts the run config, and an optimizer the machine cannot provide.
     """
     cfg, source = load_ds_config(run.deepspeed)
     t = run.train
     _check_top_level(cfg, source)
     _fill_batch(cfg, t, world_size, source)
     stage, offload = _fill_zero(cfg, t, source)
-    precision = _resolve_precision(cfg, t.precision, source, on_cuda)
+    precision, why = precision_choice(cfg, t.precision, source, machine, stage)
+    for k in ("bf16", "fp16"):
+        _fill(cfg, f"{k}.enabled", "bool", precision == k, f"train.precision={precision}", source)
     if precision == "fp16" and stage == 0:
         raise DSConfigError(f"{source}: fp16 with ZeRO stage 0 is refused: DeepSpeed does not apply the loss scale "
                             "in backward there, so gradients come out 2^16 too small; use ZeRO-1/2 "
                             "(--train.zero_stage 1) or bf16 (--train.precision bf16)")
 
-    _fill_optimizer(cfg, run, source, on_cuda, offload["offload_optimizer"], stage)
+    optimizer = _fill_optimizer(cfg, run, source, machine, offload["offload_optimizer"], stage, precision)
 
     _get(cfg, "steps_per_print", "int", source, auto=False)
     _get(cfg, "wall_clock_breakdown", "bool", source, auto=False)
@@ -188,7 +205,12 @@ def build_ds_config(run: RunConfig, world_size: int, on_cuda: bool) -> dict:
         raise DSConfigError(f'{source}: {left}="auto" is not a field earlybert_ds fills (DeepSpeed would quietly use '
                             "its default); give a value or remove it")
     _validate_with_deepspeed(cfg, source)
-    return cfg
+    return DSPlan(cfg, precision, why, optimizer)
+
+
+def build_ds_config(run: RunConfig, world_size: int, machine: Machine) -> dict:
+    """The DeepSpeed config of :func:`plan_ds`."""
+    return plan_ds(run, world_size, machine).config
 
 
 def _check_top_level(cfg: dict, source: str) -> None:
@@ -231,9 +253,10 @@ def _fill_zero(cfg: dict, t: TrainArgs, source: str) -> tuple[int, dict[str, boo
     return stage, offload
 
 
-def precision_choice(cfg: dict, run_precision: str, source: str, on_cuda: bool) -> tuple[str, str]:
-    """bf16/fp16/fp32 and why: --train.precision, else the JSON's explicit choice, else ``auto``: bf16 on CUDA and
-    on CPUs with bf16 matrix units, fp32 on other CPUs (which emulate bf16 matmuls ~100x slower than fp32)."""
+def precision_choice(cfg: dict, run_precision: str, source: str, machine: Machine,
+                     zero_stage: int) -> tuple[str, str]:
+    """bf16/fp16/fp32 and why: --train.precision, else the JSON's explicit choice, else ``auto``
+    (``hardware.auto_precision``: what the device computes fast)."""
     explicit = {k: v for k in ("bf16", "fp16")
                 if isinstance(v := _get(cfg, f"{k}.enabled", "bool", source), bool)}
     if explicit.get("bf16") and explicit.get("fp16"):
@@ -242,26 +265,14 @@ def precision_choice(cfg: dict, run_precision: str, source: str, on_cuda: bool) 
         return run_precision, "train.precision"
     if any(explicit.values()):
         return next(k for k, v in explicit.items() if v), source
-    precision, why = auto_precision(on_cuda)
-    if precision == "bf16" and explicit.get("bf16") is False:
-        return "fp32", f"{source} disables bf16"
+    precision, why = auto_precision(machine, zero_stage)
+    if precision != "fp32" and explicit.get(precision) is False:
+        return "fp32", f"{source} disables {precision}"
     return precision, f"auto: {why}"
 
 
-def describe_precision(run: RunConfig, on_cuda: bool) -> str:
-    """One line for the log: the precision this run trains in and why."""
-    cfg, source = load_ds_config(run.deepspeed)
-    return "precision %s (%s)" % precision_choice(cfg, run.train.precision, source, on_cuda)
-
-
-def _resolve_precision(cfg: dict, run_precision: str, source: str, on_cuda: bool) -> str:
-    precision, _ = precision_choice(cfg, run_precision, source, on_cuda)
-    for k in ("bf16", "fp16"):
-        _fill(cfg, f"{k}.enabled", "bool", precision == k, f"train.precision={precision}", source)
-    return precision
-
-
-def _fill_optimizer(cfg: dict, run: RunConfig, source: str, on_cuda: bool, offload: bool, stage: int) -> None:
+def _fill_optimizer(cfg: dict, run: RunConfig, source: str, machine: Machine, offload: bool, stage: int,
+                    precision: str) -> OptimizerChoice:
     t = run.train
     given = _get(cfg, "optimizer.type", "str", source)
     if given not in (None, AUTO) and given.lower() not in _OPTIMIZERS:
@@ -279,25 +290,26 @@ def _fill_optimizer(cfg: dict, run: RunConfig, source: str, on_cuda: bool, offlo
     if "max_grad_norm" in params:
         raise DSConfigError(f"{source}: optimizer.params.max_grad_norm is not supported: clipping is "
                             "gradient_clipping, filled from train.clip_grad")
-    if t.optimizer == "lamb":
-        if offload:
-            raise DSConfigError(f"{source}: train.optimizer=lamb cannot run with zero_optimization.offload_optimizer "
-                                "(ZeRO-Offload steps on the CPU with DeepSpeedCPUAdam); use --train.optimizer adamw "
-                                "or remove the offload")
-        if stage > 0:  # DeepSpeed lists neither FusedLamb nor ours as ZeRO-tested
+    if t.optimizer == "lamb" and offload:
+        raise DSConfigError(f"{source}: train.optimizer=lamb cannot run with zero_optimization.offload_optimizer "
+                            "(ZeRO-Offload steps on the CPU with DeepSpeedCPUAdam); use --train.optimizer adamw "
+                            "or remove the offload")
+    try:
+        choice = choose_optimizer(t.optimizer, machine, precision, stage, offload,
+                                  _get(cfg, "optimizer.params.torch_adam", "bool", source, auto=False))
+    except ValueError as e:
+        raise DSConfigError(f"{source}: {e}") from None
+    if choice.client:  # our Lamb (optim.Lamb), handed to the engine: the section would be ignored
+        extra = sorted(set(params) - _HYPER)
+        if extra:
+            raise DSConfigError(f"{source}: optimizer.params.{extra[0]} is not used: LAMB is earlybert_ds's own "
+                                "Lamb (FusedLamb's rule and defaults), which takes lr, betas, eps and weight_decay")
+        if stage > 0:  # DeepSpeed lists only its own optimizers as ZeRO-tested
             cfg.setdefault("zero_allow_untested_optimizer", True)
-        if uses_own_lamb(run, on_cuda, stage):  # optim.make_client_optimizer gives our (partition-aware) Lamb
-            extra = sorted(set(params) - _HYPER)
-            if extra:
-                raise DSConfigError(f"{source}: optimizer.params.{extra[0]} is not used where earlybert_ds's "
-                                    "own Lamb (FusedLamb's defaults) replaces DeepSpeed's FusedLamb (on CPU, on "
-                                    "CUDA without nvcc, and under ZeRO 1-3)")
-            del cfg["optimizer"]
-    elif not offload and not (on_cuda and cuda_op_available("fused_adam")):
-        # torch's AdamW where DeepSpeed's FusedAdam could not be built (CPU; CUDA without nvcc, a pip-only install);
-        # with offload, DeepSpeed must pick DeepSpeedCPUAdam: torch_adam would win
-        params.setdefault("torch_adam", True)
-        params.setdefault("fused", True)
+        del cfg["optimizer"]
+    for k, v in choice.ds_params.items():
+        params.setdefault(k, v)
+    return choice
 
 
 def _validate_with_deepspeed(cfg: dict, source: str) -> None:

@@ -1,15 +1,19 @@
-"""What the machine can do: which precision pays on it, and its measured matmul peak (for MFU).
+"""What the machine can do: which precision pays on it, what it offers DeepSpeed's compiled ops, and its measured
+matmul peak (for MFU).
 
 The project's machines come in kinds whose bf16 speed differs by 700x: an AVX2-only CPU emulates bf16 matmuls
-(~100x slower than fp32), AVX512-BF16 runs them ~2.7x faster than fp32, AMX-BF16 ~7x faster. So ``auto`` precision
-is decided from the CPU's flags, not assumed, and utilisation is reported against a peak measured on this machine
+(~100x slower than fp32), AVX512-BF16 runs them ~2.7x faster than fp32, AMX-BF16 ~7x faster; GPUs before compute
+capability 8.0 (V100, T4) have no bf16 tensor cores either. So ``auto`` precision is decided from the device's
+capabilities (:class:`Machine`), not assumed, and utilisation is reported against a peak measured on this machine
 with the same dtype and threads as the run, not against a datasheet.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -52,16 +56,71 @@ def device_summary() -> dict[str, object]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def auto_precision(on_cuda: bool, cpu_flags: frozenset[str] | set[str] | None = None) -> tuple[str, str]:
-    """The precision ``auto`` resolves to, and why: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32.
-    ``cpu_flags``: this machine's unless given."""
-    if on_cuda:
-        return "bf16", "CUDA device"
-    cpu_flags = cpu_info()["flags"] if cpu_flags is None else cpu_flags
-    units = [f for f in BF16_FLAGS if f in cpu_flags]
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers a run. ``auto`` precision and the optimizer implementation are functions of it
+    (:func:`auto_precision`, ``optim.choose_optimizer``), so that every kind of machine can be tested on any."""
+
+    device: str = "cpu"  # DeepSpeed's accelerator: "cuda" or "cpu"
+    cpu_flags: frozenset[str] = frozenset()
+    capability: tuple[int, int] | None = None  # the GPU's CUDA compute capability
+    torch_cuda: tuple[int, int] | None = None  # the CUDA release torch was built for
+    nvcc: tuple[int, int] | None = None  # the CUDA release of $CUDA_HOME/bin/nvcc; None: no compiler
+    prebuilt_ops: frozenset[str] = frozenset()  # DeepSpeed ops compiled into the installed wheel, for this device
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device == "cuda"
+
+
+@cache
+def this_machine() -> Machine:
+    """This machine as DeepSpeed sees it (``DS_ACCELERATOR`` decides the device)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+
+    device = get_accelerator().device_name()
+    # an op counts as prebuilt only for the accelerator the wheel was built for (op_builder/builder.py, load())
+    prebuilt = frozenset(op for op, built in installed_ops.items() if built) \
+        if accelerator_name == get_accelerator()._name else frozenset()
+    capability = nvcc = torch_cuda = None
+    if device == "cuda":
+        from deepspeed.ops.op_builder.builder import installed_cuda_version
+
+        capability = tuple(torch.cuda.get_device_capability())
+        torch_cuda = tuple(int(x) for x in torch.version.cuda.split(".")[:2]) if torch.version.cuda else None
+        try:
+            nvcc = installed_cuda_version()  # runs $CUDA_HOME/bin/nvcc -V
+        except Exception:  # noqa: BLE001 - DeepSpeed raises its own types for "no CUDA_HOME" and "no nvcc there"
+            nvcc = None
+    return Machine(device, cpu_info()["flags"], capability, torch_cuda, nvcc, prebuilt)
+
+
+def auto_precision(machine: Machine, zero_stage: int = 0) -> tuple[str, str]:
+    """The precision ``auto`` resolves to, and why: bf16 where the device has bf16 matrix units (CUDA compute
+    capability 8.0 and later; CPUs with AMX-BF16 or AVX512-BF16); on older GPUs fp16 with a dynamic loss scale,
+    which DeepSpeed applies only under ZeRO >= 1 (fp32 at ZeRO-0); fp32 on other CPUs."""
+    if machine.on_cuda:
+        cc = "%d.%d" % machine.capability
+        if machine.capability >= (8, 0):
+            return "bf16", f"CUDA GPU of compute capability {cc} (bf16 tensor cores)"
+        older = f"CUDA GPU of compute capability {cc} < 8.0 has no bf16 tensor cores (bf16 would be emulated)"
+        if zero_stage >= 1:
+            return "fp16", f"{older}: fp16 with a dynamic loss scale"
+        return "fp32", (f"{older}, and fp16 needs ZeRO >= 1 (DeepSpeed applies no loss scale at ZeRO-0): fp32; "
+                        "--train.zero_stage 1 trains in fp16")
+    units = [f for f in BF16_FLAGS if f in machine.cpu_flags]
     if units:
         return "bf16", f"CPU has bf16 matrix units ({', '.join(units)})"
     return "fp32", "CPU has no bf16 matrix units (no amx_bf16/avx512_bf16): bf16 would be emulated, ~100x slower"
+
+
+def use_deterministic_kernels() -> None:
+    """torch's deterministic kernels from here on (an op that has none raises an error naming it), with the fixed
+    cuBLAS workspace that deterministic cuBLAS needs; set before the first CUDA matmul. CPU training is
+    deterministic without it; on CUDA, cuBLAS and the attention backward are not."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from . import distributed as dist
 from .checkpoint import TICKET_DIR
-from .dsconfig import describe_precision
+from .dsconfig import plan_ds
 from .flops import count_parameters
+from .hardware import this_machine
 from .modeling import CODE_FILE, EarlyBertConfig
 from .ticket import Ticket
 from .trainer import Run
@@ -85,7 +86,7 @@ def model_card(run: Run, where: Path, config: EarlyBertConfig, full_config: Earl
         f"- {t.steps} optimizer steps in all, global batch {batch} ({t.micro_batch_size} per rank x {t.grad_accum} "
         f"accumulated x {dist.world_size()} ranks), {t.optimizer}, peak learning rate {t.lr:g}, "
         f"{t.warmup_steps} warm-up steps, {t.schedule} decay, weight decay {t.weight_decay:g}",
-        f"- {describe_precision(cfg, dist.on_cuda())}, seed {t.seed}",
+        f"- {plan_ds(cfg, dist.world_size(), this_machine()).describe_precision()}, seed {t.seed}",
         "- every setting: `run_config.json` in the run's output directory",
     ]
     if metrics:

@@ -47,6 +47,12 @@ logger = logging.getLogger(__name__)
 #: The label of a position that is not predicted (not masked): cross-entropy skips it, as in Hugging Face.
 IGNORE_INDEX = -100
 
+
+def mlm_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the MLM targets in ``labels`` (those not ``IGNORE_INDEX``). Found on the host, in the
+    batch the model is handed, they spare it a wait for the device (the selection's size is known there)."""
+    return (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
 #: What a saved model's directory holds of this module, and the Auto classes that its config.json maps to it.
 CODE_FILE = "modeling_earlybert.py"
 AUTO_MAP = {
@@ -362,8 +368,10 @@ class EarlyBertPreTrainedModel(PreTrainedModel):
 
 def _sdpa_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """(batch, seq) 1/0 padding mask -> additive (batch, 1, 1, seq) mask; ``None`` when nothing is padded. Additive
-    for both attention paths: SDPA, and the explicit one of ``output_attentions`` adds it to the scores."""
-    if attention_mask is None or bool(attention_mask.all()):
+    for both attention paths: SDPA, and the explicit one of ``output_attentions`` adds it to the scores. Whether
+    anything is padded is read only off a host tensor: on a GPU it would stall every forward until the device
+    catches up (``Engine`` drops an all-ones mask on the host, before the batch moves)."""
+    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
         return None
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
@@ -492,11 +500,15 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
         *,
+        masked_positions: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> PreTrainingOutput | tuple:
+        """``masked_positions``: the flat indices of ``labels != -100`` (:func:`mlm_positions`), found on the host
+        before the batch moves; without them they are found here, which on a GPU waits for the device (the
+        selection's size depends on the data)."""
         out = self.bert(input_ids, attention_mask, token_type_ids, head_mask=head_mask,
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                         return_dict=True)
@@ -506,9 +518,10 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             return self._returned(PreTrainingOutput(logits=self.cls(h), nsp_logits=nsp_logits,
                                                     hidden_states=out.hidden_states, attentions=out.attentions),
                                   return_dict)
-        masked = labels != IGNORE_INDEX
-        targets = labels[masked]
-        logits = self.cls(h[masked])
+        if masked_positions is None:
+            masked_positions = mlm_positions(labels)
+        targets = labels.view(-1).index_select(0, masked_positions)
+        logits = self.cls(h.flatten(0, 1).index_select(0, masked_positions))
         scores = logits.float()  # exact; and torch's CPU argmax is 4x slower on bf16 than on fp32
         mlm_loss = F.cross_entropy(scores, targets, reduction="sum") / max(targets.numel(), 1)
         loss, nsp_loss = mlm_loss, None
@@ -524,7 +537,7 @@ class EarlyBertForPreTraining(EarlyBertPreTrainedModel):
             mlm_loss=mlm_loss.detach(),
             nsp_loss=None if nsp_loss is None else nsp_loss.detach(),
             mlm_correct=(scores.argmax(-1) == targets).sum().detach(),
-            mlm_count=torch.tensor(targets.numel(), device=logits.device),
+            mlm_count=torch.full((), targets.numel(), device=logits.device),  # no copy from the host
             gate_penalty=None if out.gate_penalty is None else out.gate_penalty.detach(),
         ), return_dict)
 
@@ -543,14 +556,15 @@ class EarlyBertForMaskedLM(EarlyBertForPreTraining):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
+        masked_positions: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> PreTrainingOutput | tuple:
-        return super().forward(input_ids, attention_mask, token_type_ids, labels, head_mask=head_mask,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                               return_dict=return_dict)
+        return super().forward(input_ids, attention_mask, token_type_ids, labels, masked_positions=masked_positions,
+                               head_mask=head_mask, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict)
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""LAMB with exactly DeepSpeed FusedLamb's update rule and a layer-wise trust ratio under ZeRO, and the
-client-optimizer choice.
+"""LAMB with exactly DeepSpeed FusedLamb's update rule and a layer-wise trust ratio under ZeRO, and the choice of
+every optimizer implementation (:func:`choose_optimizer`).
 
-DeepSpeed builds AdamW (and, on CUDA at ZeRO-0, FusedLamb) itself from the config's optimizer section, which is what
-gives ZeRO-Offload its DeepSpeedCPUAdam. Elsewhere ``build_ds_config`` drops the section and the engine gets this
-``Lamb`` as a client optimizer: same rule, same defaults, so a run moves between CPU and GPU without changing its
+DeepSpeed builds AdamW itself from the config's optimizer section: torch's fused AdamW by default, DeepSpeedCPUAdam
+under ZeRO-Offload, its FusedAdam where prebuilt or asked for. LAMB is always this ``Lamb``, handed to the engine as
+a client optimizer: FusedLamb's rule, same defaults, so a run moves between CPU and GPU without changing its
 optimizer. FusedLamb is a CUDA kernel only, and under ZeRO 1-3 it would see each parameter group flattened into one
 partition per rank, so its trust ratio would be per group partition, not per layer: what makes LAMB work at large
 batch would be lost. Our ``Lamb`` is told where each parameter lies in those partitions (:func:`zero_partitions`)
@@ -13,14 +13,14 @@ and takes every parameter's norms across ranks, so its trust ratio is per parame
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed
 
-from .config import RunConfig
+from .config import TrainArgs
+from .hardware import Machine
 
 
 @dataclass(frozen=True)
@@ -187,31 +187,70 @@ def _zero3_partition(wrapper: Any, sub: int, flat: torch.Tensor) -> Partition:
     return Partition(tuple(spans), len(params), group)
 
 
-def cuda_op_available(op: str) -> bool:
-    """Whether DeepSpeed can provide its CUDA kernel ``op`` (``fused_adam``, ``fused_lamb``): built into the installed
-    wheel (``DS_BUILD_*``), or buildable just in time, which needs ``nvcc`` (``CUDA_HOME``). A pip-only CUDA torch
-    has neither, and ``deepspeed.initialize`` would fail trying to build it."""
-    from deepspeed.git_version_info import installed_ops
-    from torch.utils.cpp_extension import CUDA_HOME
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """Which optimizer implementation a run uses, and why. ``client``: our :class:`Lamb`, handed to
+    ``deepspeed.initialize`` (the config's optimizer section is dropped); else DeepSpeed builds it from the config,
+    with ``ds_params`` added to the section's params. ``jit_builder``: the DeepSpeed op builder whose kernel is
+    compiled (or loaded) before the engine is built, under the project's build lock."""
 
-    return bool(installed_ops.get(op)) or (CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "bin",
-                                                                                                 "nvcc")))
-
-
-def uses_own_lamb(run: RunConfig, on_cuda: bool, zero_stage: int) -> bool:
-    """LAMB runs as this module's :class:`Lamb` where DeepSpeed's FusedLamb cannot run or would not be layer-wise:
-    on CPU, on CUDA without the fused_lamb kernel (see :func:`cuda_op_available`), and under ZeRO 1-3."""
-    return run.train.optimizer == "lamb" and (zero_stage > 0 or not (on_cuda and cuda_op_available("fused_lamb")))
+    name: str
+    why: str
+    client: bool = False
+    ds_params: dict = field(default_factory=dict)
+    jit_builder: str | None = None
 
 
-def make_client_optimizer(run: RunConfig, param_groups: list[dict], on_cuda: bool,
-                          zero_stage: int) -> torch.optim.Optimizer | None:
-    """The optimizer to hand ``deepspeed.initialize``: our Lamb where :func:`uses_own_lamb`, else None (DeepSpeed
-    builds it). Once the engine exists, our Lamb must be told its partitions (:func:`zero_partitions`).
+_TORCH_ADAMW = {"torch_adam": True, "fused": True}  # DeepSpeed builds torch.optim.AdamW(fused=True) from these
 
-    Must agree with ``dsconfig.build_ds_config``, which drops the config's optimizer section in exactly that case.
+
+def choose_optimizer(optimizer: str, machine: Machine, precision: str, zero_stage: int, offload: bool,
+                     torch_adam: bool | None = None) -> OptimizerChoice:
+    """The one place that decides the optimizer implementation, from what the machine has and what the user asked.
+
+    LAMB is always our :class:`Lamb`: DeepSpeed's FusedLamb needs a CUDA build, hands bf16 gradients to a kernel that
+    dispatches only float/double/half (``fused_lamb_cuda_kernel.cu``) and, under ZeRO, takes its trust ratio per
+    partition instead of per layer.
+
+    AdamW: ZeRO-Offload steps on the CPU with DeepSpeedCPUAdam. Otherwise torch's fused AdamW, except where
+    DeepSpeed's FusedAdam is compiled into the installed wheel (``DS_BUILD_FUSED_ADAM=1``) and its wrapper is one
+    the project trains with (ZeRO >= 1, or fp32; at ZeRO-0 in bf16 DeepSpeed would wrap it in FP16_Optimizer), or
+    where the DeepSpeed config asks for it (``"torch_adam": false``): FusedAdam is then built just in time if it
+    must be, which needs nvcc of torch's CUDA major release. ``torch_adam``: the config's explicit choice, if any.
     """
-    t = run.train
-    if uses_own_lamb(run, on_cuda, zero_stage):
-        return Lamb(param_groups, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-    return None
+    if optimizer == "lamb":
+        return OptimizerChoice("earlybert_ds Lamb", "LAMB is always earlybert_ds's (per-parameter trust ratio at "
+                                                    "every ZeRO stage, any precision, no kernel to build)", client=True)
+    if torch_adam:
+        return OptimizerChoice("torch AdamW (fused)", "the DeepSpeed config sets torch_adam", ds_params=_TORCH_ADAMW)
+    if offload:
+        return OptimizerChoice("DeepSpeed CPUAdam", "ZeRO-Offload steps the optimizer on the CPU",
+                               jit_builder=None if "cpu_adam" in machine.prebuilt_ops else "CPUAdamBuilder")
+    if torch_adam is False:
+        if "fused_adam" in machine.prebuilt_ops:
+            return OptimizerChoice("DeepSpeed FusedAdam", "the DeepSpeed config sets torch_adam: false; prebuilt")
+        if machine.on_cuda:
+            if machine.nvcc is None:
+                raise ValueError("optimizer.params.torch_adam=false asks for DeepSpeed's FusedAdam, which the "
+                                 "installed DeepSpeed does not include prebuilt and which cannot be built here: no nvcc "
+                                 "(CUDA_HOME). Remove torch_adam to train with torch's fused AdamW, or install "
+                                 "DeepSpeed with DS_BUILD_FUSED_ADAM=1")
+            if machine.torch_cuda is None or machine.nvcc[0] != machine.torch_cuda[0]:
+                raise ValueError("optimizer.params.torch_adam=false asks for DeepSpeed's FusedAdam, to be built with "
+                                 f"nvcc of CUDA {'%d.%d' % machine.nvcc}, but torch was built for CUDA "
+                                 f"{'.'.join(map(str, machine.torch_cuda or ())) or 'none'}; point CUDA_HOME at a "
+                                 "toolkit of torch's release, or remove torch_adam")
+        return OptimizerChoice("DeepSpeed FusedAdam", "the DeepSpeed config sets torch_adam: false; built just in "
+                                                      "time", jit_builder="FusedAdamBuilder")
+    if machine.on_cuda and "fused_adam" in machine.prebuilt_ops and (zero_stage >= 1 or precision == "fp32"):
+        return OptimizerChoice("DeepSpeed FusedAdam", "prebuilt into the installed DeepSpeed")
+    return OptimizerChoice("torch AdamW (fused)", "needs no kernel build" + (
+        "" if machine.on_cuda else " (CPU)"), ds_params=_TORCH_ADAMW)
+
+
+def make_client_optimizer(choice: OptimizerChoice, param_groups: list[dict], t: TrainArgs) -> Lamb | None:
+    """The optimizer to hand ``deepspeed.initialize``: our Lamb where ``choice`` says so, else None (DeepSpeed builds
+    it from the config). Once the engine exists, our Lamb must be told its partitions (:func:`zero_partitions`)."""
+    if not choice.client:
+        return None
+    return Lamb(param_groups, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)

@@ -30,10 +30,10 @@ from . import distributed as dist
 from . import trainer
 from .checkpoint import Start
 from .config import FIXED_DRAWS, NO_SEARCH_DRAWS, ConfigError, RunConfig, save_config
-from .dsconfig import build_ds_config, describe_precision
+from .dsconfig import plan_ds
 from .engine import Engine
 from .flops import count_parameters
-from .hardware import job_peak_flops
+from .hardware import job_peak_flops, this_machine, use_deterministic_kernels
 from .model_card import model_card
 from .modeling import EarlyBertConfig, EarlyBertPreTrainedModel, hf_bert_config, load_hf_bert
 from .monitor import Monitor, text_log
@@ -64,8 +64,10 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
             cfg.data.cache_dir = cache_dir
         random.seed(cfg.train.seed + rank)  # dropout and anything else random: reproducible, different per rank
         torch.manual_seed(cfg.train.seed + rank)
-        ds_config = build_ds_config(cfg, world, dist.on_cuda())  # a bad config fails before any work
-        logger.info(describe_precision(cfg, dist.on_cuda()))
+        if cfg.train.deterministic:
+            use_deterministic_kernels()
+        plan = plan_ds(cfg, world, this_machine())  # a bad config fails before any work
+        logger.info(plan.describe_precision())
         task = make_task(cfg)
         cfg.resolve(task.epoch_examples, world)  # derived fields settled, then frozen
         if start.phase == "efficient":
@@ -77,7 +79,7 @@ def run_earlybert(cfg: RunConfig, make_task: Callable[[RunConfig], Task], resume
         dist.on_rank0(save_config, cfg, out / checkpoint.RUN_CONFIG)  # from here on the directory holds this run
         if rank == 0:
             _log_budget(cfg, world, count_parameters(full_config, task.model_class))
-        run = Run(cfg, out, task, peak_flops=job_peak_flops(ds_config))
+        run = Run(cfg, out, task, peak_flops=job_peak_flops(plan.config))
         run.monitor = Monitor(cfg.log, out, cfg.to_dict(), rank, cfg.train.steps, resume_step=start.step)
         try:
             return _run_stages(run, start, full_config)

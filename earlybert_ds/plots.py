@@ -1,26 +1,38 @@
 """Figures for runs and benchmarks, written as PNG files (Agg backend: no display needed on training nodes).
 
-Each function writes ``path`` and returns it, so callers can hand it on to :meth:`Monitor.log_image`.
+Each function writes ``path`` and returns it, so callers can hand it on to :meth:`Monitor.log_image`. matplotlib is
+an optional dependency (``pip install earlybert-ds[plots]``), imported by the first figure: without it, drawing one
+raises ModuleNotFoundError, and nothing else needs it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot loads
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+@cache
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot loads
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -28,7 +40,7 @@ def plot_mask_distances(steps: Sequence[int], head_dists: Sequence[float], ffn_d
                         epsilon: float, drawn_step: int | None, path: str | Path) -> Path:
     """The EarlyBERT paper's convergence figure: distance between consecutive masks against the search step,
     for heads and FFN neurons, with the threshold ε and the step where the ticket was drawn (if it was)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4))
     ax.plot(steps, head_dists, marker="o", ms=3, label="attention heads")
     ax.plot(steps, ffn_dists, marker="s", ms=3, label="FFN neurons")
     ax.axhline(epsilon, color="gray", ls="--", lw=1, label=f"ε = {epsilon:g}")
@@ -54,7 +66,7 @@ def plot_gates(head_gates: Sequence[np.ndarray], ffn_gates: Sequence[np.ndarray]
     """Gate magnitudes per layer: a layer×head heatmap of |head gate| and, per layer, the FFN gates' |values|
     sorted in decreasing order. With keep-masks (True = kept), pruned heads get an ✕ and pruned FFN neurons are
     drawn as grey dots, showing where the ticket cut each layer."""
-    fig, (ax_h, ax_f) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]},
+    fig, (ax_h, ax_f) = _pyplot().subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]},
                                      layout="constrained")
     heat = _ragged([np.abs(np.asarray(g, dtype=float)) for g in head_gates], np.nan)
     im = ax_h.imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -65,7 +77,7 @@ def plot_gates(head_gates: Sequence[np.ndarray], ffn_gates: Sequence[np.ndarray]
     ax_h.set(xlabel="head", ylabel="layer", xticks=range(heat.shape[1]), yticks=range(heat.shape[0]),
              title="Attention-head gates" + (" (✕ pruned)" if head_masks is not None else ""))
 
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(ffn_gates), 1)))
+    colors = _pyplot().get_cmap("viridis")(np.linspace(0, 0.9, max(len(ffn_gates), 1)))
     for layer, g in enumerate(ffn_gates):
         mag = np.abs(np.asarray(g, dtype=float))
         order = np.argsort(-mag, kind="stable")
@@ -83,7 +95,7 @@ def plot_gates(head_gates: Sequence[np.ndarray], ffn_gates: Sequence[np.ndarray]
 def plot_curves(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str, path: str | Path,
                 title: str = "") -> Path:
     """One line per named series of (x, y) points, e.g. validation loss against wall-clock time for several runs."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4))
     for name, points in series.items():
         xs, ys = zip(*points) if points else ((), ())
         ax.plot(xs, ys, marker="o", ms=3, label=name)
@@ -97,7 +109,7 @@ def plot_intervals(points: dict[str, tuple[float, float, float, float]], xlabel:
                    path: str | Path, title: str = "") -> Path:
     """One point per named method at (x, y) with its 95% intervals: ``name -> (x, x half-width, y, y half-width)``,
     e.g. mean dev accuracy against mean CPU time relative to the full model, over seeds."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.4))
     for name, (x, dx, y, dy) in points.items():
         ax.errorbar([x], [y], xerr=[dx], yerr=[dy], marker="o", ms=5, capsize=3, label=name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

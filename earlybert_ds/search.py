@@ -306,10 +306,16 @@ class SearchStage:
         return decision
 
     def _plot(self, gates: Scores, masks: Masks, ticket: Ticket) -> None:
-        self.plots.mkdir(exist_ok=True)
+        """The mask distances and the gates at the ticket, as PNGs in ``plots`` and on wandb; skipped, saying so,
+        where matplotlib is not installed (an optional dependency: ``pip install earlybert-ds[plots]``)."""
         log = self.history
-        dist_png = plot_mask_distances([r["step"] for r in log], [r["heads"] for r in log], [r["ffn"] for r in log],
-                                       self.e.epsilon, ticket.step, self.plots / "mask_distance.png")
+        try:
+            dist_png = plot_mask_distances([r["step"] for r in log], [r["heads"] for r in log],
+                                           [r["ffn"] for r in log], self.e.epsilon, ticket.step,
+                                           self.plots / "mask_distance.png")
+        except ModuleNotFoundError as e:
+            logger.warning("%s: the ticket's plots are skipped (pip install 'earlybert-ds[plots]')", e)
+            return
         gates_png = plot_gates(gates.heads, gates.ffn, self.plots / "gates.png", head_masks=masks.heads,
                                ffn_masks=masks.ffn)
         self.monitor.log_image(ticket.step, "plots/mask_distance", dist_png)

@@ -174,7 +174,7 @@ def train(run: Run, engine: Engine, phase: str, last_step: int, stage: Stage | N
     while run.step < last_step:
         t0 = time.perf_counter()
         micro = run.task.next_step()
-        step = engine.train_step(micro, before_step)
+        step = engine.train_step(micro, run.step, before_step)
         m = {**step.readings, **run.task.step_metrics(step.outputs, engine.device)}
         dt = time.perf_counter() - t0
         tokens = dist.world_size() * sum(float(mb["attention_mask"].sum()) for mb in micro)  # this rank's x ranks

@@ -7,7 +7,9 @@
 #     --deepspeed ds_configs/zero2_bf16.json --output-dir runs/base  # BERT-base's recipe on all GPUs
 #
 # Environment: NPROC (ranks; default: all GPUs, or 2 on CPU), MASTER_PORT (default 29500),
-# OMP_NUM_THREADS (CPU only; default: cores / ranks).
+# OMP_NUM_THREADS (CPU only; default: cores / ranks), DS_ACCELERATOR=cpu (train on the CPU even with GPUs).
+# GPUs are counted by the repository venv's torch (else python3's); where nvidia-smi lists GPUs that this torch
+# cannot use, the script stops rather than train on the CPU.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 single_node pretrain "$@"

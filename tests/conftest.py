@@ -16,13 +16,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from earlybert_ds.hardware import auto_precision  # noqa: E402
+from earlybert_ds.hardware import Machine, auto_precision, cpu_info  # noqa: E402
 from earlybert_ds.modeling import EarlyBertConfig  # noqa: E402
 
 #: What ``auto`` picks on this CPU: bf16 where it has bf16 units, fp32 on AVX2-only CPUs, where bf16 is emulated and
 #: slow. The multi-rank tests that are not about bf16 run at it; ``test_zero3_bf16_pipeline_two_ranks`` and the
 #: in-process ZeRO tests run bf16 on every CPU.
-MACHINE_PRECISION = auto_precision(False)[0]
+MACHINE_PRECISION = auto_precision(Machine("cpu", cpu_info()["flags"]))[0]
 #: The reference run's ZeRO stage and precision (``zero2_run``), shared by the tests that compare with it.
 ZERO2 = {"train.zero_stage": 2, "train.precision": MACHINE_PRECISION}
 
@@ -38,6 +38,14 @@ def tiny_config(**kw) -> EarlyBertConfig:
     base = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
                 max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return EarlyBertConfig(**{**base, **kw})
+
+
+def tiny_mlm_batch() -> dict[str, torch.Tensor]:
+    """One MLM micro-batch for :func:`tiny_config` models: 4 sequences of 16 tokens, about 30% of them masked."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 120, (4, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
 
 
 def randomize_gates(model: torch.nn.Module, seed: int = 0) -> None:

@@ -36,11 +36,11 @@ def lamb_run(stage: int, layerwise: bool = True) -> tuple[dict[str, torch.Tensor
         if not layerwise:
             lamb.partitions = {}
         g = torch.Generator().manual_seed(100 + dist.rank())
-        for _ in range(STEPS):
+        for step in range(STEPS):
             ids = torch.randint(5, 120, (4, 16), generator=g)
             labels = torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)
             engine.train_step([{"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                "token_type_ids": torch.zeros_like(ids), "labels": labels}])
+                                "token_type_ids": torch.zeros_like(ids), "labels": labels}], step)
         return engine.full_state_dict(), len(lamb.partitions)
     finally:
         engine.destroy()

@@ -25,7 +25,7 @@ from earlybert_ds.probe import probe_and_draw
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
-from conftest import REPO, metrics, run_single, tiny_config, tiny_run_args
+from conftest import REPO, metrics, run_single, tiny_config, tiny_mlm_batch, tiny_run_args
 
 
 @pytest.mark.slow
@@ -514,3 +514,63 @@ def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_b
     assert same["ffn_kept_of_oracle"] == same["heads_kept_of_oracle"] == 1.0
     assert all(sum(r["ffn_widths"]) == sum(probed.intermediate_sizes) for r in rows)  # global FFN ratio: the same
     assert all(0 <= r["ffn_kept_of_oracle"] <= 1 and 0 <= r["heads_kept_of_oracle"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("precision,stage,ds,layout", [
+    ("fp32", 0, {}, "the module's own fp32 gates"),
+    ("bf16", 0, {}, "FP16_UnfusedOptimizer: fp32_groups"),
+    ("bf16", 0, {"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}, "FP16_Optimizer: fp32_groups_flat"),
+    ("bf16", 1, {}, "ZeRO-1 partitions"),
+    ("bf16", 2, {}, "ZeRO-2 partitions"),
+    ("bf16", 3, {}, "ZeRO-3 partitions"),
+])
+def test_checkpoint_gates_reads_the_fp32_masters_in_every_layout(distributed, tmp_path, precision, stage, ds, layout):
+    """A real engine of each kind saves a search checkpoint after a few steps: the gates read back from it are the
+    optimizer's fp32 masters exactly as the live engine holds them; in bf16 the module's copies are all still 1.0,
+    so reading those instead would be wrong. (FusedAdam is compiled for the CPU the first time, under the build
+    lock: the FP16_Optimizer layout exists only with it.)"""
+    from earlybert_ds.config import RunConfig
+    from earlybert_ds.engine import Engine
+    from earlybert_ds.modeling import EarlyBertForPreTraining
+    from earlybert_ds.search import read_gates
+
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    run = RunConfig.from_dict({"deepspeed": str(tmp_path / "ds.json"), "train": {
+        "precision": precision, "zero_stage": stage, "lr": 1e-4, "warmup_steps": 0, "steps": 200}})
+    torch.manual_seed(0)
+    engine = Engine(EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2)), run)
+    try:
+        batch = tiny_mlm_batch()
+        for step in range(3):
+            engine.train_step([batch], step)
+        engine.engine.save_checkpoint(str(tmp_path / "ckpt"), tag="global_step3")
+        live = read_gates(engine.module, engine.optimizer)
+        wrapper = type(engine.engine.optimizer).__name__
+    finally:
+        engine.destroy()
+    assert layout.split(":")[0] in (wrapper, "the module's own fp32 gates", f"ZeRO-{stage} partitions")
+    gates, _ = tickets.checkpoint_gates(tmp_path / "ckpt" / "global_step3")
+    for read, want in zip(gates.heads + gates.ffn, live.heads + live.ffn, strict=True):
+        assert read.dtype == np.float32 and np.array_equal(read, want), layout
+    moved = np.abs(np.concatenate(gates.heads + gates.ffn) - 1).max()
+    assert (1e-5 < moved < 2**-9) if precision == "bf16" else moved > 1e-5  # bf16 copies would all read 1.0
+
+
+def test_checkpoint_gates_refuses_a_layout_it_does_not_read(distributed, tmp_path):
+    """bf16 ZeRO-1 with fp32 gradient accumulation runs DeepSpeed's BF16_Optimizer, whose masters are not read:
+    refused, naming the layout, rather than read off the rounded module."""
+    from earlybert_ds.config import RunConfig
+    from earlybert_ds.engine import Engine
+    from earlybert_ds.modeling import EarlyBertForPreTraining
+
+    (tmp_path / "ds.json").write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32"}}))
+    run = RunConfig.from_dict({"deepspeed": str(tmp_path / "ds.json"), "train": {"precision": "bf16",
+                                                                                 "zero_stage": 1}})
+    engine = Engine(EarlyBertForPreTraining(tiny_config(use_gates=True)), run)
+    try:
+        assert type(engine.engine.optimizer).__name__ == "BF16_Optimizer"
+        engine.engine.save_checkpoint(str(tmp_path / "ckpt"), tag="global_step0")
+    finally:
+        engine.destroy()
+    with pytest.raises(common.BenchError, match="BF16_Optimizer"):
+        tickets.checkpoint_gates(tmp_path / "ckpt" / "global_step0")

@@ -153,11 +153,13 @@ def test_each_help_shows_its_own_options_each_default_once(command, own, foreign
 
 
 def test_precision_auto_is_accepted():
-    from earlybert_ds.dsconfig import build_ds_config, describe_precision
+    from earlybert_ds.dsconfig import plan_ds
+    from earlybert_ds.hardware import Machine, this_machine
 
     cfg = _config("pretrain", "--train.precision", "auto")
-    assert cfg.train.precision == "auto" and "(auto: " in describe_precision(cfg, on_cuda=False)
-    assert build_ds_config(cfg, 1, on_cuda=True)["bf16"]["enabled"] is True  # auto: bf16 on CUDA
+    assert cfg.train.precision == "auto" and "(auto: " in plan_ds(cfg, 1, this_machine()).describe_precision()
+    a100 = Machine("cuda", capability=(8, 0), torch_cuda=(12, 8))
+    assert plan_ds(cfg, 1, a100).config["bf16"]["enabled"] is True  # auto: bf16 on an Ampere GPU
 
 
 def test_options_the_mode_ignores_are_refused(tmp_path):

@@ -310,8 +310,10 @@ def test_collate_and_validation_batches(packed_builtin, minilm):
     _, packed = packed_builtin
     masker = MLMMasker.from_tokenizer(minilm)
     batch = collate(packed.train, np.array([9, 1, 4]), masker, seed=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "sample_idx"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "masked_positions", "sample_idx"}
     assert all(t.dtype == torch.long for t in batch.values()) and batch["input_ids"].shape == (3, 128)
+    # the MLM targets' flat indices, found on the host: the model selects them without waiting for the device
+    assert torch.equal(batch["masked_positions"], (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1))
     assert (batch["attention_mask"] == 1).all() and batch["sample_idx"].tolist() == [9, 1, 4]
     ranks = [val_batches(packed.val, 3, 4, 2, r, masker) for r in (0, 1)]
     assert [len(b) for b in ranks] == [4, 4]

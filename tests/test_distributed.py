@@ -35,6 +35,81 @@ def test_ops_are_built_with_this_environments_ninja(monkeypatch, tmp_path):
     assert os.environ["PATH"] == path
 
 
+def test_ops_are_built_in_the_environment_only_where_it_is_writable(monkeypatch, tmp_path):
+    """A shared, read-only Python environment (a conda module, a system site) must not make every just-in-time
+    build fail with PermissionError: its builds then go to torch's default directory (under ~/.cache)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    assert dist.extensions_dir(tmp_path) == tmp_path / "torch_extensions" and (tmp_path / "torch_extensions").is_dir()
+    if os.geteuid() == 0:  # root writes through any mode bits, but not into sysfs, a read-only file system here
+        read_only = Path("/sys")
+    else:
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o555)
+    assert dist.extensions_dir(read_only) is None
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # recorded, so that what is set below is undone after the test
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", str(read_only))
+    dist._jit_build_environment()
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ  # torch's default, e.g. ~/.cache/torch_extensions
+    assert not Path(get_default_build_root()).is_relative_to(read_only)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    dist._jit_build_environment()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
+
+
+def test_nccl_start_failure_names_nccl_not_the_hostfile(monkeypatch):
+    """NCCL fails after the ranks have met (DistBackendError): the hint is NCCL's own switches, not the hostfile
+    or MASTER_ADDR, which is what a failed rendezvous (DistStoreError) is told. The text is torch's and NCCL's."""
+    import torch.distributed as td
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    nccl = td.DistBackendError(
+        "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3356, unhandled system error (run "
+        "with NCCL_DEBUG=INFO for details), NCCL version 2.21.5\nncclSystemError: System call (e.g. socket, malloc) "
+        "or external library call failed or device error.\nLast error:\nsocketStartConnect: Connect to "
+        "10.1.2.3<43012> failed : Software caused connection abort")
+    msg = str(dist.start_error(nccl, 600))
+    assert msg.startswith("rank 3 of 16: NCCL could not connect the GPUs: NCCL error in:")
+    assert "socketStartConnect: Connect to 10.1.2.3<43012> failed" in msg  # NCCL's own last error
+    for hint in ("NCCL_DEBUG=INFO", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE=1", "hostfile and MASTER_ADDR are not"):
+        assert hint in msg, msg
+    rendezvous = str(dist.start_error(td.DistStoreError("Timed out after 601 seconds waiting for clients. 1/16 "
+                                                        "clients joined."), 600))
+    assert "same hostfile, MASTER_ADDR" in rendezvous and "NCCL" not in rendezvous
+
+
+def test_deterministic_mode_trains(distributed, monkeypatch):
+    """--train.deterministic: torch's deterministic kernels and cuBLAS's fixed workspace, set before any work; every
+    op of a training step has a deterministic kernel (else torch raises), and two runs of it agree bit for bit."""
+    import torch
+
+    from earlybert_ds.config import RunConfig
+    from earlybert_ds.engine import Engine
+    from earlybert_ds.hardware import use_deterministic_kernels
+    from earlybert_ds.modeling import EarlyBertForPreTraining
+
+    from conftest import tiny_config, tiny_mlm_batch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    run = RunConfig.from_dict({"train": {"deterministic": True, "precision": "fp32", "warmup_steps": 0}})
+    batch = tiny_mlm_batch()
+    batch["attention_mask"][0, -4:] = 0  # the padded path too
+    use_deterministic_kernels()
+    try:
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        losses = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            engine = Engine(EarlyBertForPreTraining(tiny_config(use_gates=True)), run)
+            losses.append([engine.train_step([batch], step)["loss"] for step in range(3)])
+            engine.destroy()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0]
+
+
 def _build_dir() -> Path:
     """This environment's build directory of the CPU communication op (built by launch/setup.sh)."""
     from torch.utils.cpp_extension import _get_build_directory

@@ -19,14 +19,16 @@ from earlybert_ds import dsconfig  # noqa: E402
 from earlybert_ds.config import RunConfig  # noqa: E402
 from earlybert_ds.engine import Engine, lr_lambda, param_groups  # noqa: E402
 from earlybert_ds.dsconfig import (  # noqa: E402
-    DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config,
+    DEFAULT_DS_CONFIG, DEFAULT_DS_DICT, KNOWN_KEYS, DSConfigError, build_ds_config, plan_ds,
 )
-from earlybert_ds.optim import make_client_optimizer  # noqa: E402
-from earlybert_ds.hardware import auto_precision  # noqa: E402
+from earlybert_ds.hardware import Machine, auto_precision, this_machine  # noqa: E402
 from earlybert_ds.modeling import EarlyBertConfig, EarlyBertForPreTraining  # noqa: E402
-from earlybert_ds.optim import Lamb  # noqa: E402
+from earlybert_ds.optim import Lamb, choose_optimizer, make_client_optimizer  # noqa: E402
 
 DS_CONFIGS = sorted(DEFAULT_DS_CONFIG.parent.glob("*.json"))
+CPU = this_machine()  # this machine as the tests run it (DS_ACCELERATOR=cpu)
+#: a pip-only CUDA install on an A100: torch's CUDA, no nvcc, nothing prebuilt into DeepSpeed
+A100 = Machine("cuda", capability=(8, 0), torch_cuda=(12, 8))
 
 
 def _run(tmp_path: Path | None = None, ds: dict | None = None, **train) -> RunConfig:
@@ -43,9 +45,9 @@ def _run(tmp_path: Path | None = None, ds: dict | None = None, **train) -> RunCo
     return run
 
 
-def _error(run: RunConfig, world_size: int = 1, on_cuda: bool = False) -> str:
+def _error(run: RunConfig, world_size: int = 1, machine: Machine = CPU) -> str:
     with pytest.raises(DSConfigError) as e:
-        build_ds_config(run, world_size, on_cuda)
+        build_ds_config(run, world_size, machine)
     return str(e.value)
 
 
@@ -53,9 +55,9 @@ def _error(run: RunConfig, world_size: int = 1, on_cuda: bool = False) -> str:
 
 def test_embedded_default_matches_cpu_json(monkeypatch):
     assert json.loads(DEFAULT_DS_CONFIG.read_text()) == DEFAULT_DS_DICT
-    from_file = build_ds_config(RunConfig(), 1, False)
+    from_file = build_ds_config(RunConfig(), 1, CPU)
     monkeypatch.setattr(dsconfig, "DEFAULT_DS_CONFIG", Path("/nonexistent/cpu.json"))
-    assert build_ds_config(RunConfig(), 1, False) == from_file
+    assert build_ds_config(RunConfig(), 1, CPU) == from_file
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
@@ -64,13 +66,13 @@ def test_shipped_configs_build_on_cpu(path):
                                             "zero2_fp16.json", "zero3_offload.json"}
     run = _run()
     run.deepspeed = str(path)
-    cfg = build_ds_config(run, 2, on_cuda=False)
+    cfg = build_ds_config(run, 2, CPU)
     assert "auto" not in json.dumps(cfg)
     assert cfg["train_batch_size"] == 32 and cfg["optimizer"]["type"] == "AdamW"
     offload = "offload_optimizer" in cfg["zero_optimization"]
     assert cfg["optimizer"]["params"].get("torch_adam", False) is not offload  # offload keeps DeepSpeedCPUAdam
     # cpu.json leaves precision to the machine (bf16 where the CPU has bf16 units); the named configs pin theirs
-    machine_bf16 = auto_precision(False)[0] == "bf16"
+    machine_bf16 = auto_precision(CPU)[0] == "bf16"
     assert cfg["bf16"]["enabled"] is ("bf16" in path.name or "offload" in path.name or
                                       (path.name == "cpu.json" and machine_bf16))
 
@@ -121,16 +123,16 @@ def test_known_keys_are_the_ones_deepspeed_reads():
 def test_auto_fields_filled(world_size):
     run = _run(micro_batch_size=4, grad_accum=3, lr=2e-4, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05,
                clip_grad=0.5)
-    cfg = build_ds_config(run, world_size, on_cuda=False)
+    cfg = build_ds_config(run, world_size, CPU)
     assert cfg["train_batch_size"] == 4 * 3 * world_size
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-7,
                                                             "weight_decay": 0.05, "torch_adam": True,
                                                                 "fused": True}}
-    bf16 = auto_precision(False)[0] == "bf16"  # unset + auto on CPU: as its bf16 units allow
+    bf16 = auto_precision(CPU)[0] == "bf16"  # unset + auto on CPU: as its bf16 units allow
     assert cfg["bf16"] == {"enabled": bf16} and cfg["fp16"] == {"enabled": False}
-    on_gpu = build_ds_config(run, world_size, on_cuda=True)
+    on_gpu = build_ds_config(run, world_size, A100)
     assert on_gpu["bf16"] == {"enabled": True} and on_gpu["fp16"] == {"enabled": False}  # ... and bf16 on CUDA
     assert cfg["zero_optimization"] == {"stage": 0}
     assert cfg["steps_per_print"] >= 10**6 and cfg["wall_clock_breakdown"] is False
@@ -138,7 +140,7 @@ def test_auto_fields_filled(world_size):
 
 @pytest.mark.parametrize("precision,stage", [("fp32", 0), ("bf16", 3), ("fp16", 2)])
 def test_precision_and_stage_from_run(precision, stage):
-    cfg = build_ds_config(_run(precision=precision, zero_stage=stage), 1, False)
+    cfg = build_ds_config(_run(precision=precision, zero_stage=stage), 1, CPU)
     assert cfg["zero_optimization"]["stage"] == stage
     assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (precision == "bf16", precision == "fp16")
 
@@ -146,7 +148,7 @@ def test_precision_and_stage_from_run(precision, stage):
 def test_json_decides_when_run_leaves_it_unset():
     run = RunConfig()
     run.deepspeed = str(DEFAULT_DS_CONFIG.parent / "zero2_fp16.json")
-    cfg = build_ds_config(run, 1, False)
+    cfg = build_ds_config(run, 1, CPU)
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"]
     assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
 
@@ -154,32 +156,84 @@ def test_json_decides_when_run_leaves_it_unset():
 def test_agreeing_values_are_accepted(tmp_path):
     ds = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 16, "gradient_clipping": 1,
           "optimizer": {"type": "adamw", "params": {"lr": 0.001, "betas": [0.9, 0.98]}}}
-    cfg = build_ds_config(_run(tmp_path, ds), 2, False)
+    cfg = build_ds_config(_run(tmp_path, ds), 2, CPU)
     assert cfg["optimizer"]["type"] == "AdamW" and cfg["gradient_clipping"] == 1.0
 
 
 def test_optimizer_section_on_cpu():
-    assert build_ds_config(RunConfig(), 1, on_cuda=False)["optimizer"]["params"]["torch_adam"] is True
+    assert build_ds_config(RunConfig(), 1, CPU)["optimizer"]["params"]["torch_adam"] is True
     lamb = _run(optimizer="lamb", zero_stage=1)
-    cpu = build_ds_config(lamb, 1, on_cuda=False)
-    assert "optimizer" not in cpu and cpu["zero_allow_untested_optimizer"] is True
-    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], False, 1), Lamb)
-    assert make_client_optimizer(RunConfig(), [], False, 0) is None
+    cpu = plan_ds(lamb, 1, CPU)
+    assert "optimizer" not in cpu.config and cpu.config["zero_allow_untested_optimizer"] is True
+    assert cpu.optimizer.client and cpu.optimizer.name == "earlybert_ds Lamb"
+
+
+# What each kind of machine gets, as a function of what it has: device, nvcc (and its CUDA release against torch's),
+# DeepSpeed ops prebuilt into the installed wheel, precision and ZeRO stage, and the config's explicit choice.
+V100_NVCC = Machine("cuda", capability=(7, 0), torch_cuda=(12, 8), nvcc=(12, 4))
+A100_PREBUILT = Machine("cuda", capability=(8, 0), torch_cuda=(12, 8), prebuilt_ops=frozenset({"fused_adam"}))
+AVX2_CPU = Machine("cpu")
+
+
+@pytest.mark.parametrize("machine,optimizer,precision,stage,offload,torch_adam,want,jit", [
+    # default AdamW: torch's fused AdamW wherever FusedAdam would have to be built, nvcc or not
+    (AVX2_CPU, "adamw", "fp32", 0, False, None, "torch AdamW (fused)", None),
+    (A100, "adamw", "bf16", 2, False, None, "torch AdamW (fused)", None),
+    (V100_NVCC, "adamw", "fp16", 1, False, None, "torch AdamW (fused)", None),
+    # prebuilt FusedAdam is used where its wrapper is a ZeRO one or none; not at ZeRO-0 in bf16 (FP16_Optimizer)
+    (A100_PREBUILT, "adamw", "bf16", 2, False, None, "DeepSpeed FusedAdam", None),
+    (A100_PREBUILT, "adamw", "fp32", 0, False, None, "DeepSpeed FusedAdam", None),
+    (A100_PREBUILT, "adamw", "bf16", 0, False, None, "torch AdamW (fused)", None),
+    # asked for by the config: built just in time where it must be (under the build lock), prebuilt otherwise
+    (V100_NVCC, "adamw", "fp16", 1, False, False, "DeepSpeed FusedAdam", "FusedAdamBuilder"),
+    (A100_PREBUILT, "adamw", "bf16", 0, False, False, "DeepSpeed FusedAdam", None),
+    (AVX2_CPU, "adamw", "fp32", 0, False, False, "DeepSpeed FusedAdam", "FusedAdamBuilder"),
+    (A100_PREBUILT, "adamw", "bf16", 2, False, True, "torch AdamW (fused)", None),
+    # ZeRO-Offload: DeepSpeedCPUAdam, built under the lock unless prebuilt
+    (A100, "adamw", "bf16", 3, True, None, "DeepSpeed CPUAdam", "CPUAdamBuilder"),
+    (Machine("cuda", capability=(9, 0), prebuilt_ops=frozenset({"cpu_adam"})), "adamw", "bf16", 3, True, None,
+     "DeepSpeed CPUAdam", None),
+    # LAMB: ours everywhere, FusedLamb never (its kernel takes no bf16; per-partition trust ratio under ZeRO)
+    (V100_NVCC, "lamb", "fp32", 0, False, None, "earlybert_ds Lamb", None),
+    (A100_PREBUILT, "lamb", "bf16", 0, False, None, "earlybert_ds Lamb", None),
+    (AVX2_CPU, "lamb", "fp32", 2, False, None, "earlybert_ds Lamb", None),
+])
+def test_optimizer_choice_is_a_function_of_the_machine(machine, optimizer, precision, stage, offload, torch_adam,
+                                                       want, jit):
+    choice = choose_optimizer(optimizer, machine, precision, stage, offload, torch_adam)
+    assert (choice.name, choice.jit_builder, choice.client) == (want, jit, optimizer == "lamb"), choice.why
+    assert choice.ds_params == ({"torch_adam": True, "fused": True} if want.startswith("torch") else {})
+
+
+def test_fused_adam_that_cannot_be_built_is_refused_before_any_rank_starts(tmp_path):
+    ds = {"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}, "zero_optimization": {"stage": 1}}
+    msg = _error(_run(tmp_path, ds), machine=A100)  # no nvcc, not prebuilt
+    assert "torch_adam=false" in msg and "no nvcc" in msg and "DS_BUILD_FUSED_ADAM=1" in msg
+    old_nvcc = Machine("cuda", capability=(8, 0), torch_cuda=(12, 8), nvcc=(11, 8))
+    msg = _error(_run(tmp_path, ds), machine=old_nvcc)
+    assert "nvcc of CUDA 11.8" in msg and "torch was built for CUDA 12.8" in msg
+    plan = plan_ds(_run(tmp_path, ds), 1, V100_NVCC)  # nvcc of torch's major release: built just in time
+    assert plan.optimizer.jit_builder == "FusedAdamBuilder" and "fused" not in plan.config["optimizer"]["params"]
 
 
 def test_cuda_without_nvcc_uses_optimizers_that_need_no_build():
-    """A pip-only CUDA install has no nvcc: DeepSpeed's FusedAdam/FusedLamb would be JIT-built and fail at
-    deepspeed.initialize. This machine is such an install (no nvcc, no prebuilt ops): on CUDA it must get torch's
-    AdamW and our Lamb, as on CPU."""
-    from deepspeed.git_version_info import installed_ops
-    from torch.utils.cpp_extension import CUDA_HOME
+    """A pip-only CUDA install (no nvcc, nothing prebuilt into DeepSpeed): torch's fused AdamW and our Lamb, nothing
+    compiled; in the config, torch_adam and fused, or no optimizer section (our Lamb is a client optimizer)."""
+    plan = plan_ds(_run(zero_stage=2, precision="bf16"), 1, A100)
+    assert plan.config["optimizer"]["params"]["torch_adam"] is True and plan.config["optimizer"]["params"]["fused"]
+    assert plan.optimizer.jit_builder is None
+    lamb = plan_ds(_run(optimizer="lamb", zero_stage=1), 1, A100)
+    assert "optimizer" not in lamb.config and lamb.optimizer.client and lamb.optimizer.jit_builder is None
 
-    if installed_ops.get("fused_adam") or installed_ops.get("fused_lamb") or CUDA_HOME is not None:
-        pytest.skip("this machine can build DeepSpeed's fused CUDA ops (CUDA_HOME found, or prebuilt)")
-    assert build_ds_config(RunConfig(), 1, on_cuda=True)["optimizer"]["params"]["torch_adam"] is True
-    lamb = _run(optimizer="lamb", zero_stage=1)
-    assert "optimizer" not in build_ds_config(lamb, 1, on_cuda=True)
-    assert isinstance(make_client_optimizer(lamb, [{"params": [nn.Parameter(torch.ones(2))]}], True, 1), Lamb)
+
+def test_the_config_carries_the_choice():
+    """The DeepSpeed config builds what the choice says: DeepSpeed's own optimizer (no torch_adam: FusedAdam, or
+    CPUAdam under offload) where the machine has it prebuilt or the config asks for it."""
+    prebuilt = build_ds_config(_run(zero_stage=2, precision="bf16"), 1, A100_PREBUILT)["optimizer"]["params"]
+    assert "torch_adam" not in prebuilt and "fused" not in prebuilt
+    offload = _run()
+    offload.deepspeed = str(DEFAULT_DS_CONFIG.parent / "zero3_offload.json")
+    assert plan_ds(offload, 1, A100).optimizer.name == "DeepSpeed CPUAdam"
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -200,7 +254,8 @@ def test_cuda_without_nvcc_uses_optimizers_that_need_no_build():
     ({"optimizer": {"type": "Lamb"}}, {}, 1, ['optimizer.type="Lamb"', "train.optimizer=adamw"]),
     ({"optimizer": {"type": "SGD"}}, {}, 1, ['optimizer.type="SGD"', "AdamW or Lamb"]),
     ({"optimizer": {"params": {"max_grad_norm": 1.0}}}, {}, 1, ["max_grad_norm", "gradient_clipping"]),
-    ({"optimizer": {"params": {"max_coeff": 5}}}, {"optimizer": "lamb"}, 1, ["optimizer.params.max_coeff", "CPU"]),
+    ({"optimizer": {"params": {"max_coeff": 5}}}, {"optimizer": "lamb"}, 1,
+     ["optimizer.params.max_coeff", "earlybert_ds's own Lamb"]),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, {"optimizer": "lamb"}, 1,
      ["train.optimizer=lamb", "offload_optimizer"]),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, {}, 1, ["offload_param", "stage 3"]),
@@ -263,7 +318,7 @@ def test_fp16_with_zero0_refused(tmp_path):
     msg = _error(_run(precision="fp16"))  # cpu.json: stage "auto" and train.zero_stage unset -> 0
     assert "fp16 with ZeRO stage 0" in msg and "ZeRO-1/2" in msg and "bf16" in msg
     assert "fp16 with ZeRO stage 0" in _error(_run(tmp_path, {"fp16": {"enabled": True}}))
-    build_ds_config(_run(precision="fp16", zero_stage=1), 1, False)  # ZeRO-1 is fine
+    build_ds_config(_run(precision="fp16", zero_stage=1), 1, CPU)  # ZeRO-1 is fine
 
 
 # ---- parameter groups and the schedule ------------------------------------------------------------------------
@@ -298,7 +353,16 @@ def test_lr_lambda(schedule):
     # an engine starting at step 30 with a re-warm-up of 4 steps: (k + 1) / 4 of the schedule's value at 30 + k
     rewarmed = lr_lambda(_run(steps=100, warmup_steps=10, schedule=schedule), start_step=30, rewarmup_steps=4)
     for k, factor in enumerate((0.25, 0.5, 0.75, 1.0, 1.0)):
-        assert rewarmed(k) == pytest.approx(factor * f(30 + k))
+        assert rewarmed(30 + k) == pytest.approx(factor * f(30 + k))
+
+
+def test_schedule_is_a_function_of_the_runs_step():
+    """The rate depends on the run's step alone: an engine built at the ticket's step continues the curve without a
+    jump (however many steps DeepSpeed skipped before), and the last step's rate is the schedule's last, 0 after."""
+    run = _run(steps=100, warmup_steps=10)
+    search, efficient = lr_lambda(run), lr_lambda(run, start_step=37)  # the engines before and after the ticket
+    assert [efficient(s) for s in range(37, 100)] == [search(s) for s in range(37, 100)]
+    assert efficient(99) == pytest.approx(1 / 90) and efficient(100) == 0.0
 
 
 # ---- LAMB -----------------------------------------------------------------------------------------------------
@@ -363,13 +427,13 @@ def test_lamb_trains_regression():
 def test_deepspeed_initialize_zero1_bf16(distributed, optimizer):
     run = _run(optimizer=optimizer, zero_stage=1, precision="bf16", micro_batch_size=32, lr=5e-2, warmup_steps=2,
                steps=40, schedule="constant")
-    cfg = build_ds_config(run, world_size=1, on_cuda=False)
+    plan = plan_ds(run, 1, CPU)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1))
     groups = param_groups(model, run.train.weight_decay)
-    engine, *_ = distributed.initialize(
-        model=model, model_parameters=groups, optimizer=make_client_optimizer(run, groups, on_cuda=False, zero_stage=1),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run)), config=copy.deepcopy(cfg))
+    client = make_client_optimizer(plan.optimizer, groups, run.train)
+    engine, *_ = distributed.initialize(model=model, model_parameters=groups, optimizer=client,
+                                        config=copy.deepcopy(plan.config))
     try:
         assert type(engine.basic_optimizer) is (Lamb if optimizer == "lamb" else torch.optim.AdamW)
         if optimizer == "adamw":  # torch's fused CPU kernel, not its per-op loop
@@ -399,19 +463,16 @@ def test_gates_are_read_from_fp32_masters_under_bf16(distributed, stage):
     from earlybert_ds.engine import Engine
     from earlybert_ds.search import read_gates
 
-    from conftest import tiny_config
+    from conftest import tiny_config, tiny_mlm_batch
 
     run = _run(zero_stage=stage, precision="bf16", lr=1e-4, warmup_steps=0, steps=10)
     torch.manual_seed(0)
     model = EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2))
     engine = Engine(model, run)
     try:
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(5, 120, (4, 16), generator=g)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-                 "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
-        for _ in range(3):
-            engine.train_step([batch])
+        batch = tiny_mlm_batch()
+        for step in range(3):
+            engine.train_step([batch], step)
         gates = read_gates(engine.module, engine.optimizer)
         module = [m.head_gates for m in engine.module.modules() if getattr(m, "head_gates", None) is not None]
         assert all(p.dtype == torch.bfloat16 and torch.all(p == 1.0) for p in module)  # rounded: still 1

@@ -16,7 +16,7 @@ import torch
 from earlybert_ds.atomic import atomic_directory, atomic_write_text
 from earlybert_ds.faults import FAULT_ENV
 
-from conftest import ZERO2, launch, losses, metrics, tiny_run_args
+from conftest import ZERO2, launch, losses, metrics, tiny_mlm_batch, tiny_run_args
 
 
 def _crash(args: list[str], fault: str) -> None:
@@ -104,38 +104,36 @@ def fp16_anywhere(monkeypatch):
     monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
 
 
-def _fp16_engine(tmp_path: Path, scale_power: int):
+def _fp16_run(tmp_path: Path, scale_power: int):
     from earlybert_ds.config import RunConfig
-    from earlybert_ds.engine import Engine
-    from earlybert_ds.modeling import EarlyBertForPreTraining
-
-    from conftest import tiny_config
 
     ds = tmp_path / f"fp16_{scale_power}.json"
     ds.write_text(json.dumps({"fp16": {"enabled": True, "initial_scale_power": scale_power, "hysteresis": 1,
                                        "loss_scale_window": 1000}, "zero_optimization": {"stage": 1}}))
     run = RunConfig()
     run.deepspeed, run.train.precision, run.train.steps, run.train.warmup_steps = str(ds), "fp16", 20, 0
+    return run
+
+
+def _fp16_engine(tmp_path: Path, scale_power: int, start_step: int = 0):
+    from earlybert_ds.engine import Engine
+    from earlybert_ds.modeling import EarlyBertForPreTraining
+
+    from conftest import tiny_config
+
     torch.manual_seed(0)
-    return Engine(EarlyBertForPreTraining(tiny_config()), run)
-
-
-def _mlm_batch() -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 120, (4, 16), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-            "labels": torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)}
+    return Engine(EarlyBertForPreTraining(tiny_config()), _fp16_run(tmp_path, scale_power), start_step)
 
 
 def test_fp16_loss_scale_accounting(distributed, fp16_anywhere, tmp_path):
     """What the training loop reports under fp16 (``loss_scale``, ``skipped_steps``), on every machine: at 2^40
     every step overflows, is skipped (weights untouched, same loss) and halves the scale (hysteresis 1); at 2^8
     nothing overflows and the model learns."""
-    batch = _mlm_batch()
+    batch = tiny_mlm_batch()
     engine = _fp16_engine(tmp_path, 40)
     try:
         before = engine.full_state_dict()
-        rows = [engine.train_step([batch]) for _ in range(4)]
+        rows = [engine.train_step([batch], step) for step in range(4)]
         assert [r["skipped_steps"] for r in rows] == [1, 2, 3, 4]
         assert [r["loss_scale"] for r in rows] == [2.0**39, 2.0**38, 2.0**37, 2.0**36]
         assert len({r["loss"] for r in rows}) == 1  # nothing applied: the same weights, the same loss
@@ -145,11 +143,39 @@ def test_fp16_loss_scale_accounting(distributed, fp16_anywhere, tmp_path):
         engine.destroy()
     engine = _fp16_engine(tmp_path, 8)
     try:
-        rows = [engine.train_step([batch]) for _ in range(6)]
+        rows = [engine.train_step([batch], step) for step in range(6)]
         assert [r["skipped_steps"] for r in rows] == [0] * 6 and {r["loss_scale"] for r in rows} == {2.0**8}
         assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, [r["loss"] for r in rows]
     finally:
         engine.destroy()
+
+
+def test_fp16_skipped_steps_do_not_shift_the_schedule(distributed, fp16_anywhere, tmp_path):
+    """DeepSpeed steps no scheduler on a step it skips for overflow; the rate comes from the run's step instead: at
+    2^20 the first steps overflow and are skipped, yet every step's rate is the schedule's at that step (linear decay
+    over 20 steps), in the optimizer's groups as in the readings, also in a second engine built mid-run."""
+    from earlybert_ds.engine import lr_lambda
+
+    batch = tiny_mlm_batch()
+    engine = _fp16_engine(tmp_path, 20)
+    run = _fp16_run(tmp_path, 20)
+    schedule, peak = lr_lambda(run), run.train.lr
+    try:
+        for step in range(6):
+            row = engine.train_step([batch], step)
+            assert row["lr"] == pytest.approx(peak * schedule(step))
+            assert [g["lr"] for g in engine.engine.basic_optimizer.param_groups] == [pytest.approx(row["lr"])] * 2
+        skipped = int(row["skipped_steps"])
+        assert 1 <= skipped < 6  # some steps were skipped, some applied: a DeepSpeed-stepped scheduler would lag
+    finally:
+        engine.destroy()
+    second = _fp16_engine(tmp_path, 8, start_step=6)  # e.g. the efficient stage's engine, built at the ticket
+    try:
+        rows = [second.train_step([batch], step) for step in range(6, 20)]
+        assert [r["lr"] for r in rows] == [pytest.approx(peak * schedule(s)) for s in range(6, 20)]
+        assert rows[-1]["lr"] == pytest.approx(peak / 20) and schedule(20) == 0.0
+    finally:
+        second.destroy()
 
 
 def _write_in_a_child(target: Path, kind: str, fault: bool) -> int | None:

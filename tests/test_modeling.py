@@ -253,3 +253,36 @@ def test_bad_checkpoints_and_configs(tmp_path, minilm_dir):
         EarlyBertConfig(num_hidden_layers=2, heads_per_layer=[1, 2, 3])
     with pytest.raises(ValueError, match="between 1 and 12"):
         EarlyBertConfig(num_hidden_layers=2, heads_per_layer=[0, 12])
+
+
+def test_pretraining_forward_reads_nothing_off_the_device():
+    """On a GPU, reading a value off the device (whether a mask has padding, how many tokens are masked) stalls the
+    forward until the device catches up. The meta device has no values at all: a forward and backward that run
+    there read none. With the positions the pre-training batches carry (found on the host) and whatever mask is
+    given, the model runs there, and computes exactly what it computes without them; without the positions the
+    selection's size is data-dependent, which the meta device refuses (the check can fail)."""
+    from earlybert_ds.engine import to_device
+    from earlybert_ds.modeling import mlm_positions
+
+    torch.manual_seed(0)
+    model = EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2)).eval()
+    ids, _, _ = _inputs(120)
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "masked_positions": mlm_positions(labels)}
+    with_positions = model(**batch)
+    without = model(**{k: v for k, v in batch.items() if k != "masked_positions"})
+    assert torch.equal(with_positions.loss, without.loss) and torch.equal(with_positions.logits, without.logits)
+    assert int(with_positions.mlm_count) == int((labels != -100).sum())
+
+    assert "attention_mask" not in to_device(batch, torch.device("meta"))  # no padding: decided on the host
+    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][0, -3:] = 0
+    on_meta = to_device(padded, torch.device("meta"))
+    assert set(on_meta) == set(padded) and all(v.device.type == "meta" for v in on_meta.values())
+    model.to("meta")
+    out = model(**on_meta)  # a mask on the device is applied as given, never inspected
+    out.loss.backward()
+    assert out.loss.device.type == "meta" and model.bert.embeddings.word_embeddings.weight.grad is not None
+    with pytest.raises(NotImplementedError, match="nonzero"):
+        model(**{k: v for k, v in on_meta.items() if k != "masked_positions"})

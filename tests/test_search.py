@@ -104,7 +104,7 @@ def test_gate_group_and_taylor_under_zero(distributed, stage):
             state = engine.full_state_dict()
             hand = _hand_taylor(state, _batch(step))
             expected = hand if expected is None else [a + b for a, b in zip(expected, hand)]
-            engine.train_step([_batch(step)], lambda: taylor.accumulate(engine.module, engine.optimizer))
+            engine.train_step([_batch(step)], step, lambda: taylor.accumulate(engine.module, engine.optimizer))
             if step == 0:  # Adam's first step moves every gate by exactly its lr (no decay on gates)
                 after = read_gates(engine.module, engine.optimizer)
                 moved = np.concatenate([np.abs(a - b) for a, b in zip(after.heads + after.ffn,
@@ -295,8 +295,9 @@ def test_same_step_random_control(corpus, tmp_path, weights):
     init = initial_model(cfg, task, gates=True).bert.embeddings.word_embeddings.weight
     small = EarlyBertForPreTraining.from_pretrained(out / "ticket").bert.embeddings.word_embeddings.weight
     assert torch.equal(small, init) == (weights == "rewind")
-    # the logged lr (the next step's) after the switch: the schedule times the re-warm-up factor, by hand
+    # the logged lr (the rate each step was taken at) after the switch: the schedule at the run's step times the
+    # re-warm-up factor, by hand
     lr = {m["step"]: m["lr"] for m in metrics(out) if "lr" in m}
     base = lr_lambda(cfg)
-    for k in range(rewarm + 2):  # after k + 1 efficient steps
-        assert lr[step + 1 + k] == pytest.approx(cfg.train.lr * base(step + k + 1) * min(1.0, (k + 2) / rewarm))
+    for k in range(rewarm + 2):  # the (k + 1)-th efficient step, the run's step + k (0-based), logged as step + k + 1
+        assert lr[step + 1 + k] == pytest.approx(cfg.train.lr * base(step + k) * min(1.0, (k + 1) / rewarm))

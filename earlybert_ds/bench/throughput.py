@@ -23,8 +23,8 @@ from .. import distributed as dist
 from ..config import RunConfig
 from ..engine import Engine
 from ..flops import forward_flops_per_token, train_flops_per_token
-from ..hardware import PEAK_SHAPES, auto_precision, peak_flops
-from ..modeling import EarlyBertForPreTraining, PreTrainingOutput
+from ..hardware import PEAK_SHAPES, auto_precision, peak_flops, this_machine
+from ..modeling import EarlyBertForPreTraining, PreTrainingOutput, mlm_positions
 from ..shrink import shrink, shrunk_config
 from ..ticket import PruneSpec, Scores, Ticket, draw_masks
 from .common import SHAPES, Shape, _child_env, _machine, _run_args
@@ -63,8 +63,8 @@ class HFMaskedLM(torch.nn.Module):
             vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
             num_attention_heads=shape.heads, intermediate_size=shape.ffn, max_position_embeddings=max(512, shape.seq)))
 
-    def forward(self, **batch: torch.Tensor) -> PreTrainingOutput:
-        loss = self.hf(**batch).loss
+    def forward(self, masked_positions: torch.Tensor | None = None, **batch: torch.Tensor) -> PreTrainingOutput:
+        loss = self.hf(**batch).loss  # the positions our model selects by are not transformers' to know
         return PreTrainingOutput(loss=loss, mlm_loss=loss.detach())
 
 
@@ -103,18 +103,19 @@ def worker(spec: dict) -> dict:
     ids = torch.randint(5, shape.vocab, (batch, shape.seq), generator=g)
     labels = torch.where(torch.rand(batch, shape.seq, generator=g) < 0.15, ids, -100)
     mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-          "labels": labels}
+          "labels": labels, "masked_positions": mlm_positions(labels)}  # as the pre-training batches come
     wall, cpu = [], []
-    for _ in range(spec["warmup"] + spec["steps"]):
+    for step in range(spec["warmup"] + spec["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
-        engine.train_step([mb])  # reads the loss back: the step has finished on the device too
+        engine.train_step([mb], step)  # reads the loss back: the step has finished on the device too
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     profile = _profile_step(engine, mb, spec["profile"]) if spec["profile"] else None
+    peak_mem = _peak_memory_mb()  # the training's, before the peak measurement's own large matmul
     engine.destroy()
     peak = peak_flops(spec["precision"], engine_device, clock=spec["clock"])  # same process, threads and clock
     return {"variant": spec["variant"], "tokens_per_step": batch * shape.seq, "wall_s": wall[spec["warmup"]:],
-            "cpu_s": cpu[spec["warmup"]:], "peak_mem_mb": _peak_memory_mb(), "base_mem_mb": base_mb,
+            "cpu_s": cpu[spec["warmup"]:], "peak_mem_mb": peak_mem, "base_mem_mb": base_mb,
             "peak_flops": peak, "profile": profile}
 
 
@@ -125,7 +126,7 @@ def _profile_step(engine: Engine, mb: dict, top: int) -> list[tuple[str, float]]
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        engine.train_step([mb])
+        engine.train_step([mb], 0)
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ops) or 1.0
     return [(e.key, e.self_cpu_time_total / total) for e in ops[:top]]
@@ -151,7 +152,7 @@ def _flops(shape: Shape, tickets: dict[str, Ticket]) -> dict[str, float]:
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    precision = args.precision or auto_precision(torch.cuda.is_available())[0]
+    precision = args.precision or auto_precision(this_machine())[0]
     result: dict[str, Any] = {"suite": "throughput", "machine": _machine(), "precision": precision,
                               "device": "cuda" if torch.cuda.is_available() else "cpu",
                               "clock": args.clock, "args": _run_args(args), "shapes": {}}

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import io
 import json
 import os
 import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -142,16 +143,14 @@ def width_profile(full_run: Path, split_file: str, max_len: int, batch: int, ste
 
 
 def checkpoint_gates(ckpt: Path) -> tuple[Scores, TaylorImportance | None]:
-    """The gates in a single-process ZeRO-0 search checkpoint, and its Taylor sums where the search kept them. Under
-    bf16/fp16 the values come from the optimizer's fp32 master copies (the gates' group is the last one): the module's
-    half-precision copies round gates within 2^-7 of 1 to 1.0, and with them every ranking."""
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    names = [k for k in state["module"] if is_gate(k)]
-    masters = (state.get("optimizer") or {}).get("fp32_groups")
-    values = list(masters[-1]) if masters else [state["module"][k] for k in names]
-    if not names or len(values) != len(names):
-        raise BenchError(f"{ckpt}: not a search checkpoint with one fp32 copy per gate ({len(names)} gates)")
-    gates = {k: v.detach().float().numpy() for k, v in zip(names, values)}
+    """The gates in a search checkpoint (``global_stepN``, any ZeRO stage and world size), and its Taylor sums where
+    the search kept them. Under bf16/fp16 the values are the optimizer's fp32 master copies, in whichever layout
+    DeepSpeed wrote them (:func:`_master_gates`): the module's half-precision copies round gates within 2^-7 of 1 to
+    1.0, and with them every ranking; a layout not read here is refused, never replaced by the module's copies."""
+    zero3_states = ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 has no mp_rank_00_model_states.pt
+    states = zero3_states if zero3_states.is_file() else ckpt / "mp_rank_00_model_states.pt"
+    state = torch.load(states, map_location="cpu", weights_only=False)
+    gates = _master_gates(ckpt, state)
     scores = Scores(heads=[v for k, v in gates.items() if k.endswith("head_gates")],
                     ffn=[v for k, v in gates.items() if k.endswith("ffn_gates")])
     taylor_state = state.get("earlybert", {}).get("search", {}).get("taylor")
@@ -160,6 +159,43 @@ def checkpoint_gates(ckpt: Path) -> tuple[Scores, TaylorImportance | None]:
     taylor = TaylorImportance(0.0, 0.0)
     taylor.load_state_dict(taylor_state)
     return scores, taylor
+
+
+def _master_gates(ckpt: Path, state: dict) -> dict[str, np.ndarray]:
+    """Each gate's fp32 value in the checkpoint ``ckpt`` whose model states are ``state``, in module order.
+
+    ZeRO 1-3 partition the fp32 masters over the ranks' ``[bf16_]zero_pp_rank_*_optim_states.pt``: DeepSpeed's own
+    ``zero_to_fp32`` reassembles them. At ZeRO-0 the model states hold the optimizer: FP16_UnfusedOptimizer (torch's
+    AdamW, our Lamb) keeps one fp32 tensor per parameter (``fp32_groups``), FP16_Optimizer (FusedAdam) one flat fp32
+    tensor per group (``fp32_groups_flat``); the gates' group is the last (``engine.param_groups``). Plain fp32
+    training keeps no separate masters: the module's gates are exact."""
+    partitions = sorted(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
+    if partitions:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        first = torch.load(partitions[0], map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        if "zero_stage" not in first:  # what zero_to_fp32 reads; BF16_Optimizer records none
+            raise BenchError(f"{ckpt}: written by DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient accumulation, "
+                             "data_types.grad_accum_dtype), whose fp32 masters are not read here")
+
+        with redirect_stdout(io.StringIO()):  # it prints what it detects
+            full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        return {k: v.detach().float().numpy() for k, v in full.items() if is_gate(k)}
+    module, optimizer = state["module"], state.get("optimizer") or {}
+    names = [k for k in module if is_gate(k)]
+    if "fp32_groups" in optimizer:
+        values = list(optimizer["fp32_groups"][-1])
+    elif "fp32_groups_flat" in optimizer:
+        flat, sizes = optimizer["fp32_groups_flat"][-1], [module[k].numel() for k in names]
+        values = list(flat.split(sizes)) if flat.numel() == sum(sizes) else []
+    elif all(module[k].dtype == torch.float32 for k in names):
+        values = [module[k] for k in names]
+    else:
+        raise BenchError(f"{ckpt}: {module[names[0]].dtype} gates and no fp32 master copy in a layout read here "
+                         f"(optimizer state keys: {sorted(optimizer)})")
+    if not names or len(values) != len(names) or any(v.numel() != module[k].numel() for k, v in zip(names, values)):
+        raise BenchError(f"{ckpt}: not a search checkpoint with one fp32 master copy per gate ({len(names)} gates)")
+    return {k: v.detach().float().reshape(module[k].shape).numpy() for k, v in zip(names, values)}
 
 
 def gate_profile(search_run: Path, steps: list[int]) -> list[dict[str, Any]]:
