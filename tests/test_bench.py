@@ -503,7 +503,8 @@ def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_b
                                "finetune.train_file": str(data / "train.jsonl"),
                                "finetune.dev_file": str(data / "dev.jsonl"), "finetune.text_a": "text",
                                "finetune.max_len": 16, "train.micro_batch_size": 8, "earlybert.probe_examples": 48,
-                               "earlybert.probe_batches": 3, "earlybert.ffn_multiple": 1})
+                               "earlybert.probe_batches": 3, "earlybert.ffn_multiple": 1,
+                               "data.tokenizer": str(model)})
     task = ClassificationTask(cfg)
     probed, _, _ = probe_and_draw(initial_model(cfg, task, gates=True), task.train, cfg.earlybert, 8, cfg.train.seed)
     rows = tickets.probe_variants(cfg, probed)
@@ -565,7 +566,7 @@ def test_checkpoint_gates_refuses_a_layout_it_does_not_read(distributed, tmp_pat
 
     (tmp_path / "ds.json").write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32"}}))
     run = RunConfig.from_dict({"deepspeed": str(tmp_path / "ds.json"), "train": {"precision": "bf16",
-                                                                                 "zero_stage": 1}})
+                                                                                 "zero_stage": 1, "warmup_steps": 0}})
     engine = Engine(EarlyBertForPreTraining(tiny_config(use_gates=True)), run)
     try:
         assert type(engine.engine.optimizer).__name__ == "BF16_Optimizer"
