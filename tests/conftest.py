@@ -182,7 +182,7 @@ def zero2_run(corpus, tmp_path_factory) -> Path:
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
 
 
-def tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int) -> Path:
+def tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int, intermediate_size: int = 64) -> Path:
     """A tiny BERT checkpoint in Hugging Face's layout: random weights, a WordPiece vocabulary of ``vocab_text``."""
     from transformers import BertConfig, BertModel
 
@@ -191,7 +191,7 @@ def tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int) -> Path:
     tok = train_wordpiece([vocab_text] * 4, vocab_size=vocab_size)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root)
+                         intermediate_size=intermediate_size, max_position_embeddings=64)).save_pretrained(root)
     tok.save_pretrained(root)
     return root
 

@@ -25,7 +25,7 @@ from earlybert_ds.probe import probe_and_draw
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
-from conftest import REPO, metrics, run_single, tiny_config, tiny_mlm_batch, tiny_run_args
+from conftest import REPO, metrics, run_single, tiny_bert_dir, tiny_config, tiny_mlm_batch, tiny_run_args
 
 
 @pytest.mark.slow
@@ -428,13 +428,17 @@ def test_matched_control_keeps_the_method_and_draws_at_its_step():
 
 @pytest.mark.slow
 def test_tickets_quick_runs_seeds_and_controls(tmp_path):
-    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT, the two random controls,
-    EarlyBERT's own ticket trained from step 0 (ticket@paper), the probe's ticket and its widths with random units
-    (widths@probe)."""
+    """The suite end to end on a miniature docs tree, from a tiny BERT with its vocabulary: 2 seeds of full,
+    EarlyBERT, the two random controls, EarlyBERT's own ticket trained from step 0 (ticket@paper), the probe's ticket
+    and its widths with random units (widths@probe). FFN 256 wide in 2 layers: kept widths rounded up to 64
+    (earlybert.ffn_multiple) still prune at 40%."""
     _docs_tree(tmp_path / "docs")
+    text = " ".join(p.read_text() for p in sorted((tmp_path / "docs").rglob("*.txt")))
+    model = tiny_bert_dir(tmp_path / "model", text, 120, intermediate_size=256)
     out = tmp_path / "tickets.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "tickets", "--quick", "--corpus", str(tmp_path / "docs"),
+         "--model", str(model),
          "--methods", "full,paper,random@0,ticket@paper,probe,widths@probe", "--matched", "paper",
          "--out-dir", str(tmp_path / "runs"),
          "--plot", str(tmp_path / "t.png"), "--threads", "1", "--parallel", "2", "--out", str(out)],
