@@ -500,6 +500,7 @@ def test_lamb_suite_matches_tokens_and_scales_the_rate(corpus, tmp_path):
     assert "LAMB − AdamW" in proc.stdout
 
 
+@pytest.mark.slow
 def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_bert):
     """Each setting of the probe, without training: the probed head with Taylor scores draws the probe route's own
     ticket (all of it kept when that ticket is the oracle), the others their own widths and shares."""

@@ -188,6 +188,7 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_field_and_names_it(capsys, corpus, ticket_run, tmp_path):
     """The saved run_config.json is the base of a resumed run: an option that differs from it is refused, naming
     the field with both values, before anything is written; train.steps may change by --resume-override, but not
@@ -207,6 +208,7 @@ def test_resume_refuses_a_changed_field_and_names_it(capsys, corpus, ticket_run,
     assert (run / "run_config.json").read_bytes() == saved and _files(run / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_resume_override_extends_an_unfinished_run(corpus, ticket_run, tmp_path):
     """A run stopped at step 4 of 8, resumed with --train.steps 12 --resume-override train.steps: the log says where
     it resumes and what changed; the schedule is re-planned from there (the learning rate still decays at step 12
