@@ -177,12 +177,31 @@ def zero2_run(corpus, tmp_path_factory) -> Path:
     return out
 
 
+#: A short single-rank run of :data:`TINY_RUN` (dropout on, 0.1 by default): its ticket drawn at step 3 of 8,
+#: checkpoints at steps 4 and 8.
+TICKET_RUN = {"earlybert.draw": "fixed", "earlybert.fixed_step": 3, "train.steps": 8, "train.eval_every": 0}
+
+
+@pytest.fixture(scope="session")
+def finished_run(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A finished :data:`TICKET_RUN` and its process, started under umask 0022 as on a shared server; read, never
+    written, by the tests of checkpoints and of the saved models."""
+    out = tmp_path_factory.mktemp("ticket") / "run"
+    old = os.umask(0o022)
+    try:
+        proc = run_single(tiny_run_args(*corpus, out, **TICKET_RUN))
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
 # ---- a tiny pre-trained model and a task for fine-tuning --------------------------------------------------------
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
 
 
-def tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int) -> Path:
+def tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int, intermediate_size: int = 64) -> Path:
     """A tiny BERT checkpoint in Hugging Face's layout: random weights, a WordPiece vocabulary of ``vocab_text``."""
     from transformers import BertConfig, BertModel
 
@@ -191,7 +210,7 @@ def tiny_bert_dir(root: Path, vocab_text: str, vocab_size: int) -> Path:
     tok = train_wordpiece([vocab_text] * 4, vocab_size=vocab_size)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root)
+                         intermediate_size=intermediate_size, max_position_embeddings=64)).save_pretrained(root)
     tok.save_pretrained(root)
     return root
 

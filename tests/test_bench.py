@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from deepspeed.ops.adam import FusedAdam
 
 from earlybert_ds.bench import common, finetune, pretrain, throughput, tickets
 from earlybert_ds.bench.__main__ import main
@@ -25,7 +26,7 @@ from earlybert_ds.probe import probe_and_draw
 from earlybert_ds.tasks import custom_task, encode, load_task_split
 from earlybert_ds.ticket import PruneSpec, Scores, Ticket, draw_masks
 
-from conftest import REPO, metrics, run_single, tiny_config, tiny_mlm_batch, tiny_run_args
+from conftest import REPO, metrics, run_single, tiny_bert_dir, tiny_config, tiny_mlm_batch, tiny_run_args
 
 
 @pytest.mark.slow
@@ -428,13 +429,17 @@ def test_matched_control_keeps_the_method_and_draws_at_its_step():
 
 @pytest.mark.slow
 def test_tickets_quick_runs_seeds_and_controls(tmp_path):
-    """The suite end to end on a miniature docs tree: 2 seeds of full, EarlyBERT, the two random controls,
-    EarlyBERT's own ticket trained from step 0 (ticket@paper), the probe's ticket and its widths with random units
-    (widths@probe)."""
+    """The suite end to end on a miniature docs tree, from a tiny BERT with its vocabulary: 2 seeds of full,
+    EarlyBERT, the two random controls, EarlyBERT's own ticket trained from step 0 (ticket@paper), the probe's ticket
+    and its widths with random units (widths@probe). FFN 256 wide in 2 layers: kept widths rounded up to 64
+    (earlybert.ffn_multiple) still prune at 40%."""
     _docs_tree(tmp_path / "docs")
+    text = " ".join(p.read_text() for p in sorted((tmp_path / "docs").rglob("*.txt")))
+    model = tiny_bert_dir(tmp_path / "model", text, 120, intermediate_size=256)
     out = tmp_path / "tickets.json"
     proc = subprocess.run(
         [sys.executable, "-m", "earlybert_ds.bench", "tickets", "--quick", "--corpus", str(tmp_path / "docs"),
+         "--model", str(model),
          "--methods", "full,paper,random@0,ticket@paper,probe,widths@probe", "--matched", "paper",
          "--out-dir", str(tmp_path / "runs"),
          "--plot", str(tmp_path / "t.png"), "--threads", "1", "--parallel", "2", "--out", str(out)],
@@ -495,6 +500,7 @@ def test_lamb_suite_matches_tokens_and_scales_the_rate(corpus, tmp_path):
     assert "LAMB − AdamW" in proc.stdout
 
 
+@pytest.mark.slow
 def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_bert):
     """Each setting of the probe, without training: the probed head with Taylor scores draws the probe route's own
     ticket (all of it kept when that ticket is the oracle), the others their own widths and shares."""
@@ -517,26 +523,41 @@ def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_b
     assert all(0 <= r["ffn_kept_of_oracle"] <= 1 and 0 <= r["heads_kept_of_oracle"] <= 1 for r in rows)
 
 
-@pytest.mark.parametrize("precision,stage,ds,layout", [
-    ("fp32", 0, {}, "the module's own fp32 gates"),
-    ("bf16", 0, {}, "FP16_UnfusedOptimizer: fp32_groups"),
-    ("bf16", 0, {"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}, "FP16_Optimizer: fp32_groups_flat"),
-    ("bf16", 1, {}, "ZeRO-1 partitions"),
-    ("bf16", 2, {}, "ZeRO-2 partitions"),
-    ("bf16", 3, {}, "ZeRO-3 partitions"),
+class _FusedAdamOnTorch(FusedAdam, torch.optim.AdamW):
+    """DeepSpeed's FusedAdam as DeepSpeed's engine sees it, so that bf16 at ZeRO-0 wraps it in FP16_Optimizer as on a
+    GPU with ``"torch_adam": false``, stepped by torch's AdamW: FusedAdam's kernel is not compiled for the CPU."""
+
+    def __init__(self, params: list[dict], lr: float) -> None:
+        torch.optim.AdamW.__init__(self, params, lr=lr)
+
+    step = torch.optim.AdamW.step
+    zero_grad = torch.optim.AdamW.zero_grad
+
+
+@pytest.mark.parametrize("precision,stage,fused,layout", [
+    ("fp32", 0, False, "the module's own fp32 gates"),
+    ("bf16", 0, False, "FP16_UnfusedOptimizer: fp32_groups"),
+    ("bf16", 0, True, "FP16_Optimizer: fp32_groups_flat"),
+    ("bf16", 1, False, "ZeRO-1 partitions"),
+    ("bf16", 2, False, "ZeRO-2 partitions"),
+    ("bf16", 3, False, "ZeRO-3 partitions"),
 ])
-def test_checkpoint_gates_reads_the_fp32_masters_in_every_layout(distributed, tmp_path, precision, stage, ds, layout):
+def test_checkpoint_gates_reads_the_fp32_masters_in_every_layout(distributed, monkeypatch, tmp_path, precision, stage,
+                                                                 fused, layout):
     """A real engine of each kind saves a search checkpoint after a few steps: the gates read back from it are the
     optimizer's fp32 masters exactly as the live engine holds them; in bf16 the module's copies are all still 1.0,
-    so reading those instead would be wrong. (FusedAdam is compiled for the CPU the first time, under the build
-    lock: the FP16_Optimizer layout exists only with it.)"""
+    so reading those instead would be wrong. (The FP16_Optimizer layout exists only with a FusedAdam: handed to the
+    engine as its optimizer, see :class:`_FusedAdamOnTorch`.)"""
+    from earlybert_ds import engine as engine_module
     from earlybert_ds.config import RunConfig
     from earlybert_ds.engine import Engine
     from earlybert_ds.modeling import EarlyBertForPreTraining
     from earlybert_ds.search import read_gates
 
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    run = RunConfig.from_dict({"deepspeed": str(tmp_path / "ds.json"), "train": {
+    if fused:  # FP16_Optimizer steps flat groups, as the ZeRO wrappers do: no per-parameter partitions to record
+        monkeypatch.setattr(engine_module, "make_client_optimizer", lambda _, groups, t: _FusedAdamOnTorch(groups, t.lr))
+        monkeypatch.setattr(engine_module, "zero_partitions", lambda wrapper: {})
+    run = RunConfig.from_dict({"train": {
         "precision": precision, "zero_stage": stage, "lr": 1e-4, "warmup_steps": 0, "steps": 200}})
     torch.manual_seed(0)
     engine = Engine(EarlyBertForPreTraining(tiny_config(use_gates=True, gate_l1_heads=1e-2, gate_l1_ffn=1e-2)), run)

@@ -16,7 +16,7 @@ from earlybert_ds.data import load_tokenizer
 from earlybert_ds.engine import Engine, lr_lambda
 from earlybert_ds.modeling import EarlyBertForPreTraining
 
-from conftest import losses, metrics, run_single, tiny_config, tiny_run_args
+from conftest import TICKET_RUN, losses, metrics, run_single, tiny_config, tiny_run_args
 
 
 def _ok(proc) -> None:
@@ -81,15 +81,10 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(corpus, tmp_pat
     assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
 
 
-TICKET_RUN = {"earlybert.draw": "fixed", "earlybert.fixed_step": 3, "train.steps": 8, "train.eval_every": 0}
-
-
-@pytest.fixture(scope="module")
-def ticket_run(corpus, tmp_path_factory) -> Path:
-    """A finished tiny run (dropout 0.1) whose ticket is drawn at step 3 of 8; checkpoints at steps 4 and 8."""
-    out = tmp_path_factory.mktemp("ticket") / "run"
-    _ok(run_single(tiny_run_args(*corpus, out, **TICKET_RUN)))
-    return out
+@pytest.fixture
+def ticket_run(finished_run) -> Path:
+    """The finished run's directory (:data:`TICKET_RUN`): ticket drawn at step 3 of 8, checkpoints at steps 4 and 8."""
+    return finished_run[0]
 
 
 def _refused(capsys, argv: list[str], *needles: str) -> None:
@@ -193,6 +188,7 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_field_and_names_it(capsys, corpus, ticket_run, tmp_path):
     """The saved run_config.json is the base of a resumed run: an option that differs from it is refused, naming
     the field with both values, before anything is written; train.steps may change by --resume-override, but not
@@ -212,6 +208,7 @@ def test_resume_refuses_a_changed_field_and_names_it(capsys, corpus, ticket_run,
     assert (run / "run_config.json").read_bytes() == saved and _files(run / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_resume_override_extends_an_unfinished_run(corpus, ticket_run, tmp_path):
     """A run stopped at step 4 of 8, resumed with --train.steps 12 --resume-override train.steps: the log says where
     it resumes and what changed; the schedule is re-planned from there (the learning rate still decays at step 12

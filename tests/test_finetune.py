@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, pipeline
 
-from conftest import launch, run_single
+from conftest import launch, run_single, tiny_bert_dir
 
 
 GOOD = ["great", "wonderful", "excellent", "superb", "delightful", "brilliant", "lovely", "fantastic"]
@@ -79,9 +79,9 @@ def test_regression_learns(minilm_dir, tmp_path):
     summary = _finetune(["--task", "custom", "--model", str(minilm_dir), "--finetune.num_labels", "1",
                          "--finetune.text_b", "sentence2", "--finetune.train_file", str(tmp_path / "train.jsonl"),
                          "--finetune.dev_file", str(tmp_path / "dev.jsonl"), "--train.micro_batch_size", "32",
-                         "--train.lr", "4e-4", "--finetune.epochs", "4", "--earlybert.draw", "fixed",
-                         "--earlybert.fixed_step", "4", "--earlybert.weights", "continue"], tmp_path / "run")
-    assert summary["ticket"]["reason"] == "fixed" and summary["ticket"]["step"] == 4
+                         "--train.lr", "8e-4", "--finetune.epochs", "2", "--earlybert.draw", "fixed",
+                         "--earlybert.fixed_step", "2", "--earlybert.weights", "continue"], tmp_path / "run")
+    assert summary["ticket"]["reason"] == "fixed" and summary["ticket"]["step"] == 2 and summary["steps"] == 8
     assert summary["final_dev_pearson"] > 0.7, summary
 
 
@@ -106,10 +106,10 @@ def test_squad_qa_learns(minilm_dir, tmp_path):
     (data / "train-v1.1.json").write_text(json.dumps(squad(160, 0)))
     (data / "dev-v1.1.json").write_text(json.dumps(squad(40, 1)))
     summary = _finetune(["--task", "squad", "--model", str(minilm_dir), "--data", str(data),
-                         "--finetune.max_len", "64", "--finetune.stride", "16", "--train.micro_batch_size", "32",
-                         "--train.lr", "5e-4", "--finetune.epochs", "2", "--earlybert.draw", "random"],
+                         "--finetune.max_len", "32", "--finetune.stride", "16", "--train.micro_batch_size", "32",
+                         "--train.lr", "5e-4", "--finetune.epochs", "1", "--earlybert.draw", "random"],
                         tmp_path / "run")
-    assert summary["ticket"]["reason"] == "random" and "search" not in summary["stages"]
+    assert summary["ticket"]["reason"] == "random" and "search" not in summary["stages"] and summary["steps"] == 5
     assert summary["final_dev_exact_match"] > 60, summary  # two cities per context: chance is far lower
     preds = json.loads((tmp_path / "run" / "predictions" / "dev_predictions.json").read_text())
     assert len(preds) == 40
@@ -117,15 +117,17 @@ def test_squad_qa_learns(minilm_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_custom_task_with_label_names(minilm_dir, tmp_path):
+def test_custom_task_with_label_names(tmp_path):
     """A JSON-lines task whose labels are names: ids in sorted order of the names, ``id2label``/``label2id`` in the
-    saved models' configs, predictions written with the names."""
+    saved models' configs, predictions written with the names (a tiny BERT with the task's vocabulary: what is
+    checked is the naming, not the learning)."""
     names = {0: "negative", 1: "positive"}
     for split, n, seed in (("train", 64, 0), ("dev", 32, 1), ("test", 16, 2)):
         rows = [{"text": s, **({"label": names[y]} if split != "test" else {})} for s, y in _sentiment(n, seed)]
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     files = {f"--finetune.{k}_file": str(tmp_path / f"{k}.jsonl") for k in ("train", "dev", "test")}
-    _finetune(["--task", "custom", "--model", str(minilm_dir), "--finetune.text_a", "text",
+    model = tiny_bert_dir(tmp_path / "model", " ".join(s for s, _ in _sentiment(64, 0)), 80)
+    _finetune(["--task", "custom", "--model", str(model), "--finetune.text_a", "text",
                *[x for kv in files.items() for x in kv], "--train.micro_batch_size", "16", "--finetune.epochs", "1",
                "--finetune.max_len", "32"], tmp_path / "run")
     for saved in ("final", "ticket"):

@@ -88,6 +88,7 @@ def _venv_without(root: Path, missing: tuple[str, ...]) -> Path:
     return root / "bin" / "python"
 
 
+@pytest.mark.slow
 def test_preflight_names_what_a_python_environment_lacks(tmp_path):
     """In an environment without datasets, pyarrow and matplotlib the preflight exits 2 naming the two that corpus
     preparation needs, reports the optional one as such, and still says what the machine offers; the package itself
@@ -116,6 +117,7 @@ def test_preflight_names_what_a_python_environment_lacks(tmp_path):
     assert proc.returncode == 0 and "torch.Size([2, 8, 50])" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_pretrain_sh_refuses_gpus_that_its_torch_cannot_use(tmp_path):
     """A GPU node whose torch is CPU-only would quietly start 2 CPU ranks: launch/pretrain.sh stops, naming the

@@ -22,23 +22,7 @@ from earlybert_ds.checkpoint import load_ticket_dir
 from earlybert_ds.modeling import EarlyBertForMaskedLM, EarlyBertForSequenceClassification
 from earlybert_ds.monitor import LOG_FILE, text_log
 
-from conftest import run_single, tiny_config, tiny_run_args
-
-RUN = {"earlybert.draw": "fixed", "earlybert.fixed_step": 3, "train.steps": 8, "train.eval_every": 0,
-       "train.save_every": 4}
-
-
-@pytest.fixture(scope="module")
-def finished_run(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A finished tiny pre-training run (ticket at step 3 of 8), started under umask 0022 as on a shared server."""
-    out = tmp_path_factory.mktemp("hf") / "run"
-    old = os.umask(0o022)
-    try:
-        proc = run_single(tiny_run_args(*corpus, out, **RUN))
-    finally:
-        os.umask(old)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+from conftest import tiny_config
 
 
 # A fresh interpreter that cannot import earlybert_ds (an import of it fails loudly), loading with plain transformers.
