@@ -509,11 +509,13 @@ def test_probe_variants_draw_without_training_and_compare_with_the_oracle(tiny_b
                                "finetune.train_file": str(data / "train.jsonl"),
                                "finetune.dev_file": str(data / "dev.jsonl"), "finetune.text_a": "text",
                                "finetune.max_len": 16, "train.micro_batch_size": 8, "earlybert.probe_examples": 48,
-                               "earlybert.probe_batches": 3, "earlybert.ffn_multiple": 1,
-                               "data.tokenizer": str(model)})
+                               "earlybert.probe_batches": 3, "earlybert.ffn_multiple": 1})
+    alone = tickets.probe_variants(cfg, None)  # as the suite calls it: the tokenizer is the model's
+    assert cfg.data.tokenizer == str(model) and all("ffn_kept_of_oracle" not in r for r in alone)
     task = ClassificationTask(cfg)
     probed, _, _ = probe_and_draw(initial_model(cfg, task, gates=True), task.train, cfg.earlybert, 8, cfg.train.seed)
     rows = tickets.probe_variants(cfg, probed)
+    assert [r["ffn_widths"] for r in rows] == [r["ffn_widths"] for r in alone]  # the oracle only compares
     assert [(r["head"], r["score"], r["normalise"]) for r in rows] == [
         (h, s, n) for h in ("fresh", "probed") for s in ("taylor", "fisher") for n in (False, True)]
     same = rows[4]  # the probed head, Taylor, raw: the probe route's own ticket

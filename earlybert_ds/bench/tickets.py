@@ -434,6 +434,7 @@ def probe_variants(cfg: RunConfig, oracle: Ticket | None) -> list[dict[str, Any]
     and Fisher scores, raw and normalised per layer (``cfg.earlybert``'s probe otherwise): the FFN widths per layer
     and, against ``oracle`` (the oracle@train ticket of the same seed), the share of its FFN neurons and heads each
     keeps (a random ticket: about the kept fractions, 0.6 and 0.67)."""
+    cfg.settle_launch(1)  # one process: the batch and the model's tokenizer, settled as a run settles them
     task, e, t, cpu = ClassificationTask(cfg), cfg.earlybert, cfg.train, torch.device("cpu")
     model, spec = initial_model(cfg, task, gates=True), prune_spec(e)
     batches = score_batches(len(task.train), t.micro_batch_size, e.probe_batches, t.seed)
