@@ -111,11 +111,23 @@ def test_deterministic_mode_trains(distributed, monkeypatch):
 
 
 def _build_dir() -> Path:
-    """This environment's build directory of the CPU communication op (built by launch/setup.sh)."""
+    """This process's build directory of the CPU communication op (``TORCH_EXTENSIONS_DIR``'s, else the
+    environment's, built by launch/setup.sh)."""
     from torch.utils.cpp_extension import _get_build_directory
 
     dist._jit_build_environment()
     return Path(_get_build_directory(dist.SHM_OP, verbose=False))
+
+
+@pytest.fixture
+def own_build_dir(tmp_path, monkeypatch) -> Path:
+    """A copy of the environment's built op (times kept: nothing to rebuild) under a ``TORCH_EXTENSIONS_DIR`` of
+    this test's own, for this process and its children: the tests that plant locks then never touch the lock
+    that runs of other tests, started beside them (``pytest -n``), build and load under."""
+    built = _build_dir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    shutil.copytree(built, tmp_path / "ext" / built.name, copy_function=shutil.copy2)
+    return _build_dir()
 
 
 def _build_in_a_child() -> subprocess.Popen:
@@ -125,10 +137,10 @@ def _build_in_a_child() -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_lock_left_by_a_killed_build_is_removed_at_once_whatever_its_age():
+def test_a_lock_left_by_a_killed_build_is_removed_at_once_whatever_its_age(own_build_dir):
     """A build killed a minute ago left torch's bare lock behind: the next job must not sleep on it (torch would,
     silently and forever) but remove it at once, naming it."""
-    lock = _build_dir() / "lock"
+    lock = own_build_dir / "lock"
     lock.touch()  # fresh: a minute-old or ten-minute-old lock is as stale when its builder is dead
     try:
         child = _build_in_a_child()
@@ -163,10 +175,10 @@ def _stderr_until(child: subprocess.Popen, needle: str, timeout: float) -> str:
 
 
 @pytest.mark.slow
-def test_a_job_waiting_for_a_live_build_says_for_whom_and_goes_on_when_it_ends():
+def test_a_job_waiting_for_a_live_build_says_for_whom_and_goes_on_when_it_ends(own_build_dir):
     """While another process holds the build lock, a job waits for it, saying whom it waits for; when the holder
     ends (here: releases it) the job goes on."""
-    with open(_build_dir() / dist.BUILD_FLOCK, "a+") as guard:
+    with open(own_build_dir / dist.BUILD_FLOCK, "a+") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         guard.seek(0), guard.truncate(), guard.write("process 4242 on builder-node"), guard.flush()
         child = _build_in_a_child()
@@ -180,4 +192,4 @@ def test_a_job_waiting_for_a_live_build_says_for_whom_and_goes_on_when_it_ends()
         _, err = child.communicate(timeout=120)
     assert child.returncode == 0, waited + err
     assert (f"waiting for process 4242 on builder-node, which is building DeepSpeed's {dist.SHM_OP} op in "
-            f"{_build_dir()}") in waited
+            f"{own_build_dir}") in waited

@@ -47,7 +47,7 @@ def test_every_test_the_docs_name_exists(doc):
 
 #: The two commands every user and CI start from (``.ci/run`` runs the second).
 MAIN_JOB = "bash launch/setup.sh && bash launch/pretrain.sh --output-dir runs/demo --resume"
-TEST_COMMAND = "bash launch/setup.sh && .venv/bin/python -m pytest -q"
+TEST_COMMAND = "bash launch/setup.sh && .venv/bin/python -m pytest -q -n 2"
 #: Launch scripts and the sub-command whose options they pass on.
 SCRIPTS = {"launch/pretrain.sh": "pretrain", "launch/multinode.sh": "pretrain", "launch/multinode_nossh.sh": "pretrain",
            "launch/slurm.sbatch": "pretrain", "launch/finetune.sh": "finetune"}
