@@ -308,6 +308,11 @@ class Start:
     ticket_dir: Path | None = None
 
     @property
+    def fresh(self) -> bool:
+        """Nothing saved to start from: the run begins at its first stage."""
+        return self.checkpoint is None and self.ticket_dir is None
+
+    @property
     def ticket(self) -> Path:
         """The ticket an efficient-stage start trains: the one given, or the one beside the checkpoints."""
         return self.ticket_dir or resolve(self.checkpoint)[0].parent / TICKET_DIR
@@ -330,7 +335,7 @@ def begin(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None, over
     start = _where(saved or cfg, out, resume, resume_from)
     if saved is not None:
         cfg = _resumed_config(saved, cfg, start, overrides, out)
-        if start.checkpoint is None and start.ticket_dir is None:
+        if start.fresh:
             start = _fresh(cfg)  # its options may have changed the first stage
     cfg.settle_launch(world_size)
     _log_start(cfg, out, start)
@@ -371,7 +376,7 @@ def _resumed_config(saved: RunConfig, cfg: RunConfig, start: Start, overrides: s
                if k != "output_dir" and saved._get(k) != cfg._get(k)}  # the run is where it is now
     listed = "\n".join(f"    {k}: {_as_given(old)} -> {_as_given(new)}" for k, (old, new) in changes.items())
     saved.output_dir, saved.given = cfg.output_dir, set(cfg.given)
-    if start.checkpoint is None and start.ticket_dir is None:
+    if start.fresh:
         if changes:
             logger.warning("--resume: %s has saved no checkpoint or ticket yet; it starts again with this command's "
                            "options where they differ from its %s:\n%s", out, RUN_CONFIG, listed)

@@ -116,7 +116,7 @@ class DataArgs(_Section):
 @dataclass
 class TrainArgs(_Section):
     steps: int | None = _f(300, "total optimizer steps (search + efficient training); fine-tuning: unset = "
-                                "finetune.epochs", ge=1)
+                                "finetune.epochs", ge=1, resume=True)
     global_batch_size: int | None = _f(None, "sequences per optimizer step over all ranks; set: each rank's share is "
                                              "split into micro-batches of at most train.micro_batch_size (the "
                                              "accumulation follows the number of ranks). Unset: micro_batch_size x "
@@ -395,8 +395,7 @@ def _settle_budget(cfg: RunConfig, examples: int | None, world_size: int) -> Non
         if e.draw in FIXED_DRAWS and e.fixed_step is None:
             e.fixed_step = e.max_search_steps
     if per_epoch is not None:
-        logger.info("fine-tuning on %d examples: %d steps per epoch, %d steps, search budget %s", examples,
-                    per_epoch, t.steps, e.max_search_steps)
+        logger.info("fine-tuning on %d examples: %d steps per epoch", examples, per_epoch)
 
 
 def settle_detect_every(e: EarlyBertArgs) -> None:
@@ -435,7 +434,7 @@ def fields_of(command: str) -> dict[str, dataclasses.Field]:
 def resumable_fields() -> set[str]:
     """The fields a resumed run may change (``--resume-override``): where and how it logs, checkpoints and
     prepares data, and ``train.steps`` (before the run has finished)."""
-    return {k for k, f in all_fields().items() if f.metadata.get("resume")} | {"train.steps"}
+    return {k for k, f in all_fields().items() if f.metadata.get("resume")}
 
 
 @functools.cache
