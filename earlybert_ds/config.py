@@ -210,6 +210,11 @@ class EarlyBertArgs(_Section):
     rewarmup_steps: int = _f(0, "after the ticket, warm the learning rate up again linearly over N steps (the "
                                 "efficient stage starts with fresh optimizer moments at a mid-schedule rate)", ge=0)
 
+    @property
+    def search_limit(self) -> int | None:
+        """The last step a search may draw at: ``fixed_step`` for the fixed draws, else ``max_search_steps``."""
+        return self.fixed_step if self.draw in FIXED_DRAWS else self.max_search_steps
+
 
 @dataclass
 class FinetuneArgs(_Section):
@@ -404,7 +409,7 @@ def settle_detect_every(e: EarlyBertArgs) -> None:
     checks every 10 steps and a window of 5 always drew at max_steps)."""
     if e.detect_every is not None or not e.enabled or e.draw in NO_SEARCH_DRAWS:
         return
-    budget = e.fixed_step if e.draw in FIXED_DRAWS else e.max_search_steps
+    budget = e.search_limit
     e.detect_every = max(1, budget // (2 * (e.window + 1)))
     logger.info("early-bird checks every %d step(s): %d checks fit in the search budget of %d steps (window %d)",
                 e.detect_every, budget // e.detect_every, budget, e.window)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .config import FIXED_DRAWS, ConfigError, EarlyBertArgs
+from .config import ConfigError, EarlyBertArgs
 from .plots import plot_gates, plot_mask_distances
 from .ticket import Masks, PruneSpec, Scores, Ticket, TicketError, draw_masks, index_mask, mask_distance, random_masks
 
@@ -257,7 +257,7 @@ class SearchStage:
         self.ticket: Ticket | None = None
         self.detector = EarlyBirdDetector(window=e.window, epsilon=e.epsilon)
         self.taylor = TaylorImportance(e.l1_heads, e.l1_ffn, e.taylor_decay) if e.score == "taylor" else None
-        self.limit = e.fixed_step if e.draw in FIXED_DRAWS else e.max_search_steps
+        self.limit = e.search_limit
 
     def before_step(self, engine: Any) -> None:
         """After the step's backward, before the optimizer step: where the gradients are there to read."""
